@@ -1,0 +1,1 @@
+"""Model catalog, pull, verify, quantize, memory plan and serving."""

