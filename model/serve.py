@@ -19,9 +19,16 @@ from model.catalog import load_catalog
 from model.llamacpp_build import require_binary
 from model.memory import host_budget
 from model.plan import make_plan, require_fit, shape_from_catalog, shape_from_gguf
-from model.procs import ServerFailed, is_running, launch, log_tail, port_in_use, proc_start_time
+from model.procs import (
+    ServerFailed,
+    is_running,
+    launch,
+    log_tail,
+    port_in_use,
+    proc_start_time,
+    wait_ready,
+)
 from model.procs import terminate as terminate_pid
-from model.procs import wait_ready
 from model.pull import ResolvedFormat, resolve_format, store_for
 
 

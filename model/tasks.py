@@ -7,7 +7,8 @@ from rich.table import Table
 
 from dgxready.cli import out, user_errors
 from dgxready.settings import load_settings
-from model import llamacpp_build, serve as serving
+from model import llamacpp_build
+from model import serve as serving
 from model.backend import choose_backend
 from model.catalog import load_catalog
 from model.chat import chat_once

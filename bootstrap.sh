@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Set up what dgxready needs on a fresh Debian/Ubuntu machine (build tools, a pinned uv, the
+# locked Python environment), then run the given command inside that environment:
+#   ./bootstrap.sh invoke quickstart      ./bootstrap.sh nox
+set -euo pipefail
+cd "$(dirname "$0")"
+
+UV_VERSION=0.13.8
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/dgxready"
+
+say() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || { say "Python >= 3.10 is required (found $(python3 --version 2>&1))"; exit 1; }
+
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+command -v g++ >/dev/null && command -v make >/dev/null || missing+=(build-essential)
+command -v git >/dev/null || missing+=(git)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then sudo=(); elif command -v sudo >/dev/null; then sudo=(sudo); else
+    say "missing packages: ${missing[*]}; install them with apt-get and run again"; exit 1
+  fi
+  say "installing ${missing[*]}"
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+uv_bin="$CACHE/bin/uv"
+if [ "$(uv --version 2>/dev/null | cut -d' ' -f2)" = "$UV_VERSION" ]; then
+  uv_bin="$(command -v uv)"
+elif [ ! -x "$uv_bin" ] || [ "$("$uv_bin" --version | cut -d' ' -f2)" != "$UV_VERSION" ]; then
+  say "installing uv $UV_VERSION into $CACHE/tools"
+  python3 -m venv --clear "$CACHE/tools/uv-$UV_VERSION"
+  "$CACHE/tools/uv-$UV_VERSION/bin/python" -m pip install -q "uv==$UV_VERSION"
+  mkdir -p "$CACHE/bin"
+  ln -sf "$CACHE/tools/uv-$UV_VERSION/bin/uv" "$uv_bin"
+fi
+export PATH="$(dirname "$uv_bin"):$PATH"
+
+uv sync --frozen --group dev -q
+[ $# -eq 0 ] && { say "environment ready: .venv"; exit 0; }
+exec uv run --frozen "$@"
