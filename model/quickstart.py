@@ -16,9 +16,9 @@ def quickstart(port: int, out: Console) -> None:
     name = load_catalog().default
     build = build_llamacpp(settings)
     out.print(f"llama.cpp build: {build.root}")
-    result = pull(name, settings=settings)
+    result = pull(name, engine="llamacpp", settings=settings)
     out.print(f"model: {name} ({result.fmt}) in {result.directory}")
-    state = serve(ServeRequest(model=name, fmt=result.fmt, backend="llamacpp", port=port), settings)
+    state = serve(ServeRequest(model=name, fmt=result.fmt, port=port), settings)
     try:
         out.print(f"serving at {state.base_url}/v1 ({state.backend}: {state.reason})")
         reply = chat_once(state.base_url, "Introduce yourself in one sentence.", 48)

@@ -117,6 +117,19 @@ def drop_page_cache() -> str:
     return "page cache dropped"
 
 
+def settle_backend(req: ServeRequest, choice: BackendChoice, settings: Settings) -> BackendChoice:
+    """Under `auto`, the model decides too: a GGUF-only model or a GGUF format means llama.cpp."""
+    if req.backend != "auto" or choice.backend != "vllm":
+        return choice
+    if req.fmt:
+        fmt = resolve_format(load_catalog(), store_for(settings), req.model, req.fmt)
+        if fmt.spec.engine == "llamacpp":
+            return BackendChoice("llamacpp", f"{choice.reason}; but format {req.fmt} is a GGUF")
+    elif not load_catalog().model(req.model).formats_for("vllm"):
+        return BackendChoice("llamacpp", f"{choice.reason}; but {req.model} has no vLLM format")
+    return choice
+
+
 def prepare(req: ServeRequest, settings: Settings, choice: BackendChoice):
     store = store_for(settings)
     resolved: ResolvedFormat = resolve_format(load_catalog(), store, req.model, req.fmt,
@@ -145,7 +158,7 @@ def serve(req: ServeRequest, settings: Settings | None = None) -> ServerState:
         who = f" by {owner.model} ({owner.backend}, pid {owner.pid})" if owner else ""
         raise DgxReadyError(f"port {port} on {host} is already in use{who}; "
                             "pick another with --port or stop it with `invoke model.stop`")
-    choice = choose_backend(req.backend, settings.serve.vllm_image)
+    choice = settle_backend(req, choose_backend(req.backend, settings.serve.vllm_image), settings)
     console.print(f"backend: [bold]{choice.backend}[/] ({choice.reason})")
     resolved, entry_path, plan = prepare(req, settings, choice)
     if choice.backend == "llamacpp":

@@ -112,3 +112,18 @@ def test_requantized_model_is_served(isolated, llama_build):
         assert resp.usage.completion_tokens > 0
     finally:
         stop(port=state.port, settings=isolated)
+
+
+def test_auto_backend_keeps_gguf_models_on_llamacpp(isolated):
+    # Simulated host: NVML sees an H100 and a vLLM install is present (neither exists here).
+    from model.backend import BackendChoice, VllmInstall
+    from model.serve import settle_backend
+
+    vllm = BackendChoice("vllm", "H100 found and vLLM is installed", VllmInstall("venv", "/x/vllm"))
+    plain = settle_backend(ServeRequest(model=DEFAULT), vllm, isolated)
+    assert plain.backend == "llamacpp" and "has no vLLM format" in plain.reason
+    mistral = settle_backend(ServeRequest(model="mistral-7b-instruct-v0.3"), vllm, isolated)
+    assert mistral.backend == "vllm"
+    gguf = settle_backend(ServeRequest(model="mistral-7b-instruct-v0.3", fmt="gguf-q8_0"), vllm,
+                          isolated)
+    assert gguf.backend == "llamacpp" and "is a GGUF" in gguf.reason
