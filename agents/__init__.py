@@ -1,0 +1,1 @@
+"""Role agents and the multiplexer that shares one inference service between them."""
