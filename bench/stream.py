@@ -64,8 +64,9 @@ def run_stream(llc_bytes: int | None, threads: int | None = None, repetitions: i
         for _ in range(repetitions):
             for op in BYTES_PER_ELEMENT:
                 started = time.perf_counter()
-                list(pool.map(lambda i: _kernel(op, a[slice(*slices[i])], b[slice(*slices[i])],
-                                                c[slice(*slices[i])], q, scratch[i]), range(threads)))
+                list(pool.map(lambda i, op=op: _kernel(op, a[slice(*slices[i])], b[slice(*slices[i])],
+                                                       c[slice(*slices[i])], q, scratch[i]),
+                              range(threads)))
                 seconds = time.perf_counter() - started
                 best[op] = max(best[op], BYTES_PER_ELEMENT[op] * n / seconds / 1e9)
     return StreamResult(n * 8, threads, repetitions, best, llc_bytes)

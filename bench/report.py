@@ -1,0 +1,137 @@
+"""The baseline document: one JSON per run, validated against a versioned JSON Schema that is
+generated from these models and committed as bench/schema/baseline-v1.schema.json."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bench.environment import Environment
+from bench.hw import Check, GpuReport, HostFacts
+from bench.metrics import ServingMetrics
+from bench.net import NetResult
+from bench.roofline import Roofline
+from bench.serving import CapacityResult, LevelResult
+from bench.storage import StorageResult
+from bench.stream import StreamResult
+from dgxready.errors import DgxReadyError
+from dgxready.files import atomic_write_text
+
+SCHEMA_ID = "dgxready-bench-baseline/1"
+SCHEMA_PATH = Path(__file__).with_name("schema") / "baseline-v1.schema.json"
+
+
+class Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hardware(Doc):
+    host: HostFacts
+    gpus: list[GpuReport]
+    profile: str
+    checks: list[Check]
+    profile_passed: bool
+
+
+class Micro(Doc):
+    stream: StreamResult | None = None
+    storage: StorageResult | None = None
+    network: list[NetResult] = Field(default_factory=list)
+    gpu: dict[str, float] | None = None
+
+
+class ServingLevel(Doc):
+    concurrency: int | None
+    request_rate: float | None
+    num_requests: int
+    warmup_requests: int
+    metrics: ServingMetrics
+    e2el_samples: list[float]
+    ttft_samples: list[float]
+
+    @classmethod
+    def of(cls, level: LevelResult) -> ServingLevel:
+        return cls(concurrency=level.concurrency, request_rate=level.request_rate,
+                   num_requests=level.num_requests, warmup_requests=level.warmup_requests,
+                   metrics=level.metrics, e2el_samples=level.e2el_samples,
+                   ttft_samples=level.ttft_samples)
+
+
+class Serving(Doc):
+    url: str
+    model: str
+    backend: str | None
+    started_server: bool
+    workload: dict
+    mode: str = Field(description="closed (fixed concurrency) or open (request rate)")
+    burstiness: float | None = None
+    levels: list[ServingLevel]
+
+
+class Baseline(Doc):
+    schema_id: str = Field(SCHEMA_ID, alias="schema")
+    created_at: str
+    host: str
+    environment: Environment
+    hardware: Hardware
+    micro: Micro = Micro()
+    serving: Serving | None = None
+    capacity: CapacityResult | None = None
+    roofline: Roofline | None = None
+    plots: list[str] = Field(default_factory=list)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def generated_schema() -> dict:
+    schema = Baseline.model_json_schema(by_alias=True)
+    schema["$id"] = SCHEMA_ID
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def committed_schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def validate_document(doc: object, source: str) -> None:
+    """Raise with the JSON path of every schema violation."""
+    from jsonschema import Draft202012Validator
+
+    errors = sorted(Draft202012Validator(committed_schema()).iter_errors(doc),
+                    key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{source}: {e.json_path}: {e.message[:200]}" for e in errors[:20]]
+        raise DgxReadyError("baseline does not match the schema:\n" + "\n".join(lines))
+
+
+def load_baseline(path: Path) -> Baseline:
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise DgxReadyError(f"{path}: cannot read: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise DgxReadyError(f"{path}: not JSON (truncated?): {exc}") from None
+    validate_document(doc, str(path))
+    return Baseline.model_validate(doc)
+
+
+def write_baseline(baseline: Baseline, out_dir: Path) -> Path:
+    doc = json.loads(baseline.model_dump_json(by_alias=True))
+    validate_document(doc, "new baseline")
+    stamp = baseline.created_at.replace(":", "").replace("-", "")
+    path = out_dir / f"{stamp}.json"
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def now_stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+if __name__ == "__main__":
+    SCHEMA_PATH.parent.mkdir(exist_ok=True)
+    SCHEMA_PATH.write_text(json.dumps(generated_schema(), indent=2, sort_keys=True) + "\n")
+    print(f"wrote {SCHEMA_PATH}")

@@ -1,0 +1,206 @@
+"""Invoke tasks for the benchmark kit: thin shells over bench.runner functions."""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+from rich.table import Table
+
+from bench import runner
+from bench.compare import compare as compare_runs
+from bench.compare import regressions
+from bench.report import Baseline, load_baseline, now_stamp, write_baseline
+from bench.summary import print_summary
+from dgxready.cli import out, user_errors
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise Exit(f"error: --concurrency {text!r}: give a comma-separated list of integers", 1) from None
+    if not values or min(values) < 1:
+        raise Exit(f"error: --concurrency {text!r}: every level must be >= 1", 1)
+    return values
+
+
+def _sigterm_as_interrupt() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@task(help={"profile": "expected specs to check: dgx-spark or generic"})
+@user_errors
+def hw(c, profile="generic"):
+    """Host and GPU facts (NVML) with a pass/fail list for a profile; exit 1 on a failed check."""
+    h = runner.hardware(profile)
+    out.print(h.host)
+    for g in h.gpus:
+        out.print(g)
+    if not h.gpus:
+        out.print("no NVIDIA GPU (NVML found none): a valid result")
+    for chk in h.checks:
+        out.print(f"[{'green' if chk.passed else 'red'}]{'PASS' if chk.passed else 'FAIL'}[/] "
+                  f"{chk.name}: {chk.detail}")
+    if not h.profile_passed:
+        raise Exit(code=1)
+
+
+@task(help={"repetitions": "STREAM repetitions (best of N)",
+            "io_mib": "size of the storage test file in MiB"})
+@user_errors
+def micro(c, repetitions=5, io_mib=1024):
+    """STREAM memory bandwidth, storage I/O on the model store, loopback TCP."""
+    from dgxready.settings import load_settings
+
+    runner.micro(load_settings().models_dir, out, int(repetitions), int(io_mib) << 20)
+
+
+def _save(partial: Baseline) -> Path:
+    path = write_baseline(partial, runner.BASELINES / runner.safe_name(partial.host))
+    out.print(f"wrote {path}")
+    return path
+
+
+@task(help={
+    "url": "OpenAI-compatible base URL (default: start the default model here)",
+    "concurrency": "closed-loop levels, comma-separated",
+    "rate": "open-loop request rate per second (instead of --concurrency)",
+    "burstiness": "gamma shape of arrivals with --rate; 1 is Poisson",
+    "num_requests": "requests per level (default: enough for a P95)",
+    "workload": "synthetic or agents",
+    "max_tokens": "output tokens per request (synthetic: the length; agents: the cap)",
+    "slo_p95_e2e": "SLO in seconds, for goodput",
+})
+@user_errors
+def serve(c, url=None, concurrency="1,2,4,8,16", rate=None, burstiness=1.0, num_requests=None,
+          workload="synthetic", max_tokens=128, slo_p95_e2e=6.0):
+    """Streaming load against an endpoint; vLLM-defined TTFT/TPOT/ITL/E2EL and goodput."""
+    from bench.loadgen import Endpoint
+    from bench.metrics import Slo
+    from bench.report import Serving, ServingLevel
+    from bench.serving import run_rate
+    from bench.workloads import make_workload
+
+    _sigterm_as_interrupt()
+    levels = _ints(concurrency)
+    slo = Slo(e2el_p95_s=float(slo_p95_e2e))
+    with runner.target(url, max(levels), 2048, out) as tgt:
+        ep = Endpoint(tgt.url, tgt.model)
+        if rate:
+            n = int(num_requests or 50)
+            results = [run_rate(ep, make_workload(workload, max_tokens=int(max_tokens)), float(rate),
+                                float(burstiness), n, None, 2, slo)]
+        else:
+            results = runner.sweep(ep, workload, list(levels), int(max_tokens), slo)
+    hw_ = runner.hardware("generic")
+    from bench.environment import capture_environment
+
+    b = Baseline(created_at=now_stamp(), host=hw_.host.hostname, environment=capture_environment(),
+                 hardware=hw_, serving=Serving(
+                     url=tgt.url, model=tgt.model, backend=tgt.backend, started_server=tgt.started,
+                     workload=make_workload(workload, max_tokens=int(max_tokens)).describe(),
+                     mode="open" if rate else "closed", burstiness=float(burstiness) if rate else None,
+                     levels=[ServingLevel.of(lv) for lv in results]))
+    print_summary(b, out)
+    _save(b)
+
+
+@task(help={
+    "slo_p95_e2e": "the SLO: P95 end-to-end latency in seconds",
+    "workload": "agents (the seven roles, multi-turn) or synthetic",
+    "url": "OpenAI-compatible base URL (default: start the default model here)",
+    "max_tokens": "output token cap per request; it decides the answer, so it is recorded",
+    "limit": "largest concurrency to try",
+})
+@user_errors
+def capacity(c, slo_p95_e2e=6.0, workload="agents", url=None, max_tokens=128, limit=32):
+    """Largest concurrency whose P95 E2E latency meets the SLO: double, then bisect."""
+    from bench.environment import capture_environment
+
+    _sigterm_as_interrupt()
+    with runner.target(url, int(limit), 2048, out) as tgt:
+        from bench.loadgen import Endpoint
+
+        result = runner.capacity(Endpoint(tgt.url, tgt.model), workload, float(slo_p95_e2e),
+                                 int(max_tokens), int(limit), out)
+    hw_ = runner.hardware("generic")
+    b = Baseline(created_at=now_stamp(), host=hw_.host.hostname, environment=capture_environment(),
+                 hardware=hw_, capacity=result)
+    print_summary(b, out)
+    _save(b)
+
+
+@task(help={
+    "url": "benchmark this endpoint instead of starting the default model",
+    "host": "run on an inventory host (or user@host) over SSH and fetch the results",
+    "profile": "hardware profile to check: generic or dgx-spark",
+    "concurrency": "serving sweep levels, comma-separated",
+    "workload": "capacity-search workload: agents or synthetic",
+    "slo_p95_e2e": "SLO: P95 end-to-end latency in seconds",
+    "max_tokens": "output tokens per request",
+    "limit": "largest concurrency the capacity search tries",
+    "output_dir": "write the JSON and plots here (default bench/baselines/<host>/)",
+    "skip_micro": "skip the microbenchmarks",
+    "skip_capacity": "skip the capacity search",
+    "remote_dir": "with --host: the toolkit's checkout on that host",
+})
+@user_errors
+def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", workload="agents",
+         slo_p95_e2e=6.0, max_tokens=128, limit=32, output_dir=None, skip_micro=False,
+         skip_capacity=False, remote_dir="~/dgxready"):
+    """Everything: hardware, microbenchmarks, serving sweep, capacity, roofline; JSON + plots."""
+    if host:
+        from bench.remote import run_remote
+
+        path = run_remote(host, remote_dir, out, profile=profile, concurrency=concurrency,
+                          workload=workload, slo=float(slo_p95_e2e), max_tokens=int(max_tokens))
+        print_summary(load_baseline(path), out)
+        return
+    _sigterm_as_interrupt()
+    opts = runner.AllOptions(
+        url=url, profile=profile, levels=_ints(concurrency), capacity_workload=workload,
+        slo_p95_e2e_s=float(slo_p95_e2e), max_tokens=int(max_tokens), capacity_limit=int(limit),
+        output_dir=Path(output_dir) if output_dir else None, skip_micro=skip_micro,
+        skip_capacity=skip_capacity)
+    path, baseline = runner.run_all(opts, out)
+    print_summary(baseline, out)
+    out.print(f"wrote {path}")
+    for p in baseline.plots:
+        out.print(f"plot {p}")
+
+
+@task(help={"before": "baseline JSON to compare from", "after": "baseline JSON to compare to",
+            "threshold": "relative change counted as a regression (0.10 = 10%)"})
+@user_errors
+def compare(c, before, after, threshold=0.10):
+    """Table of changes between two baselines; exit 1 on a regression beyond the threshold."""
+    changes = compare_runs(load_baseline(Path(before)), load_baseline(Path(after)))
+    bad = regressions(changes, float(threshold))
+    t = Table(title=f"{before} -> {after}")
+    for col in ("metric", "before", "after", "change", ""):
+        t.add_column(col, justify="right" if col in ("before", "after", "change") else "left")
+    for ch in changes:
+        flag = "[red]REGRESSION" if ch in bad else ""
+        t.add_row(ch.metric, f"{ch.before:.4g}", f"{ch.after:.4g}", f"{ch.relative:+.1%}", flag)
+    out.print(t)
+    if bad:
+        raise Exit(f"{len(bad)} regression(s) beyond {float(threshold):.0%}", code=1)
+
+
+@task(help={"path": "baseline JSON file to validate against the schema"})
+@user_errors
+def validate(c, path):
+    """Check a baseline JSON against bench/schema/baseline-v1.schema.json."""
+    load_baseline(Path(path))
+    out.print(f"{path}: valid")
+
+
+ns = Collection("bench")
+for t in (hw, micro, serve, capacity, compare, validate):
+    ns.add_task(t)
+ns.add_task(all_, name="all")
