@@ -39,3 +39,11 @@ def lint(session: nox.Session) -> None:
 
 
 
+
+
+@nox.session
+def accuracy(session: nox.Session) -> None:
+    """The kit against mbw, fio and llama-server's counters (apt-get install mbw fio first)."""
+    install_locked(session)
+    session.run("invoke", "model.build-llamacpp")
+    session.run("invoke", "bench.accuracy", *session.posargs)

@@ -200,7 +200,25 @@ def validate(c, path):
     out.print(f"{path}: valid")
 
 
+@task(help={"only": "run one check: memory, storage or serving (default: all three)"})
+@user_errors
+def accuracy(c, only=None):
+    """Compare the kit with mbw, fio and llama-server's own counters; exit 1 if out of bounds."""
+    import sys
+
+    names = [only] if only else ["memory", "storage", "serving"]
+    failed = []
+    for name in names:
+        if name not in ("memory", "storage", "serving"):
+            raise Exit(f"error: --only {name!r}: choose memory, storage or serving", 2)
+        rc = c.run(f"{sys.executable} -m bench.accuracy.{name}", warn=True, pty=False).exited
+        if rc:
+            failed.append(name)
+    if failed:
+        raise Exit(f"out of bounds or not runnable: {', '.join(failed)}", code=1)
+
+
 ns = Collection("bench")
-for t in (hw, micro, serve, capacity, compare, validate):
+for t in (hw, micro, serve, capacity, compare, validate, accuracy):
     ns.add_task(t)
 ns.add_task(all_, name="all")

@@ -158,3 +158,12 @@ def test_ctrl_c_leaves_no_json_and_stops_the_server(isolated, llama_build, tmp_p
     assert not list(out_dir.rglob("*.json")) if out_dir.exists() else True
     assert not list(state_dir.glob("*.json"))
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_load_generator_agrees_with_llama_server_counters(served):
+    from bench.accuracy.serving import measure
+
+    rows = {r.metric: r for r in measure(served.base_url, requests=4, max_tokens=48)}
+    assert rows["output tokens"].ours == rows["output tokens"].reference
+    assert rows["decode tokens/s"].within, rows["decode tokens/s"]
+    assert rows["mean TTFT s"].within, rows["mean TTFT s"]
