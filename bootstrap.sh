@@ -18,13 +18,24 @@ command -v cmake >/dev/null || missing+=(cmake)
 command -v g++ >/dev/null && command -v make >/dev/null || missing+=(build-essential)
 command -v git >/dev/null || missing+=(git)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+# The test suite drives a real sshd; its package must not start a system-wide daemon here.
+if [ "${1:-}" = nox ]; then
+  [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo=(); elif command -v sudo >/dev/null; then sudo=(sudo); else
     say "missing packages: ${missing[*]}; install them with apt-get and run again"; exit 1
   fi
   say "installing ${missing[*]}"
   "${sudo[@]}" apt-get update -qq
+  no_start=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+    "${sudo[@]}" chmod +x /usr/sbin/policy-rc.d
+    no_start=1
+  fi
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  [ $no_start = 1 ] && "${sudo[@]}" rm -f /usr/sbin/policy-rc.d
 fi
 
 uv_bin="$CACHE/bin/uv"

@@ -48,12 +48,14 @@ def target(url: str | None, parallel: int, ctx: int, out: Console) -> Iterator[T
         yield Target(url, probe(url), None, False, None)
         return
     from model.catalog import load_catalog
+    from model.llamacpp_build import build_llamacpp
     from model.pull import pull, resolve_format, store_for
     from model.serve import ServeRequest, serve, stop
     from repro.smoke import free_port
 
     settings = load_settings()
     name = load_catalog().default
+    build_llamacpp(settings)
     result = pull(name, engine="llamacpp", settings=settings)
     state = serve(ServeRequest(model=name, fmt=result.fmt, port=free_port(), parallel=parallel,
                                ctx_per_slot=ctx), settings)

@@ -148,18 +148,24 @@ def capacity(c, slo_p95_e2e=6.0, workload="agents", url=None, max_tokens=128, li
     "skip_micro": "skip the microbenchmarks",
     "skip_capacity": "skip the capacity search",
     "remote_dir": "with --host: the toolkit's checkout on that host",
+    "ssh_config": "with --host: an ssh_config file to read instead of ~/.ssh/config",
 })
 @user_errors
 def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", workload="agents",
          slo_p95_e2e=6.0, max_tokens=128, limit=32, output_dir=None, skip_micro=False,
-         skip_capacity=False, remote_dir="~/dgxready"):
+         skip_capacity=False, remote_dir="~/dgxready", ssh_config=None):
     """Everything: hardware, microbenchmarks, serving sweep, capacity, roofline; JSON + plots."""
     if host:
-        from bench.remote import run_remote
+        from bench.remote import RemoteRun, run_remote
 
-        path = run_remote(host, remote_dir, out, profile=profile, concurrency=concurrency,
-                          workload=workload, slo=float(slo_p95_e2e), max_tokens=int(max_tokens))
+        forwarded = ["--profile", profile, "--concurrency", concurrency, "--workload", workload,
+                     "--slo-p95-e2e", str(slo_p95_e2e), "--max-tokens", str(max_tokens),
+                     "--limit", str(limit)]
+        forwarded += ["--skip-micro"] * bool(skip_micro) + ["--skip-capacity"] * bool(skip_capacity)
+        path = run_remote(RemoteRun(host, remote_dir, tuple(forwarded), ssh_config,
+                                    Path(output_dir) if output_dir else None), out)
         print_summary(load_baseline(path), out)
+        out.print(f"wrote {path}")
         return
     _sigterm_as_interrupt()
     opts = runner.AllOptions(

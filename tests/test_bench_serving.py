@@ -167,3 +167,26 @@ def test_load_generator_agrees_with_llama_server_counters(served):
     assert rows["output tokens"].ours == rows["output tokens"].reference
     assert rows["decode tokens/s"].within, rows["decode tokens/s"]
     assert rows["mean TTFT s"].within, rows["mean TTFT s"]
+
+
+def test_bench_all_on_a_host_over_ssh_fetches_the_results(tmp_path, isolated, llama_build):
+    from tests.sshd import start_sshd
+
+    sshd = start_sshd(tmp_path / "sshd", alias="benchbox")
+    try:
+        local = tmp_path / "fetched"
+        run = subprocess.run(
+            [sys.executable, "-m", "invoke", "bench.all", "--host", "benchbox", "--ssh-config",
+             str(sshd.ssh_config), "--remote-dir", str(runner.REPO_ROOT), "--skip-micro",
+             "--skip-capacity", "--concurrency", "1", "--max-tokens", "16", "--output-dir", str(local)],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        fetched = list(local.glob("*.json"))
+        assert len(fetched) == 1 and load_baseline(fetched[0]).serving.levels[0].concurrency == 1
+        assert len(list(local.rglob("*.png"))) == 3
+        down = subprocess.run(
+            [sys.executable, "-m", "invoke", "bench.all", "--host", "nosuchbox.invalid",
+             "--skip-micro"], capture_output=True, text=True, timeout=120)
+        assert down.returncode == 1 and "nosuchbox.invalid: cannot connect" in down.stderr
+    finally:
+        sshd.stop()
