@@ -35,7 +35,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     no_start=1
   fi
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  [ $no_start = 1 ] && "${sudo[@]}" rm -f /usr/sbin/policy-rc.d
+  if [ $no_start = 1 ]; then "${sudo[@]}" rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 uv_bin="$CACHE/bin/uv"
