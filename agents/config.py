@@ -1,0 +1,98 @@
+"""Multiplexer configuration (agents/multiplexer.yaml or --config), validated at load, and
+the agent keys file that maps each API key to an agent and its role."""
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from dgxready.config import load_yaml
+from dgxready.errors import ConfigError
+from dgxready.files import atomic_write_text
+
+
+class BackendConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,40}$")
+    url: str = Field(pattern=r"^https?://")
+    kind: Literal["llamacpp", "vllm", "openai"] = "llamacpp"
+    max_concurrency: int = Field(4, ge=1, le=1024, description="llama-server -np / vLLM max_num_seqs")
+    model: str | None = Field(None, description="model id to send (default: the first in /v1/models)")
+
+
+class MuxConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(8090, ge=0, le=65535)
+    backends: list[BackendConfig] = Field(min_length=1)
+    queue_max: int = Field(256, ge=1, description="queued requests beyond which new ones get 429")
+    deadline_s: float = Field(300.0, gt=0, description="default time a request may wait and run")
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    history_turns: int = Field(8, ge=0, description="earlier turns of a session sent to the model")
+    health_interval_s: float = Field(2.0, gt=0)
+    cooldown_s: float = Field(10.0, gt=0)
+    state_db: Path | None = Field(None, description="SQLite file for sessions and tools")
+    keys_file: Path | None = None
+    shell_allowlist: list[str] = Field(default_factory=lambda: ["echo", "date", "uname", "wc",
+                                                                "ls", "true"])
+
+
+class AgentIdentity(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
+    role: str
+    key: str = Field(min_length=16)
+
+
+class KeysFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    agents: list[AgentIdentity]
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_config(path: Path) -> MuxConfig:
+    return load_yaml(path, MuxConfig)
+
+
+def load_keys(path: Path, roles: set[str]) -> dict[str, AgentIdentity]:
+    """API key digest -> identity. Keys are compared by digest, never logged."""
+    keys = load_yaml(path, KeysFile)
+    out: dict[str, AgentIdentity] = {}
+    for i, ident in enumerate(keys.agents):
+        if ident.role not in roles:
+            raise ConfigError(f"{path.name}: agents[{i}].role: unknown role {ident.role!r}")
+        digest = key_digest(ident.key)
+        if digest in out:
+            raise ConfigError(f"{path.name}: agents[{i}].key: duplicate key")
+        out[digest] = ident
+    return out
+
+
+def team_roles(count: int, role_order: tuple[str, ...]) -> list[str]:
+    """The seven roles, then extra developers and QA specialists, alternating, up to `count`."""
+    roles = list(role_order[:count])
+    extra = ("developer", "qa-specialist")
+    while len(roles) < count:
+        roles.append(extra[(len(roles) - len(role_order)) % 2])
+    return roles
+
+
+def write_keys(path: Path, count: int, role_order: tuple[str, ...]) -> KeysFile:
+    seen: dict[str, int] = {}
+    agents = []
+    for role in team_roles(count, role_order):
+        seen[role] = seen.get(role, 0) + 1
+        agents.append(AgentIdentity(name=f"{role}-{seen[role]}", role=role,
+                                    key=f"dgx-{secrets.token_urlsafe(24)}"))
+    keys = KeysFile(agents=agents)
+    atomic_write_text(path, yaml.safe_dump(keys.model_dump(mode="json"), sort_keys=False))
+    os.chmod(path, 0o600)
+    return keys
