@@ -85,7 +85,8 @@ class StateStore:
 
     def audit_rows(self) -> list[tuple]:
         with self._lock:
-            return self._db.execute("SELECT agent, session, tool, outcome, detail FROM audit ORDER BY id").fetchall()
+            return self._db.execute(
+                "SELECT agent, session, tool, outcome, detail FROM audit ORDER BY id").fetchall()
 
 
 class _Tx:

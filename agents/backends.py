@@ -1,0 +1,92 @@
+"""Inference backends behind the multiplexer: slots, health, cooldown, least outstanding."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from agents.config import BackendConfig
+
+
+@dataclass
+class Backend:
+    config: BackendConfig
+    outstanding: int = 0
+    up: bool = True
+    cooldown_until: float = 0.0
+    model_id: str | None = None
+    failures: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def available(self, now: float) -> bool:
+        return self.up and now >= self.cooldown_until
+
+    def has_slot(self) -> bool:
+        return self.outstanding < self.config.max_concurrency
+
+
+@dataclass
+class BackendPool:
+    backends: list[Backend]
+    cooldown_s: float = 10.0
+    _rr: int = 0
+    on_change: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, configs: list[BackendConfig], cooldown_s: float) -> BackendPool:
+        return cls([Backend(c, model_id=c.model) for c in configs], cooldown_s)
+
+    def pick(self) -> Backend | None:
+        """Least outstanding requests among healthy backends with a free slot."""
+        now = time.monotonic()
+        free = [b for b in self.backends if b.available(now) and b.has_slot()]
+        if not free:
+            return None
+        self._rr += 1
+        n = len(self.backends)
+        return min(free, key=lambda b: (b.outstanding, (self.backends.index(b) + self._rr) % n))
+
+    def any_available(self) -> bool:
+        now = time.monotonic()
+        return any(b.available(now) for b in self.backends)
+
+    def cool_down(self, backend: Backend) -> None:
+        backend.failures += 1
+        backend.cooldown_until = time.monotonic() + self.cooldown_s
+        backend.up = False
+
+    def capacity(self) -> int:
+        return sum(b.config.max_concurrency for b in self.backends)
+
+
+async def probe_backend(client: httpx.AsyncClient, backend: Backend) -> bool:
+    try:
+        health = await client.get(f"{backend.config.url}/health", timeout=3.0)
+        if health.status_code != 200:
+            return False
+        if backend.model_id is None:
+            models = await client.get(f"{backend.config.url}/v1/models", timeout=3.0)
+            backend.model_id = models.json()["data"][0]["id"]
+        return True
+    except (httpx.HTTPError, ValueError, KeyError, IndexError):
+        return False
+
+
+async def health_loop(pool: BackendPool, client: httpx.AsyncClient, interval_s: float, notify) -> None:
+    """Active checks: a failing backend is cooled down; one that answers again comes back."""
+    while True:
+        for backend in pool.backends:
+            ok = await probe_backend(client, backend)
+            was_up = backend.up
+            if ok and not backend.up and time.monotonic() >= backend.cooldown_until:
+                backend.up = True
+            elif not ok and backend.up:
+                pool.cool_down(backend)
+            if was_up != backend.up:
+                notify(backend)
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,81 @@
+"""Run the multiplexer: in the foreground (`invoke agents.serve`, `python -m agents.service`)
+or in a background thread (benchmarks)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from agents.config import MuxConfig, load_config, load_keys
+from agents.roles import load_roles
+from agents.server import create_app, create_mux
+from agents.state import StateStore
+from dgxready.settings import load_settings
+
+DEFAULT_CONFIG = Path(__file__).with_name("multiplexer.yaml")
+
+
+def default_keys_path() -> Path:
+    return load_settings().state_dir / "agent-keys.yaml"
+
+
+def default_db_path() -> Path:
+    return load_settings().state_dir / "multiplexer.db"
+
+
+def build_app(config: MuxConfig):
+    roles = load_roles()
+    keys = load_keys(config.keys_file or default_keys_path(), set(roles))
+    store = StateStore(config.state_db or default_db_path())
+    return create_app(create_mux(config, roles, keys, store))
+
+
+def serve_forever(config: MuxConfig) -> None:
+    uvicorn.run(build_app(config), host=config.host, port=config.port, log_level="warning",
+                access_log=False)
+
+
+@dataclass
+class BackgroundMux:
+    server: uvicorn.Server
+    thread: threading.Thread
+    url: str
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_background(config: MuxConfig) -> BackgroundMux:
+    app = build_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                           access_log=False, lifespan="on"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not server.started:
+        raise RuntimeError("the multiplexer did not start")
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return BackgroundMux(server, thread, f"http://{config.host}:{port}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="dgxready agent multiplexer")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="multiplexer YAML")
+    parser.add_argument("--port", type=int, help="override the port in the config")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    if args.port is not None:
+        config = config.model_copy(update={"port": args.port})
+    serve_forever(config)
+
+
+if __name__ == "__main__":
+    main()
