@@ -1,6 +1,7 @@
 """dgxready: `invoke --list` shows every collection; README.md explains the flow."""
 from invoke import Collection, task
 
+from agents import tasks as agents_tasks
 from bench import tasks as bench_tasks
 from dgxready.cli import out, user_errors
 from model import tasks as model_tasks
@@ -17,4 +18,5 @@ def quickstart(c, port=8089):
 ns = Collection()
 ns.add_collection(model_tasks.ns)
 ns.add_collection(bench_tasks.ns)
+ns.add_collection(agents_tasks.ns)
 ns.add_task(quickstart)
