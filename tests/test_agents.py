@@ -1,0 +1,331 @@
+"""The multiplexer's concurrency suite, against real llama-servers with the default model."""
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from agents.roles import TOOLS, load_roles
+from model.serve import ServeRequest, serve, stop
+from tests.agents_helpers import chat, start_mux
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.server
+
+
+def start_backend(settings, parallel=8, ctx=1024):
+    return serve(ServeRequest(model="smollm2-135m", backend="llamacpp", port=free_port(),
+                              parallel=parallel, ctx_per_slot=ctx), settings)
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory, session_store, llama_build):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DGXREADY_MODEL_STORE", str(session_store))
+    mp.setenv("DGXREADY_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+    from dgxready.settings import load_settings
+
+    settings = load_settings()
+    state = start_backend(settings, parallel=8)
+    yield state
+    stop(port=state.port, settings=settings)
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def mux(backend, tmp_path_factory):
+    m = start_mux(tmp_path_factory.mktemp("mux"), [("main", backend.base_url, 8)], history_turns=1)
+    yield m
+    m.mux.stop()
+
+
+def test_openai_sdk_with_an_agent_key(mux):
+    client = openai.OpenAI(base_url=f"{mux.url}/v1", api_key=mux.key("developer"), max_retries=0)
+    assert client.models.list().data[0].id == "smollm2-135m"
+    resp = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=8)
+    assert resp.choices[0].message.content and resp.usage.completion_tokens > 0
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{mux.url}/v1", api_key="not-a-key-0000000000", max_retries=0
+                      ).chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}])
+
+
+async def stream_turn(client, url, key, session, content, max_tokens=16):
+    started = time.perf_counter()
+    text, finish = [], None
+    async with client.stream("POST", f"{url}/v1/chat/completions",
+                             headers={"Authorization": f"Bearer {key}", "X-Session-Id": session},
+                             json={"model": "m", "stream": True, "max_tokens": max_tokens,
+                                   "messages": [{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": content}]}) as resp:
+        assert resp.status_code == 200, await resp.aread()
+        async for line in resp.aiter_lines():
+            if line.startswith("data:") and line.strip() != "data: [DONE]":
+                chunk = json.loads(line[5:])
+                assert "error" not in chunk, chunk
+                for ch in chunk.get("choices") or []:
+                    text.append((ch.get("delta") or {}).get("content") or "")
+                    finish = ch.get("finish_reason") or finish
+    return "".join(text), finish, time.perf_counter() - started
+
+
+def test_ten_agents_at_once_are_all_served(mux):
+    async def run():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(
+                stream_turn(client, mux.url, a.key, f"load-{a.name}", "Name one colour.", 24)
+                for a in mux.keys.agents))
+
+    results = asyncio.run(run())
+    latencies = sorted(r[2] for r in results)
+    print("per-agent latencies (s):", [round(x, 2) for x in latencies])
+    assert len(results) == 10 and all(r[0] and r[1] in ("stop", "length") for r in results)
+
+
+def test_sessions_never_see_each_others_canaries(mux):
+    """1000 concurrent turns: 10 agents x 10 sessions x 10 turns, each turn carrying its canary."""
+    agents = mux.keys.agents
+    sessions = [(a, f"iso-{s}") for a in agents for s in range(10)]
+    canaries = {(a.name, s): [] for a, s in sessions}
+
+    async def session_run(client, agent, session):
+        for _ in range(10):
+            canary = f"CANARY{secrets.token_hex(4)}"
+            canaries[(agent.name, session)].append(canary)
+            r = await client.post(f"{mux.url}/v1/chat/completions",
+                                  headers={"Authorization": f"Bearer {agent.key}", "X-Session-Id": session},
+                                  json={"model": "m", "max_tokens": 2, "messages": [
+                                      {"role": "system", "content": "Repeat the code."},
+                                      {"role": "user", "content": canary}]})
+            assert r.status_code == 200, r.text
+            yield_text = r.json()["choices"][0]["message"]["content"]
+            others = [c for k, cs in canaries.items() if k != (agent.name, session) for c in cs]
+            assert not any(c in yield_text for c in others)
+
+    async def run():
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            await asyncio.gather(*(session_run(client, a, s) for a, s in sessions))
+
+    asyncio.run(run())
+    turns = 0
+    for agent, session in sessions:
+        view = httpx.get(f"{mux.url}/v1/sessions/{session}",
+                         headers={"Authorization": f"Bearer {agent.key}"}).json()
+        turns += view["turns"]
+        text = json.dumps(view["history"])
+        mine = canaries[(agent.name, session)]
+        assert [m["content"] for m in view["history"] if m["role"] == "user"] == mine
+        foreign = [c for k, cs in canaries.items() if k != (agent.name, session) for c in cs]
+        assert not any(c in text for c in foreign)
+    assert turns == 1000
+
+
+def test_one_sessions_turns_run_in_order(mux):
+    key = mux.key("developer")
+    results = []
+
+    def turn(i):
+        r = chat(mux.url, key, f"turn {i}", session="ordered", max_tokens=4)
+        results.append((i, r.status_code))
+
+    threads = [threading.Thread(target=turn, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    for t in threads:
+        t.join()
+    view = httpx.get(f"{mux.url}/v1/sessions/ordered", headers={"Authorization": f"Bearer {key}"}).json()
+    users = [m["content"] for m in view["history"] if m["role"] == "user"]
+    roles_seq = [m["role"] for m in view["history"]]
+    assert sorted(users) == [f"turn {i}" for i in range(6)] and view["turns"] == 6
+    assert roles_seq == ["user", "assistant"] * 6
+
+
+def test_tool_races_lose_no_update(mux):
+    needed = {"workspace.write", "taskboard.append"}
+    agents = [a for a in mux.keys.agents if needed <= set(load_roles()[a.role].tools)]
+
+    async def worker(client, agent, n):
+        h = {"Authorization": f"Bearer {agent.key}"}
+        for i in range(n):
+            while True:
+                r = (await client.post(f"{mux.url}/v1/tools/call", headers=h, json={
+                    "tool": "workspace.read", "session": "race",
+                    "args": {"path": "race/counter", "lease": True}})).json()
+                if not r["ok"]:
+                    await asyncio.sleep(0.005)
+                    continue
+                value = int(r["result"]["content"] or 0)
+                w = (await client.post(f"{mux.url}/v1/tools/call", headers=h, json={
+                    "tool": "workspace.write", "session": "race",
+                    "args": {"path": "race/counter", "content": str(value + 1),
+                             "token": r["result"]["token"]}})).json()
+                if w["ok"]:
+                    break
+            for tool, args in (("workspace.write", {"path": "race/log", "append": f"{agent.name}:{i}\n"}),
+                               ("taskboard.append", {"item": f"{agent.name} item {i}"})):
+                res = (await client.post(f"{mux.url}/v1/tools/call", headers=h, json={
+                    "tool": tool, "session": "race", "args": args})).json()
+                assert res["ok"] and not res["replayed"], res
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            await asyncio.gather(*(worker(client, a, 15) for a in agents))
+
+    asyncio.run(run())
+    h = {"Authorization": f"Bearer {agents[0].key}"}
+    read = lambda p: httpx.post(f"{mux.url}/v1/tools/call", headers=h, json={  # noqa: E731
+        "tool": "workspace.read", "args": {"path": p}}).json()["result"]["content"]
+    assert int(read("race/counter")) == 15 * len(agents)
+    assert len(read("race/log").splitlines()) == 15 * len(agents)
+    again = httpx.post(f"{mux.url}/v1/tools/call", headers=h, json={
+        "tool": "taskboard.append", "session": "race", "args": {"item": f"{agents[0].name} item 0"}}).json()
+    assert again["replayed"], "a retried call must apply once"
+
+
+def test_every_roles_allowed_and_denied_tools(mux):
+    roles = load_roles()
+    args = {"workspace.read": {"path": "perm/x"}, "workspace.write": {"path": "perm/x", "append": "."},
+            "taskboard.append": {"item": "perm"}, "shell.run": {"argv": ["echo", "ok"]},
+            "knowledge.query": {"query": "gpu"}}
+    for ident in mux.keys.agents[:7]:
+        allowed = set(roles[ident.role].tools)
+        for tool in TOOLS:
+            r = httpx.post(f"{mux.url}/v1/tools/call", headers={"Authorization": f"Bearer {ident.key}"},
+                           json={"tool": tool, "args": args[tool], "session": f"perm-{tool}"})
+            if tool in allowed:
+                assert r.status_code == 200 and r.json()["ok"], (ident.role, tool, r.text)
+            else:
+                assert r.status_code == 403 and r.json()["outcome"] == "denied", (ident.role, tool)
+    metrics = httpx.get(f"{mux.url}/metrics").text
+    assert 'outcome="denied",tool="shell.run"' in metrics
+    assert "session" not in "".join(ln for ln in metrics.splitlines() if not ln.startswith("#"))
+
+
+def test_malformed_oversized_and_unauthorised_requests_get_4xx(mux):
+    key = mux.key("developer")
+    h = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    url = f"{mux.url}/v1/chat/completions"
+    assert httpx.post(url, headers=h, content=b"{not json").status_code == 400
+    assert httpx.post(url, headers=h, content=b"[]").status_code == 400
+    assert httpx.post(url, headers=h, json={"messages": [{"role": "robot"}]}).status_code == 400
+    assert httpx.post(url, headers=h, content=b"x" * (2 << 20)).status_code == 413
+    assert httpx.post(url, headers={"Authorization": "Bearer nope"}, json={}).status_code == 401
+    assert httpx.post(url, headers=h | {"X-Session-Id": "../../etc"}, json={
+        "messages": [{"role": "user", "content": "x"}]}).status_code == 400
+    assert httpx.get(f"{mux.url}/health").status_code == 200
+    assert chat(mux.url, key, "still up?").status_code == 200
+
+
+def test_queue_overflow_gets_429_and_the_service_stays_up(backend, tmp_path):
+    small = start_mux(tmp_path, [("one", backend.base_url, 1)], queue_max=2)
+    try:
+        key = small.key("developer")
+
+        async def flood():
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(client.post(
+                    f"{small.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                    json={"model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
+                    for _ in range(12)))
+
+        codes = [r.status_code for r in asyncio.run(flood())]
+        rejected = [r for r in codes if r == 429]
+        assert rejected and set(codes) <= {200, 429} and codes.count(200) >= 3
+        assert httpx.get(f"{small.url}/health").status_code == 200
+        assert chat(small.url, key, "after the flood").status_code == 200
+        assert 'dgxready_mux_rejections_total{reason="queue_full"}' in httpx.get(f"{small.url}/metrics").text
+    finally:
+        small.mux.stop()
+
+
+def test_a_backend_killed_mid_run_loses_and_duplicates_nothing(isolated, backend, tmp_path):
+    doomed = start_backend(isolated, parallel=4)
+    both = start_mux(tmp_path, [("doomed", doomed.base_url, 4), ("main", backend.base_url, 8)])
+    try:
+        agents = both.keys.agents
+
+        async def one(client, i):
+            agent = agents[i % len(agents)]
+            try:
+                text, finish, _ = await stream_turn(client, both.url, agent.key, f"kill-{i}",
+                                                    "Tell me a long story about a GPU.", 96)
+                return ("ok", finish)
+            except AssertionError as err:
+                return ("error", str(err)[:200])
+
+        async def run():
+            async with httpx.AsyncClient(timeout=300) as client:
+                tasks = [asyncio.create_task(one(client, i)) for i in range(16)]
+                await asyncio.sleep(1.5)
+                os.kill(doomed.pid, signal.SIGKILL)
+                return await asyncio.gather(*tasks)
+
+        results = asyncio.run(run())
+        assert len(results) == 16
+        for status, detail in results:
+            assert status == "ok" or "failed mid-stream" in detail or "backend" in detail, detail
+        after = [chat(both.url, agents[i].key, "are you there?", max_tokens=4).status_code for i in range(4)]
+        assert after == [200] * 4
+        metrics = httpx.get(f"{both.url}/metrics").text
+        assert 'dgxready_mux_backend_cooldowns_total{backend="doomed"}' in metrics
+        ok_lines = [ln for ln in metrics.splitlines() if ln.startswith("dgxready_mux_requests_total")]
+        served = sum(float(ln.split()[-1]) for ln in ok_lines if 'status="ok"' in ln or "failed" in ln)
+        assert served == 16 + 4 + 0, ok_lines  # each request answered exactly once
+    finally:
+        both.mux.stop()
+        stop(port=doomed.port, settings=isolated)
+
+
+def test_sessions_survive_a_multiplexer_crash(backend, tmp_path):
+    import yaml
+
+    from agents.config import write_keys
+    from agents.roles import ROLE_ORDER
+
+    keys = write_keys(tmp_path / "keys.yaml", 7, ROLE_ORDER)
+    port = free_port()
+    cfg = tmp_path / "mux.yaml"
+    backends = [{"name": "main", "url": backend.base_url, "max_concurrency": 8}]
+    cfg.write_text(yaml.safe_dump({"port": port, "keys_file": str(tmp_path / "keys.yaml"),
+                                   "state_db": str(tmp_path / "mux.db"), "backends": backends}))
+    url = f"http://127.0.0.1:{port}"
+    key = keys.agents[3].key
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-m", "agents.service", "--config", str(cfg)])
+        for _ in range(100):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        proc.kill()
+        raise AssertionError("multiplexer did not start")
+
+    proc = start()
+    try:
+        for i in range(2):
+            assert chat(url, key, f"remember turn {i}", session="durable").status_code == 200
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc = start()
+        view = httpx.get(f"{url}/v1/sessions/durable", headers={"Authorization": f"Bearer {key}"}).json()
+        assert view["turns"] == 2
+        assert [m["content"] for m in view["history"] if m["role"] == "user"] == [
+            "remember turn 0", "remember turn 1"]
+        assert chat(url, key, "turn 2", session="durable").status_code == 200
+        view = httpx.get(f"{url}/v1/sessions/durable", headers={"Authorization": f"Bearer {key}"}).json()
+        assert view["turns"] == 3
+    finally:
+        proc.kill()
+        proc.wait()
