@@ -36,6 +36,7 @@ class MuxConfig(BaseModel):
     history_turns: int = Field(8, ge=0, description="earlier turns of a session sent to the model")
     health_interval_s: float = Field(2.0, gt=0)
     cooldown_s: float = Field(10.0, gt=0)
+    rate_limits: bool = Field(True, description="enforce each role's requests_per_minute")
     state_db: Path | None = Field(None, description="SQLite file for sessions and tools")
     keys_file: Path | None = None
     shell_allowlist: list[str] = Field(default_factory=lambda: ["echo", "date", "uname", "wc",

@@ -42,7 +42,8 @@ def backend(tmp_path_factory, session_store, llama_build):
 
 @pytest.fixture(scope="module")
 def mux(backend, tmp_path_factory):
-    m = start_mux(tmp_path_factory.mktemp("mux"), [("main", backend.base_url, 8)], history_turns=1)
+    m = start_mux(tmp_path_factory.mktemp("mux"), [("main", backend.base_url, 8)], history_turns=1,
+                  rate_limits=False)
     yield m
     m.mux.stop()
 
@@ -329,3 +330,22 @@ def test_sessions_survive_a_multiplexer_crash(backend, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_role_rate_limit_answers_429_with_retry_after(backend, tmp_path):
+    limited = start_mux(tmp_path, [("main", backend.base_url, 8)])
+    try:
+        key = limited.key("ux-researcher")  # 30 requests per minute
+        started = time.monotonic()
+        codes = [httpx.post(f"{limited.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                            json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}, timeout=60)
+                 for _ in range(40)]
+        refilled = (time.monotonic() - started) * 30 / 60
+        served = [c for c in codes if c.status_code == 200]
+        limited_out = [c for c in codes if c.status_code == 429]
+        assert 30 <= len(served) <= 30 + refilled + 1 and len(served) + len(limited_out) == 40
+        assert limited_out and all(int(c.headers["Retry-After"]) >= 1 for c in limited_out)
+        other = limited.key("developer")
+        assert chat(limited.url, other, "unaffected").status_code == 200
+    finally:
+        limited.mux.stop()
