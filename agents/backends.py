@@ -5,7 +5,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from agents.config import BackendConfig
 
@@ -56,7 +56,6 @@ class BackendPool:
         return any(b.available(now) for b in self.backends)
 
     def cool_down(self, backend: Backend) -> None:
-        backend.failures += 1
         backend.cooldown_until = time.monotonic() + self.cooldown_s
         backend.up = False
 
@@ -64,20 +63,21 @@ class BackendPool:
         return sum(b.config.max_concurrency for b in self.backends)
 
 
-async def probe_backend(client: httpx.AsyncClient, backend: Backend) -> bool:
+async def probe_backend(client: aiohttp.ClientSession, backend: Backend) -> bool:
+    timeout = aiohttp.ClientTimeout(total=3.0)
     try:
-        health = await client.get(f"{backend.config.url}/health", timeout=3.0)
-        if health.status_code != 200:
-            return False
+        async with client.get(f"{backend.config.url}/health", timeout=timeout) as health:
+            if health.status != 200:
+                return False
         if backend.model_id is None:
-            models = await client.get(f"{backend.config.url}/v1/models", timeout=3.0)
-            backend.model_id = models.json()["data"][0]["id"]
+            async with client.get(f"{backend.config.url}/v1/models", timeout=timeout) as models:
+                backend.model_id = (await models.json())["data"][0]["id"]
         return True
-    except (httpx.HTTPError, ValueError, KeyError, IndexError):
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError):
         return False
 
 
-async def health_loop(pool: BackendPool, client: httpx.AsyncClient, interval_s: float, notify) -> None:
+async def health_loop(pool: BackendPool, client: aiohttp.ClientSession, interval_s: float, notify) -> None:
     """Active checks: a failing backend is cooled down; one that answers again comes back."""
     while True:
         for backend in pool.backends:

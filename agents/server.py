@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 from prometheus_client import generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,6 +27,7 @@ from agents.tools import ToolCall, ToolRegistry
 
 SESSION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_RETRIES = 2
+ALLOWED_FAILS = 3
 
 
 class ApiError(Exception):
@@ -68,7 +70,7 @@ class Mux:
     pool: BackendPool
     scheduler: FairScheduler
     tools: ToolRegistry
-    client: httpx.AsyncClient | None = None
+    client: aiohttp.ClientSession | None = None
     limiter: RateLimiter = field(default_factory=RateLimiter)
     session_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
 
@@ -190,7 +192,8 @@ async def chat(request: Request) -> Response:
         if wait:
             mux.metrics.rejections.labels("rate_limited").inc()
             raise ApiError(429, f"rate limit of {role.rate_limit.requests_per_minute}/min for "
-                                f"{ident.name}", "rate_limit_error", {"Retry-After": f"{wait:.0f}"})
+                                f"{ident.name}", "rate_limit_error",
+                           {"Retry-After": str(max(1, math.ceil(wait)))})
     except ApiError as err:
         return err.response()
     stream = bool(data.get("stream"))
@@ -238,12 +241,19 @@ async def acquire(mux: Mux, ident: AgentIdentity, role: Role, cost: float, deadl
     return grant
 
 
-def release(mux: Mux, grant: Grant, failed: bool) -> None:
+def release(mux: Mux, grant: Grant, failed: bool, refused: bool = False) -> None:
+    """A refused connection cools the backend down at once; other failures (a reused keep-alive
+    connection the server had closed, a timeout) only when they repeat."""
+    backend = grant.backend
     if failed:
-        mux.pool.cool_down(grant.backend)
-        mux.metrics.cooldowns.labels(grant.backend.name).inc()
-        mux.metrics.backend_up.labels(grant.backend.name).set(0)
-    mux.scheduler.release(grant.backend)
+        backend.failures += 1
+        if refused or backend.failures >= ALLOWED_FAILS:
+            mux.pool.cool_down(backend)
+            mux.metrics.cooldowns.labels(backend.name).inc()
+            mux.metrics.backend_up.labels(backend.name).set(0)
+    else:
+        backend.failures = 0
+    mux.scheduler.release(backend)
     mux.metrics.inflight.labels(grant.backend.name).set(grant.backend.outstanding)
 
 
@@ -257,20 +267,22 @@ async def complete(mux, ident, role, session, messages, data, deadline, arrived)
         queued = grant.queue_wait_s
         sent = time.perf_counter()
         try:
-            resp = await mux.client.post(f"{grant.backend.config.url}/v1/chat/completions", json=body,
-                                         timeout=max(1.0, deadline - time.monotonic()))
-            if resp.status_code >= 500:
-                raise BackendFailed(f"HTTP {resp.status_code}")
-        except (httpx.TransportError, BackendFailed) as exc:
-            release(mux, grant, failed=True)
+            timeout = aiohttp.ClientTimeout(total=max(1.0, deadline - time.monotonic()))
+            async with mux.client.post(f"{grant.backend.config.url}/v1/chat/completions", json=body,
+                                       timeout=timeout) as resp:
+                status, content = resp.status, await resp.read()
+            if status >= 500:
+                raise BackendFailed(f"HTTP {status}")
+        except (aiohttp.ClientError, asyncio.TimeoutError, BackendFailed) as exc:
+            release(mux, grant, failed=True, refused=isinstance(exc, aiohttp.ClientConnectorError))
             mux.metrics.requests.labels(ident.name, grant.backend.name, "retried").inc()
             last = exc
             continue
         release(mux, grant, failed=False)
-        if resp.status_code != 200:
-            mux.metrics.requests.labels(ident.name, grant.backend.name, str(resp.status_code)).inc()
-            return Response(resp.content, status_code=resp.status_code, media_type="application/json")
-        out = resp.json()
+        if status != 200:
+            mux.metrics.requests.labels(ident.name, grant.backend.name, str(status)).inc()
+            return Response(content, status_code=status, media_type="application/json")
+        out = json.loads(content)
         usage = out.get("usage") or {}
         text = ((out.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
         finish(mux, ident, role, session, messages, grant, Outcome(
@@ -279,6 +291,7 @@ async def complete(mux, ident, role, session, messages, data, deadline, arrived)
         out["model"] = data.get("model") or out.get("model")
         overhead_ms = (sent - arrived - queued) * 1000
         return JSONResponse(out, headers={"x-dgxready-overhead-ms": f"{overhead_ms:.3f}",
+                                          "x-dgxready-queue-ms": f"{queued * 1000:.3f}",
                                           "x-dgxready-backend": grant.backend.name})
     mux.metrics.requests.labels(ident.name, "none", "failed").inc()
     raise ApiError(502, f"every backend failed before answering: {last}", "backend_error")
@@ -300,10 +313,15 @@ def finish(mux, ident, role, session, messages, grant, outcome: Outcome, cost, a
         mux.store.append_turn(ident.name, session, new + [{"role": "assistant", "content": outcome.text}])
 
 
+async def sse_lines(resp: aiohttp.ClientResponse):
+    async for raw in resp.content:
+        yield raw.decode(errors="replace").rstrip("\r\n")
+
+
 @dataclass
 class OpenStream:
     grant: Grant
-    response: httpx.Response
+    response: aiohttp.ClientResponse
     first_lines: list[str]
     lines: object
     cost: float
@@ -323,29 +341,28 @@ async def open_stream(mux, ident, role, session, messages, data, deadline, arriv
         body = backend_body(data, prompt, role, grant.backend, ident.name, session, True)
         sent = time.perf_counter()
         try:
-            req = mux.client.build_request("POST", f"{grant.backend.config.url}/v1/chat/completions",
-                                           json=body, timeout=httpx.Timeout(
-                                               max(1.0, deadline - time.monotonic()), connect=5.0))
-            resp = await mux.client.send(req, stream=True)
-            if resp.status_code != 200:
-                content = await resp.aread()
-                await resp.aclose()
-                if resp.status_code >= 500:
-                    raise BackendFailed(f"HTTP {resp.status_code}")
+            resp = await mux.client.post(
+                f"{grant.backend.config.url}/v1/chat/completions", json=body,
+                timeout=aiohttp.ClientTimeout(total=max(1.0, deadline - time.monotonic()), sock_connect=5.0))
+            if resp.status != 200:
+                content = await resp.read()
+                resp.release()
+                if resp.status >= 500:
+                    raise BackendFailed(f"HTTP {resp.status}")
                 release(mux, grant, failed=False)
-                raise ApiError(resp.status_code, content.decode(errors="replace")[:500], "backend_error")
-            lines = resp.aiter_lines()
+                raise ApiError(resp.status, content.decode(errors="replace")[:500], "backend_error")
+            lines = sse_lines(resp)
             first: list[str] = []
             async for line in lines:
                 first.append(line)
                 if line.startswith("data:"):
                     break
             if not first:
-                await resp.aclose()
+                resp.release()
                 raise BackendFailed("empty stream")
             return OpenStream(grant, resp, first, lines, cost, arrived, sent, time.perf_counter())
-        except (httpx.TransportError, BackendFailed) as exc:
-            release(mux, grant, failed=True)
+        except (aiohttp.ClientError, asyncio.TimeoutError, BackendFailed) as exc:
+            release(mux, grant, failed=True, refused=isinstance(exc, aiohttp.ClientConnectorError))
             mux.metrics.requests.labels(ident.name, grant.backend.name, "retried").inc()
             last = exc
     mux.metrics.requests.labels(ident.name, "none", "failed").inc()
@@ -377,14 +394,14 @@ async def relay(mux, ident, role, session, messages, st: OpenStream, lock):
             yield (line + "\n").encode()
         if outcome.finish_reason is None:
             raise BackendFailed("stream ended without a finish_reason")
-    except (httpx.HTTPError, BackendFailed) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError, BackendFailed) as exc:
         failed = True
         event = {"error": {"message": f"backend {st.grant.backend.name} failed mid-stream: {exc}",
                            "type": "backend_error"}}
         yield f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
         mux.metrics.requests.labels(ident.name, st.grant.backend.name, "failed_midstream").inc()
     finally:
-        await st.response.aclose()
+        st.response.release()
         release(mux, st.grant, failed=failed)
         if not failed:
             finish(mux, ident, role, session, messages, st.grant, outcome, st.cost, st.arrived, st.sent,
@@ -455,9 +472,8 @@ async def session_view(request: Request) -> Response:
 def create_app(mux: Mux) -> Starlette:
     @asynccontextmanager
     async def lifespan(app):
-        limits = httpx.Limits(max_connections=mux.pool.capacity() + 64,
-                              max_keepalive_connections=mux.pool.capacity() + 64)
-        mux.client = httpx.AsyncClient(limits=limits, timeout=None)
+        connector = aiohttp.TCPConnector(limit=mux.pool.capacity() + 64, limit_per_host=0)
+        mux.client = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
 
         def notify(backend: Backend) -> None:
             mux.metrics.backend_up.labels(backend.name).set(1 if backend.up else 0)
@@ -469,7 +485,7 @@ def create_app(mux: Mux) -> Starlette:
             yield
         finally:
             checker.cancel()
-            await mux.client.aclose()
+            await mux.client.close()
 
     app = Starlette(routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),

@@ -40,6 +40,7 @@ class SyntheticWorkload:
     seed: int = 0
     input_words: tuple[int, int] = (64, 256)
     output_tokens: tuple[int, int] = (96, 128)
+    system_prompt: str | None = None
     name: str = "synthetic"
 
     def session(self, index: int) -> SyntheticSession:
@@ -60,7 +61,9 @@ class SyntheticSession:
         n_out = self.rng.randint(*self.workload.output_tokens)
         text = " ".join(self.rng.choice(WORDS) for _ in range(n_in))
         prompt = f"Write a detailed technical note about: {text}"
-        return RequestSpec([{"role": "user", "content": prompt}], n_out, ignore_eos=True)
+        sys_prompt = self.workload.system_prompt
+        system = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
+        return RequestSpec(system + [{"role": "user", "content": prompt}], n_out, ignore_eos=True)
 
     def observe(self, reply: str) -> None:
         pass

@@ -1,0 +1,1 @@
+"""Benchmarks for the multiplexer's bars (overhead, serving efficiency, fairness)."""

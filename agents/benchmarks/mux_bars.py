@@ -1,0 +1,223 @@
+"""The multiplexer's bars, measured side by side with direct calls in one run:
+- overhead: against the instant-reply backend at 64 concurrent streams, the multiplexer adds
+  <= 1 ms p50 and <= 5 ms p99 E2E latency, and keeps >= 80% of direct request throughput;
+- serving: against llama-server with 10 agents, output tokens/s through the multiplexer is
+  >= 95% of the same load sent directly;
+- fairness: with one agent flooding, the other agents' p95 queue wait stays within 2x of what
+  they see without it; over equal-weight agents, Jain's index on served tokens is >= 0.9."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from agents.config import KeysFile, write_keys
+from agents.roles import ROLE_ORDER
+from bench.loadgen import Endpoint, closed_loop
+from bench.metrics import compute_metrics
+from bench.workloads import SyntheticWorkload
+from repro.smoke import free_port
+
+EQUAL_WEIGHT = ("architect-nusy-1", "architect-systems-1", "qa-specialist-1", "ux-researcher-1",
+                "platform-engineer-1")
+FLOODER = "qa-specialist-2"
+
+
+@dataclass(frozen=True)
+class Bar:
+    name: str
+    value: float
+    bound: float
+    higher_is_better: bool
+    detail: str
+
+    @property
+    def met(self) -> bool:
+        return self.value >= self.bound if self.higher_is_better else self.value <= self.bound
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def spawn(args: list[str], health: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL)
+    wait_http(health)
+    return proc
+
+
+def spawn_mux(tmp: Path, backend_url: str, cap: int, keys_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cfg = tmp / f"mux-{port}.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "port": port, "keys_file": str(keys_path), "state_db": str(tmp / f"mux-{port}.db"),
+        "rate_limits": False, "queue_max": 4096, "health_interval_s": 5,
+        "backends": [{"name": "b", "url": backend_url, "max_concurrency": cap}]}))
+    url = f"http://127.0.0.1:{port}"
+    return spawn(["agents.service", "--config", str(cfg)], f"{url}/health"), url
+
+
+def key_of(keys: KeysFile, name: str) -> str:
+    return next(a.key for a in keys.agents if a.name == name)
+
+
+def overhead(tmp: Path, keys: KeysFile, keys_path: Path, requests: int, rounds: int) -> list[Bar]:
+    port = free_port()
+    backend = spawn(["agents.benchmarks.instant_backend", "--port", str(port)],
+                    f"http://127.0.0.1:{port}/health")
+    mux, mux_url = spawn_mux(tmp, f"http://127.0.0.1:{port}", 256, keys_path)
+    try:
+        wl = SyntheticWorkload(input_words=(4, 8), output_tokens=(3, 3), system_prompt="Be brief.")
+        runs: dict[str, list] = {"direct": [], "mux": []}
+        for _ in range(rounds):
+            for label, url in (("direct", f"http://127.0.0.1:{port}"), ("mux", mux_url)):
+                ep = Endpoint(url, "instant", api_key=key_of(keys, "developer-1"))
+                recs = asyncio.run(closed_loop(ep, wl, 64, requests, warmup=64))
+                runs[label].append(compute_metrics(recs))
+        p50 = {k: float(np.median([m.e2el.p50 for m in v])) for k, v in runs.items()}
+        p99 = {k: float(np.median([m.e2el.p99 for m in v])) for k, v in runs.items()}
+        rps = {k: float(np.median([m.request_throughput for m in v])) for k, v in runs.items()}
+        failed = sum(m.failed for v in runs.values() for m in v)
+    finally:
+        mux.terminate()
+        backend.terminate()
+    detail = (f"direct p50 {p50['direct'] * 1e3:.2f} ms, mux p50 {p50['mux'] * 1e3:.2f} ms; direct p99 "
+              f"{p99['direct'] * 1e3:.2f} ms, mux p99 {p99['mux'] * 1e3:.2f} ms; {failed} failed")
+    return [
+        Bar("overhead p50 (ms) at 64 streams", (p50["mux"] - p50["direct"]) * 1e3, 1.0, False, detail),
+        Bar("overhead p99 (ms) at 64 streams", (p99["mux"] - p99["direct"]) * 1e3, 5.0, False, detail),
+        Bar("request throughput vs direct", rps["mux"] / rps["direct"], 0.80, True,
+            f"direct {rps['direct']:.0f} req/s, mux {rps['mux']:.0f} req/s"),
+    ]
+
+
+def serving(tmp: Path, keys: KeysFile, keys_path: Path, requests: int) -> list[Bar]:
+    from dgxready.settings import load_settings
+    from model.serve import ServeRequest, serve, stop
+
+    settings = load_settings()
+    state = serve(ServeRequest(model="smollm2-135m", backend="llamacpp", port=free_port(), parallel=10,
+                               ctx_per_slot=2048), settings)
+    mux, mux_url = spawn_mux(tmp, state.base_url, 10, keys_path)
+    try:
+        wl = SyntheticWorkload(seed=3, input_words=(32, 96), output_tokens=(64, 64),
+                               system_prompt="You are a helpful assistant.")
+        out = {}
+        for label, url in (("direct", state.base_url), ("mux", mux_url)):
+            ep = Endpoint(url, "smollm2-135m", api_key=key_of(keys, "developer-1"))
+            out[label] = compute_metrics(asyncio.run(closed_loop(ep, wl, 10, requests, warmup=10)))
+    finally:
+        mux.terminate()
+        stop(port=state.port, settings=settings)
+    ratio = out["mux"].output_throughput / out["direct"].output_throughput
+    return [Bar("llama-server output tok/s vs direct (10 agents)", ratio, 0.95, True,
+                f"direct {out['direct'].output_throughput:.1f} tok/s, mux {out['mux'].output_throughput:.1f}"
+                f" tok/s; failed {out['direct'].failed + out['mux'].failed}")]
+
+
+async def agent_loop(client, url, key, workers, until, waits, served) -> None:
+    async def worker():
+        while time.monotonic() < until:
+            r = await client.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "m", "max_tokens": 3,
+                                        "messages": [{"role": "user", "content": "x"}]})
+            if r.status_code == 200:
+                waits.append(float(r.headers["x-dgxready-queue-ms"]))
+                served.append(r.json()["usage"]["completion_tokens"])
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+def run_agents(url: str, keys: KeysFile, plan: dict[str, int], seconds: float) -> dict[str, tuple]:
+    results = {name: ([], []) for name in plan}
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=256)) as client:
+            until = time.monotonic() + seconds
+            await asyncio.gather(*(agent_loop(client, url, key_of(keys, n), w, until, *results[n])
+                                   for n, w in plan.items()))
+
+    asyncio.run(run())
+    return results
+
+
+def fairness(tmp: Path, keys: KeysFile, keys_path: Path, seconds: float) -> list[Bar]:
+    port = free_port()
+    backend = spawn(["agents.benchmarks.instant_backend", "--port", str(port), "--service-ms", "20"],
+                    f"http://127.0.0.1:{port}/health")
+    mux, url = spawn_mux(tmp, f"http://127.0.0.1:{port}", 4, keys_path)
+    try:
+        calm = {n: 2 for n in EQUAL_WEIGHT}
+        base = run_agents(url, keys, calm, seconds)
+        flood = run_agents(url, keys, calm | {FLOODER: 48}, seconds)
+        backlog = run_agents(url, keys, {n: 8 for n in EQUAL_WEIGHT}, seconds)
+    finally:
+        mux.terminate()
+        backend.terminate()
+    p95 = lambda res: float(np.percentile([w for n in EQUAL_WEIGHT for w in res[n][0]], 95))  # noqa: E731
+    tokens = np.array([sum(backlog[n][1]) for n in EQUAL_WEIGHT], dtype=float)
+    jain = float(tokens.sum() ** 2 / (len(tokens) * (tokens ** 2).sum()))
+    flood_share = sum(flood[FLOODER][1]) / max(1, sum(sum(v[1]) for v in flood.values()))
+    return [
+        Bar("others' p95 queue wait: flood / calm", p95(flood) / max(p95(base), 1e-3), 2.0, False,
+            f"calm p95 {p95(base):.1f} ms, with a 48-stream flood {p95(flood):.1f} ms; the flooder got "
+            f"{flood_share:.0%} of tokens"),
+        Bar("Jain's index, 5 equal-weight backlogged agents", jain, 0.9, True,
+            "served tokens " + ", ".join(f"{int(t)}" for t in tokens)),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("overhead", "serving", "fairness", "all"), default="all",
+                        help="which bar to measure")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per overhead run")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating direct/mux overhead runs")
+    parser.add_argument("--serving-requests", type=int, default=30, help="requests per serving run")
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each fairness phase")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="mux-bars-"))
+    keys_path = tmp / "keys.yaml"
+    keys = write_keys(keys_path, 10, ROLE_ORDER)
+    bars: list[Bar] = []
+    if args.part in ("overhead", "all"):
+        bars += overhead(tmp, keys, keys_path, args.requests, args.rounds)
+    if args.part in ("fairness", "all"):
+        bars += fairness(tmp, keys, keys_path, args.seconds)
+    if args.part in ("serving", "all"):
+        bars += serving(tmp, keys, keys_path, args.serving_requests)
+    table = Table(title="multiplexer bars")
+    for col in ("bar", "value", "bound", "", "detail"):
+        table.add_column(col)
+    for b in bars:
+        table.add_row(b.name, f"{b.value:.3f}", ("≥ " if b.higher_is_better else "≤ ") + f"{b.bound:g}",
+                      "[green]met" if b.met else "[red]MISSED", b.detail)
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(b) | {"met": b.met} for b in bars], indent=2))
+    return 0 if all(b.met for b in bars) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
