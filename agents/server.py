@@ -380,7 +380,11 @@ async def relay(mux, ident, role, session, messages, st: OpenStream, lock):
                 yield line
 
         async for line in all_lines():
-            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+            # Parse only what is needed: every chunk's text for a session's history, and the
+            # chunks that carry usage or a finish_reason.
+            wanted = session or '"usage"' in line or '"finish_reason":"' in line \
+                or '"finish_reason": "' in line
+            if wanted and line.startswith("data:") and line[5:].strip() != "[DONE]":
                 try:
                     chunk = json.loads(line[5:])
                 except json.JSONDecodeError:

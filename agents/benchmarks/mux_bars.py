@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -23,16 +24,17 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from agents.config import KeysFile, write_keys
+from agents.config import AgentIdentity, KeysFile, write_keys
 from agents.roles import ROLE_ORDER
 from bench.loadgen import Endpoint, closed_loop
 from bench.metrics import compute_metrics
 from bench.workloads import SyntheticWorkload
 from repro.smoke import free_port
 
-EQUAL_WEIGHT = ("architect-nusy-1", "architect-systems-1", "qa-specialist-1", "ux-researcher-1",
-                "platform-engineer-1")
-FLOODER = "qa-specialist-2"
+# Fairness is measured inside one priority class: six agents of one role (equal weight and
+# priority); priority classes between roles are strict by design.
+EQUAL_WEIGHT = tuple(f"peer-{i}" for i in range(1, 6))
+FLOODER = "flood-1"
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,16 @@ def spawn_mux(tmp: Path, backend_url: str, cap: int, keys_path: Path) -> tuple[s
     return spawn(["agents.service", "--config", str(cfg)], f"{url}/health"), url
 
 
+def write_bench_keys(path: Path) -> KeysFile:
+    """The team's keys plus six agents of one role for the fairness runs."""
+    team = write_keys(path, 10, ROLE_ORDER)
+    peers = [AgentIdentity(name=n, role="architect-systems", key=f"bench-{n}-{secrets.token_hex(12)}")
+             for n in (*EQUAL_WEIGHT, FLOODER)]
+    keys = KeysFile(agents=team.agents + peers)
+    path.write_text(yaml.safe_dump(keys.model_dump(mode="json"), sort_keys=False))
+    return keys
+
+
 def key_of(keys: KeysFile, name: str) -> str:
     return next(a.key for a in keys.agents if a.name == name)
 
@@ -89,11 +101,14 @@ def overhead(tmp: Path, keys: KeysFile, keys_path: Path, requests: int, rounds: 
     try:
         wl = SyntheticWorkload(input_words=(4, 8), output_tokens=(3, 3), system_prompt="Be brief.")
         runs: dict[str, list] = {"direct": [], "mux": []}
+        single: dict[str, list] = {"direct": [], "mux": []}
         for _ in range(rounds):
             for label, url in (("direct", f"http://127.0.0.1:{port}"), ("mux", mux_url)):
                 ep = Endpoint(url, "instant", api_key=key_of(keys, "developer-1"))
                 recs = asyncio.run(closed_loop(ep, wl, 64, requests, warmup=64))
                 runs[label].append(compute_metrics(recs))
+                single[label].append(compute_metrics(asyncio.run(closed_loop(ep, wl, 1, 300, warmup=20))))
+        one = {k: float(np.median([m.e2el.p50 for m in v])) for k, v in single.items()}
         p50 = {k: float(np.median([m.e2el.p50 for m in v])) for k, v in runs.items()}
         p99 = {k: float(np.median([m.e2el.p99 for m in v])) for k, v in runs.items()}
         rps = {k: float(np.median([m.request_throughput for m in v])) for k, v in runs.items()}
@@ -108,6 +123,8 @@ def overhead(tmp: Path, keys: KeysFile, keys_path: Path, requests: int, rounds: 
         Bar("overhead p99 (ms) at 64 streams", (p99["mux"] - p99["direct"]) * 1e3, 5.0, False, detail),
         Bar("request throughput vs direct", rps["mux"] / rps["direct"], 0.80, True,
             f"direct {rps['direct']:.0f} req/s, mux {rps['mux']:.0f} req/s"),
+        Bar("overhead p50 (ms) at 1 stream (context)", (one["mux"] - one["direct"]) * 1e3, 1.0, False,
+            f"direct p50 {one['direct'] * 1e3:.2f} ms, mux p50 {one['mux'] * 1e3:.2f} ms"),
     ]
 
 
@@ -120,19 +137,25 @@ def serving(tmp: Path, keys: KeysFile, keys_path: Path, requests: int) -> list[B
                                ctx_per_slot=2048), settings)
     mux, mux_url = spawn_mux(tmp, state.base_url, 10, keys_path)
     try:
-        wl = SyntheticWorkload(seed=3, input_words=(32, 96), output_tokens=(64, 64),
-                               system_prompt="You are a helpful assistant.")
-        out = {}
-        for label, url in (("direct", state.base_url), ("mux", mux_url)):
-            ep = Endpoint(url, "smollm2-135m", api_key=key_of(keys, "developer-1"))
-            out[label] = compute_metrics(asyncio.run(closed_loop(ep, wl, 10, requests, warmup=10)))
+        # Fresh prompts for every run (seeds differ), so llama-server's prompt cache favours neither.
+        tps: dict[str, list[float]] = {"direct": [], "mux": []}
+        failed = 0
+        for r, order in enumerate((("direct", "mux"), ("mux", "direct"))):
+            for label in order:
+                url = state.base_url if label == "direct" else mux_url
+                wl = SyntheticWorkload(seed=100 + 10 * r + len(tps[label]) + (label == "mux") * 50,
+                                       input_words=(32, 96), output_tokens=(64, 64),
+                                       system_prompt="You are a helpful assistant.")
+                ep = Endpoint(url, "smollm2-135m", api_key=key_of(keys, "developer-1"))
+                m = compute_metrics(asyncio.run(closed_loop(ep, wl, 10, requests, warmup=10)))
+                tps[label].append(m.output_throughput)
+                failed += m.failed
     finally:
         mux.terminate()
         stop(port=state.port, settings=settings)
-    ratio = out["mux"].output_throughput / out["direct"].output_throughput
-    return [Bar("llama-server output tok/s vs direct (10 agents)", ratio, 0.95, True,
-                f"direct {out['direct'].output_throughput:.1f} tok/s, mux {out['mux'].output_throughput:.1f}"
-                f" tok/s; failed {out['direct'].failed + out['mux'].failed}")]
+    d, x = float(np.mean(tps["direct"])), float(np.mean(tps["mux"]))
+    return [Bar("llama-server output tok/s vs direct (10 agents)", x / d, 0.95, True,
+                f"direct {d:.1f} tok/s, mux {x:.1f} tok/s (2 alternating rounds); failed {failed}")]
 
 
 async def agent_loop(client, url, key, workers, until, waits, served) -> None:
@@ -199,7 +222,7 @@ def main() -> int:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mux-bars-"))
     keys_path = tmp / "keys.yaml"
-    keys = write_keys(keys_path, 10, ROLE_ORDER)
+    keys = write_bench_keys(keys_path)
     bars: list[Bar] = []
     if args.part in ("overhead", "all"):
         bars += overhead(tmp, keys, keys_path, args.requests, args.rounds)
