@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from dgxready.config import load_yaml
 from dgxready.errors import ConfigError
 
 ROLES_DIR = Path(__file__).with_name("roles")
-TOOLS = ("workspace.read", "workspace.write", "taskboard.append", "shell.run", "knowledge.query")
+ToolName = Literal["workspace.read", "workspace.write", "taskboard.append", "shell.run", "knowledge.query"]
+TOOLS: tuple[str, ...] = get_args(ToolName)
 ROLE_ORDER = ("product-manager", "architect-nusy", "architect-systems", "developer",
               "qa-specialist", "ux-researcher", "platform-engineer")
 
@@ -52,17 +54,10 @@ class Role(BaseModel):
     goal: str
     constraints: list[str] = Field(min_length=1)
     output_format: str
-    tools: list[str]
+    tools: list[ToolName]
     sampling: Sampling = Sampling()
     scheduling: Scheduling = Scheduling()
     rate_limit: RateLimit = RateLimit()
-
-    @model_validator(mode="after")
-    def _known_tools(self) -> Role:
-        for i, tool in enumerate(self.tools):
-            if tool not in TOOLS:
-                raise ValueError(f"tools[{i}]: unknown tool {tool!r}; known: {', '.join(TOOLS)}")
-        return self
 
     def system_prompt(self) -> str:
         rules = "\n".join(f"- {c}" for c in self.constraints)

@@ -1,0 +1,93 @@
+"""Scheduler, roles, keys and tools without any server."""
+import asyncio
+import time
+
+import pytest
+
+from agents.backends import BackendPool
+from agents.config import BackendConfig, load_keys, team_roles, write_keys
+from agents.roles import ROLE_ORDER, load_roles
+from agents.scheduler import DeadlineExceeded, FairScheduler, QueueFull
+from agents.state import StateStore
+from agents.tools import ToolCall, ToolRegistry
+from dgxready.errors import ConfigError
+
+
+def pool(cap=1):
+    return BackendPool.of([BackendConfig(name="b", url="http://127.0.0.1:9", max_concurrency=cap)], 10)
+
+
+def test_wfq_shares_slots_by_weight_and_priority_goes_first():
+    async def run():
+        sched = FairScheduler(pool(1), queue_max=1000)
+        order = []
+
+        async def client(agent, weight, priority, n):
+            for _ in range(n):
+                grant = await sched.acquire(agent, weight, priority, 100, time.monotonic() + 60)
+                order.append(agent)
+                await asyncio.sleep(0)
+                sched.release(grant.backend)
+
+        await asyncio.gather(*(client(a, w, 1, 40) for a, w in (("heavy", 2.0), ("light", 1.0))),
+                             client("urgent", 1.0, 0, 5))
+        return order
+
+    order = asyncio.run(run())
+    # A priority-0 request is served at the next free slot: never more than one grant between.
+    urgent_at = [i for i, a in enumerate(order) if a == "urgent"]
+    assert urgent_at[-1] <= 10 and all(b - a <= 2 for a, b in zip(urgent_at, urgent_at[1:]))
+    window = [a for a in order if a != "urgent"][:30]
+    assert 18 <= window.count("heavy") <= 22
+
+
+def test_queue_bound_and_deadline():
+    async def run():
+        sched = FairScheduler(pool(1), queue_max=1)
+        first = await sched.acquire("a", 1, 1, 10, time.monotonic() + 5)
+        waiting = asyncio.create_task(sched.acquire("a", 1, 1, 10, time.monotonic() + 0.2))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await sched.acquire("b", 1, 1, 10, time.monotonic() + 5)
+        with pytest.raises(DeadlineExceeded):
+            await waiting
+        sched.release(first.backend)
+        assert sched.depth == 0
+        again = await sched.acquire("b", 1, 1, 10, time.monotonic() + 1)
+        assert again.backend.outstanding == 1
+
+    asyncio.run(run())
+
+
+def test_roles_and_keys_validate(tmp_path):
+    roles = load_roles()
+    assert list(roles) == list(ROLE_ORDER)
+    bad = tmp_path / "developer.yaml"
+    bad.write_text((load_roles.__globals__["ROLES_DIR"] / "developer.yaml").read_text()
+                   .replace("shell.run", "shell.rm"))
+    with pytest.raises(ConfigError, match=r"developer.yaml: tools\[3\]: Input should be 'workspace.read'"):
+        load_roles(tmp_path)
+    keys = write_keys(tmp_path / "keys.yaml", 10, ROLE_ORDER)
+    assert [a.role for a in keys.agents][7:] == ["developer", "qa-specialist", "developer"]
+    assert (tmp_path / "keys.yaml").stat().st_mode & 0o777 == 0o600
+    assert len(load_keys(tmp_path / "keys.yaml", set(roles))) == 10
+    assert team_roles(7, ROLE_ORDER) == list(ROLE_ORDER)
+
+
+def test_workspace_paths_and_stale_fencing_tokens(tmp_path):
+    roles = load_roles()
+    reg = ToolRegistry(StateStore(tmp_path / "s.db"), ["echo"], lease_ttl_s=0.2)
+    dev = roles["developer"]
+    call = lambda agent, tool, args, session="s": reg.call(ToolCall(agent, dev, session, tool, args))  # noqa: E731
+    assert call("d1", "workspace.read", {"path": "../etc/passwd"}).error.startswith("path")
+    first = call("d1", "workspace.read", {"path": "doc", "lease": True}).result["token"]
+    assert not call("d2", "workspace.read", {"path": "doc", "lease": True}).ok
+    time.sleep(0.25)
+    second = call("d2", "workspace.read", {"path": "doc", "lease": True}).result["token"]
+    assert second > first
+    stale = call("d1", "workspace.write", {"path": "doc", "content": "old", "token": first})
+    assert not stale.ok and "stale fencing token" in stale.error
+    assert call("d2", "workspace.write", {"path": "doc", "content": "new", "token": second}).ok
+    assert call("d1", "workspace.read", {"path": "doc"}).result["content"] == "new"
+    audit = reg.store.audit_rows()
+    assert any(r[3] == "error" and "stale" in r[4] for r in audit)
