@@ -113,7 +113,10 @@ def drop_page_cache() -> str:
     if os.geteuid() != 0:
         return "not root: page cache left as is"
     os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        return f"page cache not dropped ({exc.strerror})"
     return "page cache dropped"
 
 
