@@ -15,13 +15,14 @@ from bench.environment import capture_environment
 from bench.hw import check_profile, gpu_reports, host_facts, last_level_cache
 from bench.loadgen import Endpoint, probe
 from bench.metrics import Slo
-from bench.net import loopback
+from bench.net import loopback, measure
 from bench.report import Baseline, Hardware, Micro, Serving, ServingLevel, now_stamp, write_baseline
 from bench.roofline import roofline
 from bench.serving import CapacityResult, LevelResult, capacity_search, requests_for, run_level
 from bench.storage import run_storage
 from bench.stream import run_stream
 from bench.workloads import make_workload
+from dgxready.errors import DgxReadyError
 from dgxready.progress import step_progress
 from dgxready.settings import REPO_ROOT, load_settings
 
@@ -75,19 +76,34 @@ def hardware(profile: str) -> Hardware:
                     profile_passed=all(c.passed for c in checks))
 
 
-def micro(store_dir: Path, out: Console, stream_reps: int = 5, io_bytes: int = 1 << 30) -> Micro:
+def parse_peer(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise DgxReadyError(f"--net-peer {text!r}: give HOST:PORT of `python -m bench.net --serve`")
+    return host, int(port)
+
+
+def micro(store_dir: Path, out: Console, stream_reps: int = 5, io_bytes: int = 1 << 30,
+          peers: tuple[str, ...] = ()) -> Micro:
+    targets = [parse_peer(p) for p in peers]
     with step_progress() as progress:
-        task = progress.add_task("microbenchmarks", total=3)
+        task = progress.add_task("microbenchmarks", total=3 + len(targets))
         stream = run_stream(last_level_cache(), repetitions=stream_reps)
         progress.advance(task)
         storage = run_storage(store_dir, size=io_bytes)
         progress.advance(task)
-        net = loopback()
+        nets = [loopback()]
         progress.advance(task)
+        for host, port in targets:
+            try:
+                nets.append(measure(host, port))
+            except OSError as exc:
+                raise DgxReadyError(f"network peer {host}:{port}: {exc}") from None
+            progress.advance(task)
     best_op, best = stream.best_op
     out.print(f"STREAM best {best_op} {best:.1f} GB/s ({stream.threads} threads); storage "
-              f"{storage.mode}; loopback {net.throughput_gbps:.1f} Gbit/s")
-    return Micro(stream=stream, storage=storage, network=[net])
+              f"{storage.mode}; " + "; ".join(f"{n.target} {n.throughput_gbps:.1f} Gbit/s" for n in nets))
+    return Micro(stream=stream, storage=storage, network=nets)
 
 
 def sweep(ep: Endpoint, workload_name: str, levels: list[int], max_tokens: int, slo: Slo,
@@ -148,13 +164,14 @@ class AllOptions:
     output_dir: Path | None = None
     skip_micro: bool = False
     skip_capacity: bool = False
+    net_peers: tuple[str, ...] = ()
 
 
 def run_all(opts: AllOptions, out: Console) -> tuple[Path, Baseline]:
     env = capture_environment()
     hw = hardware(opts.profile)
     settings = load_settings()
-    mic = Micro() if opts.skip_micro else micro(settings.models_dir, out)
+    mic = Micro() if opts.skip_micro else micro(settings.models_dir, out, peers=opts.net_peers)
     slo = Slo(e2el_p95_s=opts.slo_p95_e2e_s)
     parallel = max(max(opts.levels), opts.capacity_limit if not opts.skip_capacity else 1)
     with target(opts.url, parallel, 2048, out) as tgt:

@@ -51,13 +51,15 @@ def hw(c, profile="generic"):
 
 
 @task(help={"repetitions": "STREAM repetitions (best of N)",
-            "io_mib": "size of the storage test file in MiB"})
+            "io_mib": "size of the storage test file in MiB",
+            "net_peer": "HOST:PORT running `python -m bench.net --serve`, comma-separated"})
 @user_errors
-def micro(c, repetitions=5, io_mib=1024):
-    """STREAM memory bandwidth, storage I/O on the model store, loopback TCP."""
+def micro(c, repetitions=5, io_mib=1024, net_peer=""):
+    """STREAM memory bandwidth, storage I/O on the model store, TCP to loopback and peers."""
     from dgxready.settings import load_settings
 
-    runner.micro(load_settings().models_dir, out, int(repetitions), int(io_mib) << 20)
+    peers = tuple(p for p in net_peer.split(",") if p)
+    runner.micro(load_settings().models_dir, out, int(repetitions), int(io_mib) << 20, peers)
 
 
 def _save(partial: Baseline) -> Path:
@@ -148,12 +150,13 @@ def capacity(c, slo_p95_e2e=6.0, workload="agents", url=None, max_tokens=128, li
     "skip_micro": "skip the microbenchmarks",
     "skip_capacity": "skip the capacity search",
     "remote_dir": "with --host: the toolkit's checkout on that host",
+    "net_peer": "HOST:PORT running `python -m bench.net --serve`, comma-separated (e.g. other hosts)",
     "ssh_config": "with --host: an ssh_config file to read instead of ~/.ssh/config",
 })
 @user_errors
 def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", workload="agents",
          slo_p95_e2e=6.0, max_tokens=128, limit=32, output_dir=None, skip_micro=False,
-         skip_capacity=False, remote_dir="~/dgxready", ssh_config=None):
+         skip_capacity=False, remote_dir="~/dgxready", ssh_config=None, net_peer=""):
     """Everything: hardware, microbenchmarks, serving sweep, capacity, roofline; JSON + plots."""
     if host:
         from bench.remote import RemoteRun, run_remote
@@ -172,7 +175,7 @@ def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", wo
         url=url, profile=profile, levels=_ints(concurrency), capacity_workload=workload,
         slo_p95_e2e_s=float(slo_p95_e2e), max_tokens=int(max_tokens), capacity_limit=int(limit),
         output_dir=Path(output_dir) if output_dir else None, skip_micro=skip_micro,
-        skip_capacity=skip_capacity)
+        skip_capacity=skip_capacity, net_peers=tuple(p for p in net_peer.split(",") if p))
     path, baseline = runner.run_all(opts, out)
     print_summary(baseline, out)
     out.print(f"wrote {path}")

@@ -108,3 +108,31 @@ def test_invalid_baselines_name_the_json_path(tmp_path):
     truncated.write_text('{"schema": "dgxready-bench-baseline/1", "created')
     with pytest.raises(DgxReadyError, match="not JSON \\(truncated\\?\\)"):
         load_baseline(truncated)
+
+
+def test_network_to_a_peer_server_on_another_address(tmp_path):
+    import socket
+    import time
+
+    from bench.runner import micro, parse_peer
+    from dgxready.cli import out
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    peer = subprocess.Popen([sys.executable, "-m", "bench.net", "--serve", "--host", "127.0.0.2",
+                             "--port", str(port)])
+    try:
+        for _ in range(50):
+            try:
+                socket.create_connection(("127.0.0.2", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        m = micro(tmp_path, out, stream_reps=1, io_bytes=4 << 20, peers=(f"127.0.0.2:{port}",))
+        assert [n.target.split(":")[0] for n in m.network] == ["127.0.0.1", "127.0.0.2"]
+        assert m.network[1].throughput_gbps > 0 and m.network[1].rtt_p50_us > 0
+    finally:
+        peer.kill()
+    with pytest.raises(DgxReadyError, match="give HOST:PORT"):
+        parse_peer("nohostport")
