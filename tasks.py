@@ -6,6 +6,7 @@ from bench import tasks as bench_tasks
 from dgxready.cli import out, user_errors
 from model import tasks as model_tasks
 from model.quickstart import quickstart as run_quickstart
+from provision import tasks as provision_tasks
 
 
 @task(help={"port": "port for the temporary server"})
@@ -19,4 +20,5 @@ ns = Collection()
 ns.add_collection(model_tasks.ns)
 ns.add_collection(bench_tasks.ns)
 ns.add_collection(agents_tasks.ns)
+ns.add_collection(provision_tasks.ns)
 ns.add_task(quickstart)

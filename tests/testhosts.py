@@ -1,0 +1,171 @@
+"""Disposable Debian test hosts: a debootstrap rootfs (built once, cached as a tarball), an
+overlay per host, and sshd on the host's own loopback address inside its own mount, UTS and
+PID namespaces. `ssh root@127.0.0.N` lands in that rootfs. Needs root, debootstrap and zstd.
+
+    python -m tests.testhosts build      # build and cache the base tarball"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dgxready.settings import load_settings
+
+SUITE = "bookworm"
+INCLUDE = "openssh-server,python3,sudo,ca-certificates"
+
+
+def cache_dir() -> Path:
+    return load_settings().cache_dir / "testhosts"
+
+
+def apt_mirror() -> str:
+    """The mirror this machine's apt sources already name; never a hard-coded host."""
+    texts = [p.read_text() for p in Path("/etc/apt/sources.list.d").glob("*.sources")]
+    for text in texts:
+        for stanza in text.split("\n\n"):
+            if "Suites:" in stanza and SUITE in stanza and "security" not in stanza:
+                m = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
+                if m:
+                    return m.group(1)
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        m = re.search(rf"^deb\s+(\S+)\s+{SUITE}\s", legacy.read_text(), re.M)
+        if m:
+            return m.group(1)
+    raise RuntimeError("no Debian mirror found in /etc/apt/sources.list.d or sources.list")
+
+
+def base_tarball() -> Path:
+    """Build the rootfs once and cache it; later calls return the cached tarball."""
+    out = cache_dir() / f"rootfs-{SUITE}.tar.zst"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f"build-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        subprocess.run(["debootstrap", "--variant=minbase", f"--include={INCLUDE}", SUITE, str(work),
+                        apt_mirror()], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["chroot", str(work), "apt-get", "clean"], check=True)
+        for key in (work / "etc/ssh").glob("ssh_host_*"):
+            key.unlink()
+        tmp = out.with_suffix(".tmp")
+        subprocess.run(["tar", "--numeric-owner", "--xattrs", "--acls", "--one-file-system", "-C", str(work),
+                        "-I", "zstd -T0 -3", "-cpf", str(tmp), "."], check=True)
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def unpacked_base() -> Path:
+    base = cache_dir() / f"base-{SUITE}"
+    if (base / "etc/debian_version").exists():
+        return base
+    tmp = base.with_name(base.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True)
+    subprocess.run(["tar", "--numeric-owner", "-I", "zstd", "-xpf", str(base_tarball()), "-C", str(tmp)],
+                   check=True)
+    tmp.rename(base)
+    return base
+
+
+@dataclass
+class TestHost:
+    name: str
+    address: str
+    root: Path
+    workdir: Path
+    key: Path
+    proc: subprocess.Popen | None = None
+
+    def ssh_config_entry(self, user: str = "root") -> str:
+        return (f"Host {self.name}\n  HostName {self.address}\n  Port 22\n  User {user}\n"
+                f"  IdentityFile {self.key}\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n")
+
+    def start(self) -> None:
+        script = (f'R={self.root}; mount -t proc proc $R/proc; '
+                  'mount -t devpts -o newinstance,ptmxmode=0666,mode=620,gid=5 devpts $R/dev/pts; '
+                  'mount --bind $R/dev/pts/ptmx $R/dev/ptmx; mount -t tmpfs -o mode=755 tmpfs $R/run; '
+                  'mkdir -m755 $R/run/sshd; hostname "$(cat $R/etc/hostname)"; '
+                  'exec chroot $R /usr/sbin/sshd -D -e')
+        log = open(self.workdir / "sshd.log", "wb")
+        self.proc = subprocess.Popen(["unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child",
+                                      "--propagation", "private", "--", "sh", "-ec", script],
+                                     stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((self.address, 22), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.name}: sshd did not start: {(self.workdir / 'sshd.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def destroy(self) -> None:
+        self.stop()
+        subprocess.run(["umount", "-l", str(self.root)], stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def make_host(workdir: Path, name: str, address: str) -> TestHost:
+    """An overlay over the cached base, with its own keys and sshd config."""
+    base = unpacked_base()
+    workdir.mkdir(parents=True, exist_ok=True)
+    upper, work, root = workdir / "upper", workdir / "work", workdir / "root"
+    for d in (upper, work, root):
+        d.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={base},upperdir={upper},workdir={work}", str(root)], check=True)
+    key = workdir / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    ssh = root / "root/.ssh"
+    ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.copy(f"{key}.pub", ssh / "authorized_keys")
+    os.chmod(ssh / "authorized_keys", 0o600)
+    (root / "etc/ssh/sshd_config.d/test.conf").write_text(
+        f"ListenAddress {address}\nPort 22\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nUseDNS no\n")
+    policy = root / "usr/sbin/policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
+    # The network is the machine's, so the host trusts the CAs the machine trusts locally.
+    local_cas = list(Path("/usr/local/share/ca-certificates").glob("*.crt"))
+    if local_cas:
+        for ca in local_cas:
+            shutil.copy(ca, root / "usr/local/share/ca-certificates" / ca.name)
+        subprocess.run(["chroot", str(root), "update-ca-certificates"], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    (root / "etc/hostname").write_text(name + "\n")
+    subprocess.run(["chroot", str(root), "ssh-keygen", "-A"], check=True, stdout=subprocess.DEVNULL)
+    return TestHost(name, address, root, workdir, key)
+
+
+def available() -> str | None:
+    """Why test hosts cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("debootstrap", "zstd", "unshare"):
+        if not shutil.which(tool):
+            return f"needs {tool}"
+    return None
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["build"]:
+        print(base_tarball())
