@@ -18,9 +18,12 @@ command -v cmake >/dev/null || missing+=(cmake)
 command -v g++ >/dev/null && command -v make >/dev/null || missing+=(build-essential)
 command -v git >/dev/null || missing+=(git)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
-# The test suite drives a real sshd; its package must not start a system-wide daemon here.
+# The test suite drives a real sshd and builds Debian test hosts with debootstrap; the sshd
+# package must not start a system-wide daemon here.
 if [ "${1:-}" = nox ]; then
   [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v zstd >/dev/null || missing+=(zstd)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo=(); elif command -v sudo >/dev/null; then sudo=(sudo); else

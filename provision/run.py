@@ -14,7 +14,7 @@ from pathlib import Path
 from fabric import Connection
 
 from dgxready.errors import DgxReadyError
-from dgxready.files import atomic_write_json, sha256_file
+from dgxready.files import atomic_write_json
 from dgxready.settings import Settings, load_settings
 from provision import steps as S
 from provision.core import Host, Step, StepResult, run_step
@@ -58,12 +58,13 @@ def controller_artifacts(settings: Settings, model: str) -> S.Artifacts:
     from model.pull import pull, resolve_format, store_for
 
     build = build_llamacpp(settings)
+    # pull() hashes what is already in the store, so the file now matches the catalog's sha256.
     result = pull(model, engine="llamacpp", settings=settings)
     store = store_for(settings)
     spec = resolve_format(load_catalog(), store, model, result.fmt).spec
-    path = store.require_verified(model, result.fmt, spec)
-    return S.Artifacts(build.root / "bin", S.controller_machine(), path, sha256_file(path),
-                       f"{model}/{result.fmt}/{spec.entry_file.name}")
+    entry = spec.entry_file
+    return S.Artifacts(build.root / "bin", S.controller_machine(), store.file_path(model, result.fmt, entry),
+                       entry.sha256, f"{model}/{result.fmt}/{entry.name}")
 
 
 def all_steps(art: S.Artifacts, settings: Settings) -> list[Step]:
