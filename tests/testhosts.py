@@ -2,7 +2,9 @@
 overlay per host, and sshd on the host's own loopback address inside its own mount, UTS and
 PID namespaces. `ssh root@127.0.0.N` lands in that rootfs. Needs root, debootstrap and zstd.
 
-    python -m tests.testhosts build      # build and cache the base tarball"""
+    python -m tests.testhosts build                          # build and cache the base tarball
+    python -m tests.testhosts up --count 2 --inventory lab.yaml   # start hosts, write an inventory
+    python -m tests.testhosts down --inventory lab.yaml           # stop them and delete them"""
 from __future__ import annotations
 
 import os
@@ -11,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,57 @@ def available() -> str | None:
     return None
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] == ["build"]:
+def lab_state(inventory: Path) -> Path:
+    return inventory.with_suffix(".hosts.json")
+
+
+def up(count: int, inventory: Path, first_octet: int = 51) -> None:
+    import json
+
+    import yaml
+
+    lab = cache_dir() / "lab" / inventory.stem
+    entries, state = {}, []
+    for i in range(count):
+        name, address = f"lab{i + 1}", f"127.0.0.{first_octet + i}"
+        host = make_host(lab / name, name, address)
+        host.start()
+        entries[name] = {"address": address, "key": str(host.key)}
+        state.append({"name": name, "pid": host.proc.pid, "root": str(host.root), "workdir": str(host.workdir)})
+    inventory.write_text(yaml.safe_dump({"hosts": entries, "groups": {"lab": list(entries)}}))
+    lab_state(inventory).write_text(json.dumps(state, indent=2))
+    print(f"{count} test hosts up; inventory {inventory}; group 'lab'")
+
+
+def down(inventory: Path) -> None:
+    import json
+
+    for h in json.loads(lab_state(inventory).read_text()):
+        with_pid = TestHost(h["name"], "", Path(h["root"]), Path(h["workdir"]), Path())
+        try:
+            os.killpg(h["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        with_pid.destroy()
+    lab_state(inventory).unlink()
+    print("test hosts removed")
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("build", "up", "down"), help="what to do")
+    parser.add_argument("--count", type=int, default=2, help="hosts to start with `up`")
+    parser.add_argument("--inventory", type=Path, default=Path("lab.yaml"), help="inventory to write/read")
+    args = parser.parse_args()
+    if args.action == "build":
         print(base_tarball())
+    elif args.action == "up":
+        up(args.count, args.inventory)
+    else:
+        down(args.inventory)
+
+
+if __name__ == "__main__":
+    main()
