@@ -370,7 +370,7 @@ class Services:
         return [f"{v.prefix}/bin/llama-server", "-m", f"{v.prefix}/models/{self.art.model_rel}",
                 "--host", bind, "--port", str(v.serve_port), "--alias", v.model, "--metrics",
                 "-np", str(v.parallel), "-c", str(v.parallel * v.ctx_per_slot), "-ngl",
-                "0" if v.profile == "cpu-only" else "999"]
+                "0" if v.profile == "cpu-only" else "999", *(["-t", str(v.threads)] if v.threads else [])]
 
     def unit(self, host: Host) -> str:
         from model.systemd import render_unit

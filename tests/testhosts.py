@@ -182,7 +182,8 @@ def up(count: int, inventory: Path, first_octet: int = 51) -> None:
         name, address = f"lab{i + 1}", f"127.0.0.{first_octet + i}"
         host = make_host(lab / name, name, address)
         host.start()
-        entries[name] = {"address": address, "key": str(host.key)}
+        # Lab hosts share this machine's cores: one llama.cpp thread each avoids oversubscription.
+        entries[name] = {"address": address, "key": str(host.key), "vars": {"threads": 1}}
         state.append({"name": name, "pid": host.proc.pid, "root": str(host.root), "workdir": str(host.workdir)})
     inventory.write_text(yaml.safe_dump({"hosts": entries, "groups": {"lab": list(entries)}}))
     lab_state(inventory).write_text(json.dumps(state, indent=2))
