@@ -27,7 +27,7 @@ class HostVars(BaseModel):
     parallel: int = Field(4, ge=1, le=256)
     ctx_per_slot: int = Field(2048, ge=256)
     threads: int | None = Field(None, ge=1, le=1024,
-                                description="llama-server -t (default: all cores; set it when hosts share cores)")
+                                description="llama-server -t (default: all cores)")
     service_user: str = Field("dgxready", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
 
     @field_validator("prefix")
