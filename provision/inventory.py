@@ -28,6 +28,8 @@ class HostVars(BaseModel):
     ctx_per_slot: int = Field(2048, ge=256)
     threads: int | None = Field(None, ge=1, le=1024,
                                 description="llama-server -t (default: all cores)")
+    llamacpp: Literal["auto", "ship", "build"] = Field(
+        "auto", description="ship the controller's build (same arch), or build on the host")
     service_user: str = Field("dgxready", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
 
     @field_validator("prefix")

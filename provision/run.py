@@ -63,8 +63,9 @@ def controller_artifacts(settings: Settings, model: str) -> S.Artifacts:
     store = store_for(settings)
     spec = resolve_format(load_catalog(), store, model, result.fmt).spec
     entry = spec.entry_file
+    sdist = settings.downloads_dir / f"llama_cpp_python-{settings.llamacpp.python_sdist_version}.tar.gz"
     return S.Artifacts(build.root / "bin", S.controller_machine(), store.file_path(model, result.fmt, entry),
-                       entry.sha256, f"{model}/{result.fmt}/{entry.name}")
+                       entry.sha256, f"{model}/{result.fmt}/{entry.name}", sdist if sdist.exists() else None)
 
 
 def all_steps(art: S.Artifacts, settings: Settings) -> list[Step]:

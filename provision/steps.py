@@ -26,7 +26,7 @@ class Artifacts:
     model_path: Path
     model_sha256: str
     model_rel: str
-    unit_text: str | None = None
+    sdist: Path | None = None
 
 
 def write_remote(host: Host, path: str, text: str, mode: str = "0644") -> None:
@@ -241,6 +241,9 @@ class PythonEnv:
 
 
 class LlamaCpp:
+    """Ship the controller's build when the host has the same architecture (as a fleet ships
+    build artefacts), or build on the host from the same pinned sdist when it does not, or when
+    the host's vars say `llamacpp: build`."""
     name = "llama.cpp"
 
     def __init__(self, art: Artifacts):
@@ -251,14 +254,23 @@ class LlamaCpp:
     def skip_reason(self, host: Host) -> str | None:
         return None
 
-    def check(self, host: Host) -> Change:
+    def mode(self, host: Host) -> str:
         if "machine" not in host.facts:
             host.facts["machine"] = host.sh("uname -m")[1].strip()
-        machine = host.facts["machine"]
-        if machine != self.art.machine:
-            raise StepFailed(f"{host.name}: host is {machine}, the controller's build is {self.art.machine}; "
-                             "build on the host with `invoke model.build-llamacpp` there")
+        if host.vars.llamacpp == "auto":
+            return "ship" if host.facts["machine"] == self.art.machine else "build"
+        return host.vars.llamacpp
+
+    def stamp(self, host: Host) -> str:
+        return f"{host.vars.prefix}/bin/.llama-build"
+
+    def check(self, host: Host) -> Change:
         bindir = f"{host.vars.prefix}/bin"
+        if self.mode(host) == "build":
+            want = self.art.sdist.name if self.art.sdist else "?"
+            have = host.sh(f"cat {q(self.stamp(host))} 2>/dev/null", check=False)[1].strip()
+            present = host.ok(" && ".join(f"test -x {q(bindir + '/' + b)}" for b in LLAMA_BINARIES))
+            return Change() if present and have == want else Change((f"build from {want} on the host",))
         listing = host.sh(f"cd {q(bindir)} 2>/dev/null && sha256sum {q(*LLAMA_BINARIES)} 2>/dev/null",
                           check=False)[1]
         found = {line.split()[1]: line.split()[0] for line in listing.splitlines() if len(line.split()) == 2}
@@ -268,6 +280,8 @@ class LlamaCpp:
     def apply(self, host: Host, change: Change) -> str:
         bindir = f"{host.vars.prefix}/bin"
         host.sh(f"install -d {q(bindir)}")
+        if self.mode(host) == "build":
+            return self.build(host, bindir)
         for item in change.items:
             b = item.removeprefix("ship ")
             tmp = f"{bindir}/.{b}.partial"
@@ -275,13 +289,45 @@ class LlamaCpp:
             host.sh(f"chmod 0755 {q(tmp)} && mv -f {q(tmp)} {q(bindir + '/' + b)}")
         return f"shipped the controller's {self.art.machine} build"
 
+    def build(self, host: Host, bindir: str) -> str:
+        from model.llamacpp_build import BASE_FLAGS, TARGETS
+
+        if not self.art.sdist:
+            raise StepFailed(f"{host.name}: no llama-cpp-python sdist on the controller to build from")
+        src = f"{host.vars.prefix}/src"
+        top = self.art.sdist.name.removesuffix(".tar.gz")
+        host.sh("command -v cmake >/dev/null && command -v g++ >/dev/null || (apt-get update -qq && "
+                "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake build-essential >/dev/null)")
+        host.sh(f"install -d {q(src)}")
+        host.put(self.art.sdist, f"{src}/{self.art.sdist.name}")
+        cuda = ""
+        cc = host.sh("nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1",
+                     check=False)[1].strip()
+        if cc and host.ok("command -v nvcc >/dev/null || test -x /usr/local/cuda/bin/nvcc"):
+            from model.llamacpp_build import cuda_architecture
+
+            major, minor = (int(x) for x in cc.split("."))
+            cuda = q("-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architecture(major, minor)}")
+        vendored = q(top + "/vendor/llama.cpp")
+        host.sh(f"cd {q(src)} && rm -rf llama.cpp build && mkdir llama.cpp && "
+                f"tar -xzf {q(self.art.sdist.name)} -C llama.cpp --strip-components=3 {vendored} && "
+                f"export PATH=$PATH:/usr/local/cuda/bin && "
+                f"cmake -S llama.cpp -B build {q(*BASE_FLAGS)} {cuda} >/dev/null && "
+                f"cmake --build build --target {q(*TARGETS)} -j \"$(nproc)\" >/dev/null")
+        for b in LLAMA_BINARIES:
+            host.sh(f"install -m 0755 {q(src + '/build/bin/' + b)} {q(bindir + '/.' + b + '.partial')} && "
+                    f"mv -f {q(bindir + '/.' + b + '.partial')} {q(bindir + '/' + b)}")
+        host.sh(f"printf %s {q(self.art.sdist.name)} > {q(self.stamp(host))}")
+        return "built on the host" + (" with CUDA" if cuda else "")
+
     def verify(self, host: Host) -> None:
         code, out, err = host.sh(f"{q(host.vars.prefix + '/bin/llama-server')} --version 2>&1", check=False)
         if code != 0:
             raise StepFailed(f"{host.name}: llama-server does not run there: {(out + err)[-300:]}")
 
     def undo(self, host: Host) -> str | None:
-        host.sh(f"rm -f {' '.join(q(host.vars.prefix + '/bin/' + b) for b in LLAMA_BINARIES)}")
+        host.sh(f"rm -f {' '.join(q(host.vars.prefix + '/bin/' + b) for b in LLAMA_BINARIES)} "
+                f"{q(self.stamp(host))}")
         return "removed the llama.cpp binaries"
 
 
@@ -389,12 +435,24 @@ class Services:
         return host.ok(f"test -f {pid} && kill -0 \"$(cat {pid})\" && "
                        f"test \"$(tr '\\0' ' ' < /proc/$(cat {pid})/cmdline | sed 's/ $//')\" = {expected}")
 
+    def server_pid(self, host: Host) -> str:
+        if is_systemd(host):
+            return host.sh("systemctl show -p MainPID --value dgxready-llama", check=False)[1].strip()
+        return host.sh(f"cat {q(self.pidfile(host))} 2>/dev/null", check=False)[1].strip()
+
     def check(self, host: Host) -> Change:
         items = []
         if remote_sha256(host, self.unit_path) != hashlib.sha256(self.unit(host).encode()).hexdigest():
             items.append(f"install {self.unit_path}")
         if not self.running(host):
             items.append("start llama-server")
+        else:
+            model = f"{host.vars.prefix}/models/{self.art.model_rel}"
+            pid = self.server_pid(host)
+            # A handler, as Ansible would run it: the model changed under a running server.
+            newer = f"test \"$(stat -c %Y {q(model)})\" -gt \"$(date -d \"$(ps -o lstart= -p {pid})\" +%s)\""
+            if pid.isdigit() and host.ok(newer):
+                items.append("restart llama-server (the model file changed)")
         return Change(tuple(items))
 
     def apply(self, host: Host, change: Change) -> str:
@@ -402,6 +460,9 @@ class Services:
         write_remote(host, self.unit_path, self.unit(host))
         host.sh(f"install -d -o {q(v.service_user)} {q(v.prefix + '/run')} {q(v.prefix + '/log')}")
         self.stop(host)
+        if v.profile == "dgx-spark":
+            # Unified memory: the page cache competes with the GPU, so NVIDIA drops it first.
+            host.sh("sync && echo 3 > /proc/sys/vm/drop_caches")
         if is_systemd(host):
             host.sh("systemctl daemon-reload && systemctl enable --now dgxready-llama")
             return "systemd unit enabled"

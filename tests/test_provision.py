@@ -179,3 +179,19 @@ def _empty():
     from provision.inventory import Inventory
 
     return Inventory()
+
+
+def test_an_ssh_config_alias_works_as_host(hosts, tmp_path, isolated):
+    import os
+
+    _, (h,) = hosts(("golf", "127.0.0.37"))
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh/config").write_text(h.ssh_config_entry().replace("Host golf", "Host lab-golf"))
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(isolated.cache_dir.parent)}
+    run = subprocess.run([sys.executable, "-m", "invoke", "provision.check", "--host", "lab-golf",
+                          "--inventory", str(tmp_path / "none.yaml"), "--json"],
+                         capture_output=True, text=True, env=env)
+    doc = json.loads(run.stdout)
+    assert run.returncode == 1 and {c["host"] for c in doc["checks"]} == {"lab-golf"}
+    assert any(c["check"] == "base-packages" and c["status"] == "would change" for c in doc["checks"])
