@@ -34,7 +34,7 @@ def fio(name: str, path: Path, rw: str, bs: str, size: int, jobs: int = 1,
 
 
 def compare(folder: Path, size: int, seconds: float, qd: int, rounds: int = 3) -> list[Comparison]:
-    """Each job runs `rounds` times per tool, alternating tools; the best of each is compared."""
+    """Each job runs `rounds` times per tool, alternating which goes first; best of each compared."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f".dgxready-accuracy-{os.getpid()}.bin"
     jobs = [
@@ -51,9 +51,14 @@ def compare(folder: Path, size: int, seconds: float, qd: int, rounds: int = 3) -
     try:
         for metric, key, ours_fn, fio_fn in jobs:
             ours, ref = 0.0, 0.0
-            for _ in range(rounds):
-                ours = max(ours, ours_fn())
-                ref = max(ref, fio_fn()[key])
+            for r in range(rounds):
+                # Alternate who goes first, so neither tool always reads a cache the other warmed.
+                if r % 2:
+                    ref = max(ref, fio_fn()[key])
+                    ours = max(ours, ours_fn())
+                else:
+                    ours = max(ours, ours_fn())
+                    ref = max(ref, fio_fn()[key])
             rows.append(Comparison(metric, ours, ref, "fio", 0.15))
     finally:
         path.unlink(missing_ok=True)
@@ -64,7 +69,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", type=Path, default=None, help="folder to test (default: model store)")
     parser.add_argument("--size-mib", type=int, default=1024, help="test file size in MiB")
-    parser.add_argument("--seconds", type=float, default=4.0, help="duration of each job (time based)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each job (time based)")
     parser.add_argument("--qd", type=int, default=16, help="the higher queue depth (threads/jobs)")
     args = parser.parse_args()
     if not shutil.which("fio"):
