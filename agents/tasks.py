@@ -28,10 +28,10 @@ def backend_for(config: MuxConfig, parallel: int):
     """The configured backends if one answers; otherwise start the default model for them."""
     import httpx
 
+    from dgxready.ports import free_port
     from model.catalog import load_catalog
     from model.llamacpp_build import build_llamacpp
     from model.serve import ServeRequest, serve, stop
-    from repro.smoke import free_port
 
     for b in config.backends:
         try:

@@ -48,11 +48,11 @@ def target(url: str | None, parallel: int, ctx: int, out: Console) -> Iterator[T
     if url:
         yield Target(url, probe(url), None, False, None)
         return
+    from dgxready.ports import free_port
     from model.catalog import load_catalog
     from model.llamacpp_build import build_llamacpp
     from model.pull import pull, resolve_format, store_for
     from model.serve import ServeRequest, serve, stop
-    from repro.smoke import free_port
 
     settings = load_settings()
     name = load_catalog().default

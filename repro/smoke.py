@@ -3,20 +3,14 @@ model, serve it with llama-server, send one chat completion through the openai S
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import time
 
 from rich.console import Console
 
 from dgxready.errors import DgxReadyError
+from dgxready.ports import free_port
 from model.quickstart import quickstart
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

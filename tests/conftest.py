@@ -1,22 +1,17 @@
 from __future__ import annotations
 
+import contextlib
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
+from dgxready.ports import free_port
 from dgxready.settings import load_settings
 from model.catalog import load_catalog
 from model.llamacpp_build import build_llamacpp
 from model.pull import pull
 from model.serve import ServeRequest, serve, stop
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -45,15 +40,24 @@ def llama_build():
     return build_llamacpp(load_settings())
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, session_store, llama_build):
-    """A real llama-server with the default model and two parallel slots."""
+@contextlib.contextmanager
+def module_server(tmp_path_factory, session_store, parallel: int, ctx: int):
+    """A real llama-server with the default model, in a private state folder."""
     mp = pytest.MonkeyPatch()
     mp.setenv("DGXREADY_MODEL_STORE", str(session_store))
     mp.setenv("DGXREADY_STATE_DIR", str(tmp_path_factory.mktemp("state")))
     settings = load_settings()
     state = serve(ServeRequest(model=load_catalog().default, backend="llamacpp",
-                               port=free_port(), parallel=2, ctx_per_slot=2048), settings)
-    yield state
-    stop(port=state.port, settings=settings)
-    mp.undo()
+                               port=free_port(), parallel=parallel, ctx_per_slot=ctx), settings)
+    try:
+        yield state
+    finally:
+        stop(port=state.port, settings=settings)
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, session_store, llama_build):
+    """Two parallel slots: enough to see continuous batching."""
+    with module_server(tmp_path_factory, session_store, parallel=2, ctx=2048) as state:
+        yield state

@@ -14,9 +14,10 @@ import openai
 import pytest
 
 from agents.roles import TOOLS, load_roles
+from dgxready.ports import free_port
 from model.serve import ServeRequest, serve, stop
 from tests.agents_helpers import chat, start_mux
-from tests.conftest import free_port
+from tests.conftest import module_server
 
 pytestmark = pytest.mark.server
 
@@ -28,16 +29,8 @@ def start_backend(settings, parallel=8, ctx=1024):
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory, session_store, llama_build):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DGXREADY_MODEL_STORE", str(session_store))
-    mp.setenv("DGXREADY_STATE_DIR", str(tmp_path_factory.mktemp("state")))
-    from dgxready.settings import load_settings
-
-    settings = load_settings()
-    state = start_backend(settings, parallel=8)
-    yield state
-    stop(port=state.port, settings=settings)
-    mp.undo()
+    with module_server(tmp_path_factory, session_store, parallel=8, ctx=1024) as state:
+        yield state
 
 
 @pytest.fixture(scope="module")

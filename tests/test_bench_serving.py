@@ -20,8 +20,8 @@ from bench.metrics import compute_metrics
 from bench.report import load_baseline
 from bench.workloads import make_workload
 from dgxready.errors import DgxReadyError
+from dgxready.ports import free_port
 from model.serve import ServeRequest, serve, stop
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.server
 

@@ -8,11 +8,11 @@ import openai
 import pytest
 
 from dgxready.errors import DgxReadyError
+from dgxready.ports import free_port
 from model.catalog import load_catalog
 from model.procs import ServerFailed
 from model.quantize import quantize
 from model.serve import ServeRequest, serve, status, stop
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.server
 DEFAULT = "smollm2-135m"

@@ -9,11 +9,11 @@ import sys
 import openai
 
 from dgxready.files import sha256_file
+from dgxready.ports import free_port
 from model.catalog import FileSpec, ModelFormat
 from model.gpu import GpuFacts
 from model.pull import store_for
 from model.serve import ServeRequest, serve, stop
-from tests.conftest import free_port
 
 FAKE_VLLM = """#!{python}
 import json, os, sys

@@ -29,7 +29,7 @@ from agents.roles import ROLE_ORDER
 from bench.loadgen import Endpoint, closed_loop
 from bench.metrics import compute_metrics
 from bench.workloads import SyntheticWorkload
-from repro.smoke import free_port
+from dgxready.ports import free_port
 
 # Fairness is measured inside one priority class: six agents of one role (equal weight and
 # priority); priority classes between roles are strict by design.
