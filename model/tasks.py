@@ -165,9 +165,13 @@ def status(c):
 @user_errors
 def stop(c, name=None, port=None):
     """Stop servers started by model.serve (all of them unless filtered)."""
+    alive = {s.port: s.running for s in serving.load_states(load_settings())}
     stopped = serving.stop(name, int(port) if port else None)
     for st in stopped:
-        out.print(f"stopped {st.model} on {st.base_url} (pid {st.pid})")
+        if alive.get(st.port):
+            out.print(f"stopped {st.model} on {st.base_url} (pid {st.pid})")
+        else:
+            out.print(f"forgot {st.model} on {st.base_url}: pid {st.pid} had already exited")
     if not stopped:
         out.print("no servers were running")
 
