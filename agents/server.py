@@ -157,14 +157,19 @@ def backend_body(data: dict, prompt: list[dict], role: Role, backend: Backend, a
         body["stream_options"] = {"include_usage": True}
     body.setdefault("temperature", role.sampling.temperature)
     body.setdefault("top_p", role.sampling.top_p)
-    asked = data.get("max_tokens")
-    body["max_tokens"] = min(asked, role.sampling.max_tokens) if isinstance(asked, int) and asked > 0 \
-        else role.sampling.max_tokens
+    body["max_tokens"] = max_tokens_for(data, role)
     if backend.config.kind == "vllm":
         body["priority"] = role.scheduling.priority
         if session:
             body["cache_salt"] = key_digest(f"{agent}:{session}")[:32]
     return body
+
+
+def max_tokens_for(data: dict, role: Role) -> int:
+    """The client's max_tokens, capped by the role's."""
+    asked = data.get("max_tokens")
+    cap = role.sampling.max_tokens
+    return min(asked, cap) if isinstance(asked, int) and asked > 0 else cap
 
 
 def estimate_tokens(prompt: list[dict], max_tokens: int) -> float:
@@ -259,9 +264,8 @@ def release(mux: Mux, grant: Grant, failed: bool, refused: bool = False) -> None
 
 async def complete(mux, ident, role, session, messages, data, deadline, arrived) -> Response:
     prompt = build_prompt(mux, role, ident, session, messages)
+    cost = estimate_tokens(prompt, max_tokens_for(data, role))
     for attempt in range(MAX_RETRIES + 1):
-        body_probe = backend_body(data, prompt, role, mux.pool.backends[0], ident.name, session, False)
-        cost = estimate_tokens(prompt, body_probe["max_tokens"])
         grant = await acquire(mux, ident, role, cost, deadline, retry=attempt > 0)
         body = backend_body(data, prompt, role, grant.backend, ident.name, session, False)
         queued = grant.queue_wait_s
@@ -334,9 +338,8 @@ async def open_stream(mux, ident, role, session, messages, data, deadline, arriv
     """Dispatch and wait for the first event; failures before any byte retry elsewhere."""
     prompt = build_prompt(mux, role, ident, session, messages)
     last: Exception | None = None
+    cost = estimate_tokens(prompt, max_tokens_for(data, role))
     for attempt in range(MAX_RETRIES + 1):
-        probe = backend_body(data, prompt, role, mux.pool.backends[0], ident.name, session, True)
-        cost = estimate_tokens(prompt, probe["max_tokens"])
         grant = await acquire(mux, ident, role, cost, deadline, retry=attempt > 0)
         body = backend_body(data, prompt, role, grant.backend, ident.name, session, True)
         sent = time.perf_counter()
