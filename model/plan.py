@@ -104,6 +104,18 @@ def shape_from_gguf(path: Path) -> KvShape:
     )
 
 
+def kv_shape(entry_path: Path, arch: Architecture) -> KvShape:
+    """From the GGUF's own metadata when that file is there, else from the catalog's facts."""
+    if entry_path.suffix == ".gguf" and entry_path.exists():
+        return shape_from_gguf(entry_path)
+    return shape_from_catalog(arch)
+
+
+def engine_kv_dtype(engine: str, requested: str) -> str:
+    """vLLM's name for the model's own KV dtype is `auto`."""
+    return "auto" if engine == "vllm" and requested == "f16" else requested
+
+
 def engine_flags(engine: str, agents: int, ctx: int, kv_dtype: str, total: int,
                  budget: MemoryBudget) -> list[str]:
     if engine == "vllm":

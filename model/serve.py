@@ -18,7 +18,7 @@ from model.backend import BackendChoice, choose_backend
 from model.catalog import load_catalog
 from model.llamacpp_build import require_binary
 from model.memory import host_budget
-from model.plan import make_plan, require_fit, shape_from_catalog, shape_from_gguf
+from model.plan import engine_kv_dtype, kv_shape, make_plan, require_fit
 from model.procs import (
     ServerFailed,
     is_running,
@@ -141,12 +141,10 @@ def prepare(req: ServeRequest, settings: Settings, choice: BackendChoice):
         raise DgxReadyError(f"format {resolved.name} is for {resolved.spec.engine}, "
                             f"not {choice.backend}")
     entry_path = store.require_verified(req.model, resolved.name, resolved.spec)
-    catalog_entry = load_catalog().model(req.model)
-    shape = (shape_from_gguf(entry_path) if entry_path.suffix == ".gguf"
-             else shape_from_catalog(catalog_entry.architecture))
+    shape = kv_shape(entry_path, load_catalog().model(req.model).architecture)
     parallel = req.parallel or settings.serve.parallel
     ctx = req.ctx_per_slot or settings.serve.ctx_per_slot
-    kv = "auto" if choice.backend == "vllm" and req.kv_dtype == "f16" else req.kv_dtype
+    kv = engine_kv_dtype(choice.backend, req.kv_dtype)
     plan = require_fit(make_plan(req.model, resolved.name, resolved.spec, shape, parallel,
                                  min(ctx, shape.context_length), kv, host_budget()))
     return resolved, entry_path, plan

@@ -13,7 +13,7 @@ from model.backend import choose_backend
 from model.catalog import load_catalog
 from model.chat import chat_once
 from model.memory import host_budget
-from model.plan import make_plan, require_fit, shape_from_catalog, shape_from_gguf
+from model.plan import engine_kv_dtype, kv_shape, make_plan, require_fit
 from model.pull import pull as pull_model
 from model.pull import resolve_format, store_for
 from model.quantize import quantize as quantize_model
@@ -105,9 +105,8 @@ def plan(c, name, agents=10, ctx=4096, kv_dtype="f16", format=None, backend="aut
     engine = backend if backend != "auto" else choose_backend("auto", settings.serve.vllm_image).backend
     resolved = resolve_format(catalog, store, name, format, engine=None if format else engine)
     entry_path = store.file_path(name, resolved.name, resolved.spec.entry_file)
-    shape = (shape_from_gguf(entry_path) if entry_path.suffix == ".gguf" and entry_path.exists()
-             else shape_from_catalog(catalog.model(name).architecture))
-    kv = "auto" if resolved.spec.engine == "vllm" and kv_dtype == "f16" else kv_dtype
+    shape = kv_shape(entry_path, catalog.model(name).architecture)
+    kv = engine_kv_dtype(resolved.spec.engine, kv_dtype)
     p = make_plan(name, resolved.name, resolved.spec, shape, agents, ctx, kv, host_budget())
     table = Table(title=f"memory plan: {name} ({resolved.name}, {resolved.spec.engine}); "
                         f"architecture from {shape.source}")
