@@ -44,12 +44,15 @@ class BackendPool:
     def pick(self) -> Backend | None:
         """Least outstanding requests among healthy backends with a free slot."""
         now = time.monotonic()
-        free = [b for b in self.backends if b.available(now) and b.has_slot()]
-        if not free:
-            return None
         self._rr += 1
         n = len(self.backends)
-        return min(free, key=lambda b: (b.outstanding, (self.backends.index(b) + self._rr) % n))
+        best, best_key = None, None
+        for i, b in enumerate(self.backends):
+            if b.available(now) and b.has_slot():
+                key = (b.outstanding, (i + self._rr) % n)
+                if best_key is None or key < best_key:
+                    best, best_key = b, key
+        return best
 
     def any_available(self) -> bool:
         now = time.monotonic()

@@ -51,10 +51,7 @@ class FairScheduler:
         self.last_finish: dict[str, float] = {}
         self._seq = itertools.count()
         self.served_tokens: dict[str, float] = {}
-
-    @property
-    def depth(self) -> int:
-        return sum(1 for t in self.heap if not t.cancelled)
+        self.depth = 0
 
     async def acquire(self, agent: str, weight: float, priority: int, cost_tokens: float,
                       deadline: float, retry: bool = False) -> Grant:
@@ -69,16 +66,29 @@ class FairScheduler:
         ticket = Ticket(-1 if retry else priority, finish, next(self._seq), start, agent,
                         loop.create_future(), time.monotonic())
         heapq.heappush(self.heap, ticket)
+        self.depth += 1
         self.dispatch()
+        if ticket.future.done():
+            return Grant(ticket.future.result(), 0.0, ticket)
         try:
             backend = await asyncio.wait_for(asyncio.shield(ticket.future),
                                              timeout=max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            ticket.cancelled = True
-            if ticket.future.done() and not ticket.future.cancelled():
-                self.release(ticket.future.result())
+            self.withdraw(ticket)
             raise DeadlineExceeded() from None
+        except asyncio.CancelledError:
+            self.withdraw(ticket)
+            raise
         return Grant(backend, time.monotonic() - ticket.enqueued_at, ticket)
+
+    def withdraw(self, ticket: Ticket) -> None:
+        """A waiter gave up: drop its ticket, or hand back the slot it was granted meanwhile."""
+        ticket.cancelled = True
+        if not ticket.future.done():
+            self.depth -= 1
+            ticket.future.cancel()
+        elif not ticket.future.cancelled():
+            self.release(ticket.future.result())
 
     def settle(self, agent: str, weight: float, estimated: float, actual: float) -> None:
         """Charge the agent for the tokens it really used instead of the estimate."""
@@ -98,6 +108,7 @@ class FairScheduler:
             if backend is None:
                 return
             ticket = heapq.heappop(self.heap)
+            self.depth -= 1
             self.vtime = max(self.vtime, ticket.start)
             backend.outstanding += 1
             ticket.future.set_result(backend)

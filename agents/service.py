@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import threading
 import time
 from dataclasses import dataclass
@@ -36,7 +37,12 @@ def build_app(config: MuxConfig):
 
 
 def serve_forever(config: MuxConfig) -> None:
-    uvicorn.run(build_app(config), host=config.host, port=config.port, log_level="warning",
+    app = build_app(config)
+    # The start-up objects never die; moving them out of the collector's reach shortens the
+    # pauses that show up in tail latency.
+    gc.collect()
+    gc.freeze()
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
                 access_log=False)
 
 

@@ -242,6 +242,40 @@ def test_queue_overflow_gets_429_and_the_service_stays_up(backend, tmp_path):
         small.mux.stop()
 
 
+def wait_until(check, seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_its_backend_slot(backend, tmp_path):
+    one = start_mux(tmp_path, [("one", backend.base_url, 1)], rate_limits=False)
+    try:
+        key = one.key("developer")
+        decodes = lambda: next(float(ln.split()[1]) for ln in httpx.get(f"{backend.base_url}/metrics").text  # noqa: E731
+                               .splitlines() if ln.startswith("llamacpp:n_decode_total"))
+        before = decodes()
+        body = {"model": "m", "stream": True, "max_tokens": 384, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Count to a thousand."}]}
+        with httpx.stream("POST", f"{one.url}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.status_code == 200
+            next(line for line in resp.iter_lines() if line.startswith("data:"))
+        # Hung up after the first token of a 384-token answer (several seconds of decoding here).
+        outstanding = lambda: httpx.get(f"{one.url}/health").json()["backends"]["one"]["outstanding"]  # noqa: E731
+        idle = lambda: not any(s["is_processing"] for s in httpx.get(f"{backend.base_url}/slots").json())  # noqa: E731
+        assert wait_until(lambda: outstanding() == 0)
+        assert wait_until(idle)
+        assert decodes() - before < 384, "llama-server decoded the whole answer for a client that had gone"
+        assert 'status="client_gone"' in httpx.get(f"{one.url}/metrics").text
+        assert chat(one.url, key, "still there?", max_tokens=4).status_code == 200
+    finally:
+        one.mux.stop()
+
+
 def test_a_backend_killed_mid_run_loses_and_duplicates_nothing(isolated, backend, tmp_path):
     doomed = start_backend(isolated, parallel=4)
     both = start_mux(tmp_path, [("doomed", doomed.base_url, 4), ("main", backend.base_url, 8)])

@@ -91,3 +91,22 @@ def test_workspace_paths_and_stale_fencing_tokens(tmp_path):
     assert call("d1", "workspace.read", {"path": "doc"}).result["content"] == "new"
     audit = reg.store.audit_rows()
     assert any(r[3] == "error" and "stale" in r[4] for r in audit)
+
+
+def test_a_waiter_that_gives_up_never_holds_a_slot():
+    async def run():
+        sched = FairScheduler(pool(1), queue_max=10)
+        first = await sched.acquire("a", 1, 1, 10, time.monotonic() + 5)
+        waiter = asyncio.create_task(sched.acquire("b", 1, 1, 10, time.monotonic() + 5))
+        await asyncio.sleep(0.01)
+        assert sched.depth == 1
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert sched.depth == 0
+        sched.release(first.backend)
+        assert first.backend.outstanding == 0
+        again = await sched.acquire("c", 1, 1, 10, time.monotonic() + 1)
+        assert again.backend.outstanding == 1 and again.queue_wait_s == 0.0
+
+    asyncio.run(run())

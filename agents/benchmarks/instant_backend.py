@@ -1,5 +1,6 @@
-"""A minimal OpenAI-compatible backend that answers at once (or after a fixed service time),
-for measuring what the multiplexer itself costs. A benchmark fixture, not a model server."""
+"""A minimal OpenAI-compatible backend that answers at once, for measuring what the multiplexer
+itself costs. It can also wait a fixed service time first, or pace its tokens the way a decoding
+model streams them. A benchmark fixture, not a model server."""
 from __future__ import annotations
 
 import argparse
@@ -14,22 +15,30 @@ from starlette.routing import Route
 REPLY = ["Ack", "nowledged", "."]
 
 
-def make_app(service_s: float = 0.0) -> Starlette:
+def reply_pieces(tokens: int) -> list[str]:
+    return REPLY if tokens <= len(REPLY) else [*REPLY[:-1], *([" ok"] * (tokens - len(REPLY))), "."]
+
+
+def make_app(service_s: float = 0.0, tokens: int = len(REPLY), token_interval_s: float = 0.0) -> Starlette:
+    pieces = reply_pieces(tokens)
+
     async def chat(request: Request) -> Response:
         body = await request.json()
         if service_s:
             await asyncio.sleep(service_s)
-        usage = {"prompt_tokens": 8, "completion_tokens": len(REPLY), "total_tokens": 8 + len(REPLY)}
+        usage = {"prompt_tokens": 8, "completion_tokens": len(pieces), "total_tokens": 8 + len(pieces)}
         if not body.get("stream"):
             return JSONResponse({"id": "x", "object": "chat.completion", "model": "instant",
                                  "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": "".join(REPLY)}}],
+                                              "message": {"role": "assistant", "content": "".join(pieces)}}],
                                  "usage": usage})
 
         async def events():
-            for i, piece in enumerate(REPLY):
+            for i, piece in enumerate(pieces):
+                if i and token_interval_s:
+                    await asyncio.sleep(token_interval_s)
                 choice = {"index": 0, "delta": {"content": piece},
-                          "finish_reason": "stop" if i == len(REPLY) - 1 else None}
+                          "finish_reason": "stop" if i == len(pieces) - 1 else None}
                 yield f"data: {json.dumps({'choices': [choice]})}\n\n"
             yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
 
@@ -50,9 +59,13 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True, help="port to listen on")
-    parser.add_argument("--service-ms", type=float, default=0.0, help="fixed time per request")
+    parser.add_argument("--service-ms", type=float, default=0.0, help="fixed time before the reply")
+    parser.add_argument("--tokens", type=int, default=len(REPLY), help="tokens in each reply")
+    parser.add_argument("--token-interval-ms", type=float, default=0.0,
+                        help="time between streamed tokens (0: all at once)")
     args = parser.parse_args()
-    uvicorn.run(make_app(args.service_ms / 1000), host="127.0.0.1", port=args.port, log_level="warning",
+    app = make_app(args.service_ms / 1000, args.tokens, args.token_interval_ms / 1000)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning",
                 access_log=False)
 
 

@@ -1,0 +1,74 @@
+"""Raw ASGI plumbing for the multiplexer's hot path. Starlette's Request, middleware stack and
+StreamingResponse (an anyio task group per response) cost more CPU than the proxying itself."""
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+JSON_TYPE = (b"content-type", b"application/json")
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+
+    def payload(self) -> bytes:
+        return orjson.dumps({"error": {"message": self.message, "type": self.kind}})
+
+    async def send(self, send: Send) -> None:
+        await send_response(send, self.status, self.payload(), self.headers)
+
+    def response(self):
+        from starlette.responses import Response
+
+        return Response(self.payload(), status_code=self.status, headers=self.headers,
+                        media_type="application/json")
+
+
+def header_map(scope: dict[str, Any]) -> dict[str, str]:
+    """Request headers, names lower-cased by the server; a repeated header keeps its last value."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+async def read_body(receive: Receive, declared_length: str | None, limit: int) -> bytes:
+    if declared_length and declared_length.isdigit() and int(declared_length) > limit:
+        raise ApiError(413, f"body larger than {limit} bytes", "invalid_request_error")
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "client went away while sending the body", "invalid_request_error")
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise ApiError(413, f"body larger than {limit} bytes", "invalid_request_error")
+        if not message.get("more_body"):
+            return bytes(body)
+
+
+def json_object(body: bytes) -> dict:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "body is not valid JSON", "invalid_request_error") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "body must be a JSON object", "invalid_request_error")
+    return data
+
+
+def encode_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+async def send_response(send: Send, status: int, body: bytes, headers: dict[str, str] | None = None,
+                        content_type: tuple[bytes, bytes] = JSON_TYPE) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [content_type, (b"content-length", str(len(body)).encode()),
+                            *encode_headers(headers or {})]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

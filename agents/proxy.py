@@ -1,0 +1,317 @@
+"""Forwarding one chat turn to a backend: take a fair-queue slot, send, retry elsewhere while no
+byte has reached the client, relay the stream, and account for what the turn produced."""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import aiohttp
+import orjson
+
+from agents.asgi import SSE_HEADERS, ApiError, Receive, Send, encode_headers, send_response
+from agents.backends import Backend
+from agents.config import AgentIdentity, key_digest
+from agents.roles import Role
+from agents.scheduler import DeadlineExceeded, Grant, NoBackend, QueueFull
+
+if TYPE_CHECKING:
+    from agents.server import Mux
+
+MAX_RETRIES = 2
+ALLOWED_FAILS = 3
+
+
+class BackendFailed(Exception):
+    pass
+
+
+@dataclass
+class Turn:
+    """One validated chat request of one agent, in one session or none."""
+    ident: AgentIdentity
+    role: Role
+    session: str | None
+    messages: list[dict]
+    data: dict
+    deadline: float
+    arrived: float
+    prompt: list[dict] = field(default_factory=list)
+    max_tokens: int = 0
+    cost: float = 0.0
+
+
+def backend_body(turn: Turn, backend: Backend, stream: bool) -> bytes:
+    body = {k: v for k, v in turn.data.items() if k not in ("messages", "session", "model")}
+    body["messages"] = turn.prompt
+    body["model"] = backend.model_id or turn.data.get("model") or "default"
+    body["stream"] = stream
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    body.setdefault("temperature", turn.role.sampling.temperature)
+    body.setdefault("top_p", turn.role.sampling.top_p)
+    body["max_tokens"] = turn.max_tokens
+    if backend.config.kind == "vllm":
+        body["priority"] = turn.role.scheduling.priority
+        if turn.session:
+            body["cache_salt"] = key_digest(f"{turn.ident.name}:{turn.session}")[:32]
+    return orjson.dumps(body)
+
+
+@dataclass
+class Outcome:
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+
+USAGE_MARK = re.compile(rb'"usage"|"finish_reason": ?"')
+
+
+@dataclass
+class SseTally:
+    """Reads the backend's SSE bytes: passes on whole lines only, and parses the events that
+    matter (every delta when the text goes into a session's history, else usage and finish)."""
+    keep_text: bool
+    outcome: Outcome = field(default_factory=Outcome)
+    pending: bytes = b""
+    saw_data: bool = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        buf = self.pending + chunk if self.pending else chunk
+        cut = buf.rfind(b"\n") + 1
+        whole, self.pending = buf[:cut], buf[cut:]
+        if whole:
+            self.saw_data = self.saw_data or b"data:" in whole
+            if self.keep_text or USAGE_MARK.search(whole):
+                for line in whole.split(b"\n"):
+                    self.parse(line)
+        return whole
+
+    def parse(self, line: bytes) -> None:
+        if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+            return
+        if not self.keep_text and not USAGE_MARK.search(line):
+            return
+        try:
+            chunk = orjson.loads(line[5:])
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(chunk, dict):
+            return
+        out = self.outcome
+        for choice in chunk.get("choices") or []:
+            out.text += (choice.get("delta") or {}).get("content") or ""
+            out.finish_reason = choice.get("finish_reason") or out.finish_reason
+        if chunk.get("usage"):
+            out.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
+            out.completion_tokens = chunk["usage"].get("completion_tokens", 0)
+
+
+async def acquire(mux: Mux, turn: Turn, retry: bool) -> Grant:
+    m = mux.metrics
+    try:
+        grant = await mux.scheduler.acquire(turn.ident.name, turn.role.scheduling.weight,
+                                            turn.role.scheduling.priority, turn.cost, turn.deadline, retry)
+    except QueueFull:
+        m.rejections.labels("queue_full").inc()
+        raise ApiError(429, "queue is full", "rate_limit_error", {"Retry-After": "2"}) from None
+    except NoBackend:
+        m.rejections.labels("no_backend").inc()
+        raise ApiError(503, "no healthy backend", "service_unavailable", {"Retry-After": "5"}) from None
+    except DeadlineExceeded:
+        m.rejections.labels("deadline").inc()
+        raise ApiError(504, "deadline passed while queued", "timeout") from None
+    m.agent(turn.ident.name).queue_wait.observe(grant.queue_wait_s)
+    m.backend_inflight(grant.backend.name).set(grant.backend.outstanding)
+    return grant
+
+
+def release(mux: Mux, grant: Grant, failed: bool, refused: bool = False) -> None:
+    """A refused connection cools the backend down at once; other failures (a reused keep-alive
+    connection the server had closed, a timeout) only when they repeat."""
+    backend = grant.backend
+    if failed:
+        backend.failures += 1
+        if refused or backend.failures >= ALLOWED_FAILS:
+            mux.pool.cool_down(backend)
+            mux.metrics.cooldowns.labels(backend.name).inc()
+            mux.metrics.backend_up.labels(backend.name).set(0)
+    else:
+        backend.failures = 0
+    mux.scheduler.release(backend)
+    mux.metrics.backend_inflight(backend.name).set(backend.outstanding)
+
+
+def retried(mux: Mux, turn: Turn, grant: Grant, exc: Exception) -> None:
+    release(mux, grant, failed=True, refused=isinstance(exc, aiohttp.ClientConnectorError))
+    mux.metrics.request(turn.ident.name, grant.backend.name, "retried").inc()
+
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+# llama-server announces keep-alive but closes the socket after a stream; saying so up front
+# keeps the client from reusing a connection that is about to die.
+STREAM_HEADERS = {"llamacpp": {**JSON_HEADERS, "Connection": "close"}}
+
+
+def timeout_of(turn: Turn) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=max(1.0, turn.deadline - time.monotonic()), sock_connect=5.0)
+
+
+def answer_headers(turn: Turn, grant: Grant, sent: float) -> dict[str, str]:
+    overhead_ms = (sent - turn.arrived - grant.queue_wait_s) * 1000
+    return {"x-dgxready-overhead-ms": f"{overhead_ms:.3f}",
+            "x-dgxready-queue-ms": f"{grant.queue_wait_s * 1000:.3f}",
+            "x-dgxready-backend": grant.backend.name}
+
+
+async def complete(mux: Mux, turn: Turn, send: Send) -> None:
+    last: Exception | None = None
+    for attempt in range(MAX_RETRIES + 1):
+        grant = await acquire(mux, turn, retry=attempt > 0)
+        sent = time.perf_counter()
+        try:
+            async with mux.client.post(f"{grant.backend.config.url}/v1/chat/completions",
+                                       data=backend_body(turn, grant.backend, False),
+                                       headers=JSON_HEADERS,
+                                       timeout=timeout_of(turn)) as resp:
+                status, content = resp.status, await resp.read()
+            if status >= 500:
+                raise BackendFailed(f"HTTP {status}")
+        except (aiohttp.ClientError, asyncio.TimeoutError, BackendFailed) as exc:
+            retried(mux, turn, grant, exc)
+            last = exc
+            continue
+        release(mux, grant, failed=False)
+        if status != 200:
+            mux.metrics.request(turn.ident.name, grant.backend.name, str(status)).inc()
+            await send_response(send, status, content)
+            return
+        out = orjson.loads(content)
+        usage = out.get("usage") or {}
+        text = ((out.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
+        finish(mux, turn, grant, Outcome(text, usage.get("prompt_tokens", 0),
+                                         usage.get("completion_tokens", 0)), sent, time.perf_counter())
+        out["model"] = turn.data.get("model") or out.get("model")
+        await send_response(send, 200, orjson.dumps(out), answer_headers(turn, grant, sent))
+        return
+    mux.metrics.request(turn.ident.name, "none", "failed").inc()
+    raise ApiError(502, f"every backend failed before answering: {last}", "backend_error")
+
+
+def finish(mux: Mux, turn: Turn, grant: Grant, outcome: Outcome, sent: float, first_byte: float) -> None:
+    m, name = mux.metrics, turn.ident.name
+    series = m.agent(name)
+    m.request(name, grant.backend.name, "ok").inc()
+    series.prompt_tokens.inc(outcome.prompt_tokens)
+    series.completion_tokens.inc(outcome.completion_tokens)
+    series.ttft.observe(first_byte - turn.arrived)
+    series.duration.observe(time.perf_counter() - turn.arrived)
+    m.overhead.observe(max(0.0, sent - turn.arrived - grant.queue_wait_s))
+    mux.scheduler.settle(name, turn.role.scheduling.weight, turn.cost,
+                         outcome.prompt_tokens + outcome.completion_tokens)
+    if turn.session:
+        new = [x for x in turn.messages if x["role"] != "system"]
+        mux.store.append_turn(name, turn.session, new + [{"role": "assistant", "content": outcome.text}])
+
+
+@dataclass
+class OpenStream:
+    grant: Grant
+    response: aiohttp.ClientResponse
+    head: bytes
+    tally: SseTally
+    sent: float
+    first_byte: float
+
+
+async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
+    """Dispatch and wait for the first data event; failures before it retry elsewhere."""
+    last: Exception | None = None
+    for attempt in range(MAX_RETRIES + 1):
+        grant = await acquire(mux, turn, retry=attempt > 0)
+        sent = time.perf_counter()
+        try:
+            resp = await mux.client.post(f"{grant.backend.config.url}/v1/chat/completions",
+                                         data=backend_body(turn, grant.backend, True),
+                                         headers=STREAM_HEADERS.get(grant.backend.config.kind, JSON_HEADERS),
+                                         timeout=timeout_of(turn))
+            if resp.status != 200:
+                content = await resp.read()
+                resp.release()
+                if resp.status >= 500:
+                    raise BackendFailed(f"HTTP {resp.status}")
+                release(mux, grant, failed=False)
+                raise ApiError(resp.status, content.decode(errors="replace")[:500], "backend_error")
+            tally = SseTally(keep_text=turn.session is not None)
+            head = b""
+            async for chunk in resp.content.iter_any():
+                head += tally.feed(chunk)
+                if tally.saw_data:
+                    break
+            if not tally.saw_data:
+                resp.release()
+                raise BackendFailed("empty stream")
+            return OpenStream(grant, resp, head, tally, sent, time.perf_counter())
+        except (aiohttp.ClientError, asyncio.TimeoutError, BackendFailed) as exc:
+            retried(mux, turn, grant, exc)
+            last = exc
+    mux.metrics.request(turn.ident.name, "none", "failed").inc()
+    raise ApiError(502, f"every backend failed before streaming: {last}", "backend_error")
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Receive) -> None:
+    """Forward the stream as the backend's bytes arrive, in as few writes as what is already
+    buffered allows. A backend failure ends it with an error event; a client that hangs up frees
+    the backend slot at once."""
+    gone: asyncio.Future | None = None
+    content = st.response.content
+    failed = cancelled = False
+    out = b""
+    try:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": SSE_HEADERS + encode_headers(answer_headers(turn, st.grant, st.sent))})
+        out = st.head + st.tally.feed(content.read_nowait())
+        while not content.at_eof():
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+                out = b""
+            # uvicorn's send() ignores a closed connection; receive() is what reports the hang-up.
+            gone = gone or asyncio.ensure_future(receive())
+            chunk = await content.readany()
+            out += st.tally.feed(chunk)
+            if gone.done() and gone.result()["type"] == "http.disconnect":
+                if st.tally.outcome.finish_reason is None:
+                    raise ClientGone()
+                break  # the client had the whole answer and hung up before the stream's end
+        if st.tally.outcome.finish_reason is None:
+            raise BackendFailed("stream ended without a finish_reason")
+        await send({"type": "http.response.body", "body": out + st.tally.pending, "more_body": False})
+    except ClientGone:
+        cancelled = True
+        mux.metrics.request(turn.ident.name, st.grant.backend.name, "client_gone").inc()
+    except (aiohttp.ClientError, asyncio.TimeoutError, BackendFailed) as exc:
+        failed = True
+        event = {"error": {"message": f"backend {st.grant.backend.name} failed mid-stream: {exc}",
+                           "type": "backend_error"}}
+        # The leading newline ends any event the backend left half-sent.
+        await send({"type": "http.response.body", "more_body": False,
+                    "body": out + b"\ndata: " + orjson.dumps(event) + b"\n\ndata: [DONE]\n\n"})
+        mux.metrics.request(turn.ident.name, st.grant.backend.name, "failed_midstream").inc()
+    finally:
+        if gone:
+            gone.cancel()
+        if cancelled or failed:
+            st.response.close()
+        else:
+            st.response.release()
+        release(mux, st.grant, failed=failed)
+        if not (failed or cancelled):
+            finish(mux, turn, st.grant, st.tally.outcome, st.sent, st.first_byte)
