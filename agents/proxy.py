@@ -190,7 +190,12 @@ async def complete(mux: Mux, turn: Turn, send: Send) -> None:
             mux.metrics.request(turn.ident.name, grant.backend.name, str(status)).inc()
             await send_response(send, status, content)
             return
-        out = orjson.loads(content)
+        try:
+            out = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            mux.metrics.request(turn.ident.name, grant.backend.name, "bad_answer").inc()
+            raise ApiError(502, f"backend {grant.backend.name} answered malformed JSON",
+                           "backend_error") from None
         usage = out.get("usage") or {}
         text = ((out.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
         finish(mux, turn, grant, Outcome(text, usage.get("prompt_tokens", 0),
@@ -234,6 +239,7 @@ async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
     for attempt in range(MAX_RETRIES + 1):
         grant = await acquire(mux, turn, retry=attempt > 0)
         sent = time.perf_counter()
+        resp: aiohttp.ClientResponse | None = None
         try:
             resp = await mux.client.post(f"{grant.backend.config.url}/v1/chat/completions",
                                          data=backend_body(turn, grant.backend, True),
@@ -245,6 +251,7 @@ async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
                 if resp.status >= 500:
                     raise BackendFailed(f"HTTP {resp.status}")
                 release(mux, grant, failed=False)
+                mux.metrics.request(turn.ident.name, grant.backend.name, str(resp.status)).inc()
                 raise ApiError(resp.status, content.decode(errors="replace")[:500], "backend_error")
             tally = SseTally(keep_text=turn.session is not None)
             head = b""
@@ -257,6 +264,8 @@ async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
                 raise BackendFailed("empty stream")
             return OpenStream(grant, resp, head, tally, sent, time.perf_counter())
         except (aiohttp.ClientError, asyncio.TimeoutError, BackendFailed) as exc:
+            if resp is not None:
+                resp.close()
             retried(mux, turn, grant, exc)
             last = exc
     mux.metrics.request(turn.ident.name, "none", "failed").inc()

@@ -71,14 +71,18 @@ async def send(client: aiohttp.ClientSession, ep: Endpoint, spec: RequestSpec
     rec = RequestRecord(sent_at=time.perf_counter())
     progress = _Progress(rec.sent_at, [])
     try:
-        try:
-            await _stream(client, ep, spec, rec, progress)
-        except StaleConnection:
-            # llama-server announces keep-alive yet closes the socket after each stream; a request
-            # that never left is sent again, once, on a fresh connection.
-            await _stream(client, ep, spec, rec, progress)
-    except (asyncio.TimeoutError, StaleConnection):
-        rec.error = "timeout" if rec.error is None else rec.error
+        # llama-server announces keep-alive yet closes the socket after each stream. A request that
+        # met such a pooled connection is sent again; the pool drops each dead one, so this ends.
+        for _ in range(client.connector.limit + 1 if client.connector else 1):
+            try:
+                await _stream(client, ep, spec, rec, progress)
+                break
+            except StaleConnection:
+                continue
+        else:
+            rec.error = "transport: every pooled connection was closed by the server"
+    except asyncio.TimeoutError:
+        rec.error = "timeout"
     except aiohttp.ClientError as exc:
         rec.error = f"transport: {exc.__class__.__name__}"
     except (orjson.JSONDecodeError, AttributeError):

@@ -79,13 +79,14 @@ def spawn(args: list[str], health: str) -> subprocess.Popen:
     return proc
 
 
-def spawn_mux(tmp: Path, backend_url: str, cap: int, keys_path: Path) -> tuple[subprocess.Popen, str]:
+def spawn_mux(tmp: Path, backend_url: str, cap: int, keys_path: Path, kind: str = "openai"
+              ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cfg = tmp / f"mux-{port}.yaml"
     cfg.write_text(yaml.safe_dump({
         "port": port, "keys_file": str(keys_path), "state_db": str(tmp / f"mux-{port}.db"),
         "rate_limits": False, "queue_max": 4096, "health_interval_s": 5,
-        "backends": [{"name": "b", "url": backend_url, "max_concurrency": cap}]}))
+        "backends": [{"name": "b", "url": backend_url, "max_concurrency": cap, "kind": kind}]}))
     url = f"http://127.0.0.1:{port}"
     return spawn(["agents.service", "--config", str(cfg)], f"{url}/health"), url
 
@@ -138,6 +139,40 @@ def spawn_instant(args: list[str]) -> tuple[subprocess.Popen, str]:
     return spawn(["agents.benchmarks.instant_backend", "--port", str(port), *args], f"{url}/health"), url
 
 
+def on_own_core(pids: dict[str, int], run) -> dict[str, Side] | None:
+    """Run with the multiplexer pinned to the last core and everything else to the others, as on
+    a host where it has a core of its own; None on a single-core machine."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    rest = set(cores[:-1])
+    for part, pid in pids.items():
+        os.sched_setaffinity(pid, {cores[-1]} if part == "mux" else rest)
+    try:
+        return run()
+    finally:
+        for pid in pids.values():
+            os.sched_setaffinity(pid, set(cores))
+
+
+def own_core_bars(sides: dict[str, Side] | None) -> list[Bar]:
+    if sides is None:
+        return []
+    m = {label: compute_metrics(side.records) for label, side in sides.items()}
+    rps = {label: float(np.median(side.rps)) for label, side in sides.items()}
+    detail = (f"the multiplexer pinned to a core of its own, the load generator and the backend to the "
+              f"rest; direct p50 {m['direct'].e2el.p50 * 1e3:.2f} ms p99 {m['direct'].e2el.p99 * 1e3:.2f} ms, "
+              f"mux p50 {m['mux'].e2el.p50 * 1e3:.2f} ms p99 {m['mux'].e2el.p99 * 1e3:.2f} ms; direct "
+              f"{rps['direct']:.0f} req/s, mux {rps['mux']:.0f} req/s")
+    return [
+        Bar("own core: overhead p50 (ms) at 64 streams", (m["mux"].e2el.p50 - m["direct"].e2el.p50) * 1e3, None,
+            False, detail),
+        Bar("own core: overhead p99 (ms) at 64 streams", (m["mux"].e2el.p99 - m["direct"].e2el.p99) * 1e3, None,
+            False, detail),
+        Bar("own core: request throughput vs direct", rps["mux"] / rps["direct"], None, True, detail),
+    ]
+
+
 def overhead(tmp: Path, keys: KeysFile, keys_path: Path, requests: int, rounds: int) -> list[Bar]:
     key = key_of(keys, "developer-1")
     wl = SyntheticWorkload(input_words=(4, 8), output_tokens=(3, 3), system_prompt="Be brief.")
@@ -148,6 +183,8 @@ def overhead(tmp: Path, keys: KeysFile, keys_path: Path, requests: int, rounds: 
     try:
         pids = {"loadgen": os.getpid(), "backend": backend.pid, "mux": mux.pid}
         sides = compare({"direct": backend_url, "mux": mux_url}, pids, key, wl, requests, rounds)
+        own_core = on_own_core(pids, lambda: compare({"direct": backend_url, "mux": mux_url}, pids, key, wl,
+                                                     requests, rounds))
         paced_sides = compare({"direct": paced_url, "mux": paced_mux_url},
                               {"loadgen": os.getpid(), "backend": paced.pid, "mux": paced_mux.pid},
                               key, wl, 640, 2)
@@ -174,6 +211,7 @@ def overhead(tmp: Path, keys: KeysFile, keys_path: Path, requests: int, rounds: 
         Bar("CPU per request, multiplexer (µs)", cpu["mux"], None, False,
             f"load generator {cpu['loadgen']:.0f} µs, instant backend {cpu['backend']:.0f} µs, multiplexer "
             f"{cpu['mux']:.0f} µs per request, user + system time from /proc over the multiplexed runs"),
+        *own_core_bars(own_core),
         Bar("paced streams: TTFT overhead p50 (ms)", (pm["mux"].ttft.p50 - pm["direct"].ttft.p50) * 1e3, None,
             False, f"64 streams of 16 tokens at 50 tok/s; direct TTFT p50 {ms(pm['direct'].ttft.p50)} p99 "
             f"{ms(pm['direct'].ttft.p99)}, mux TTFT p50 {ms(pm['mux'].ttft.p50)} p99 {ms(pm['mux'].ttft.p99)}"),
@@ -190,7 +228,7 @@ def serving(tmp: Path, keys: KeysFile, keys_path: Path, requests: int) -> list[B
     settings = load_settings()
     state = serve(ServeRequest(model="smollm2-135m", backend="llamacpp", port=free_port(), parallel=10,
                                ctx_per_slot=2048), settings)
-    mux, mux_url = spawn_mux(tmp, state.base_url, 10, keys_path)
+    mux, mux_url = spawn_mux(tmp, state.base_url, 10, keys_path, kind="llamacpp")
     try:
         # Fresh prompts for every run (seeds differ), so llama-server's prompt cache favours neither.
         tps: dict[str, list[float]] = {"direct": [], "mux": []}
