@@ -14,6 +14,7 @@ import orjson
 from agents.asgi import SSE_HEADERS, ApiError, Receive, Send, encode_headers, send_response
 from agents.backends import Backend
 from agents.config import AgentIdentity, key_digest
+from agents.messages import is_instruction
 from agents.roles import Role
 from agents.scheduler import DeadlineExceeded, Grant, NoBackend, QueueFull
 
@@ -219,7 +220,7 @@ def finish(mux: Mux, turn: Turn, grant: Grant, outcome: Outcome, sent: float, fi
     mux.scheduler.settle(name, turn.role.scheduling.weight, turn.cost,
                          outcome.prompt_tokens + outcome.completion_tokens)
     if turn.session:
-        new = [x for x in turn.messages if x["role"] != "system"]
+        new = [x for x in turn.messages if not is_instruction(x)]
         mux.store.append_turn(name, turn.session, new + [{"role": "assistant", "content": outcome.text}])
 
 

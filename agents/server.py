@@ -19,6 +19,7 @@ from starlette.routing import Route
 from agents.asgi import ApiError, Receive, Send, header_map, json_object, read_body
 from agents.backends import Backend, BackendPool, health_loop
 from agents.config import AgentIdentity, MuxConfig, key_digest
+from agents.messages import estimate_tokens, is_instruction, valid_messages
 from agents.metrics import MuxMetrics
 from agents.proxy import Turn, complete, open_stream, relay
 from agents.roles import Role
@@ -83,17 +84,6 @@ def create_mux(config: MuxConfig, roles: dict[str, Role], keys: dict[str, AgentI
     return Mux(config, roles, keys, store, metrics, pool, FairScheduler(pool, config.queue_max), tools)
 
 
-def valid_messages(data: dict) -> list[dict]:
-    messages = data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", "invalid_request_error")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") \
-                or not isinstance(m.get("content"), str):
-            raise ApiError(400, f"messages[{i}] needs a role and string content", "invalid_request_error")
-    return messages
-
-
 def session_of(header: str | None, data: dict) -> str | None:
     session = header or data.get("session")
     if session is None:
@@ -104,15 +94,15 @@ def session_of(header: str | None, data: dict) -> str | None:
 
 
 def build_prompt(mux: Mux, turn: Turn) -> list[dict]:
-    system = [m for m in turn.messages if m["role"] == "system"] or [
+    system = [m for m in turn.messages if is_instruction(m)] or [
         {"role": "system", "content": turn.role.system_prompt()}]
-    rest = [m for m in turn.messages if m["role"] != "system"]
+    rest = [m for m in turn.messages if not is_instruction(m)]
     history: list[dict] = []
     if turn.session:
         keep = mux.config.history_turns * 2
         stored = mux.store.session(turn.ident.name, turn.session).history
         history = stored[-keep:] if keep else []
-    return system[:1] + history + rest
+    return system + history + rest
 
 
 def max_tokens_for(data: dict, role: Role) -> int:
@@ -120,10 +110,6 @@ def max_tokens_for(data: dict, role: Role) -> int:
     asked = data.get("max_tokens")
     cap = role.sampling.max_tokens
     return min(asked, cap) if isinstance(asked, int) and asked > 0 else cap
-
-
-def estimate_tokens(prompt: list[dict], max_tokens: int) -> float:
-    return sum(len(m["content"]) for m in prompt) / 4.0 + max_tokens
 
 
 def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[str, str], data: dict,

@@ -220,6 +220,25 @@ def test_malformed_oversized_and_unauthorised_requests_get_4xx(mux):
     assert chat(mux.url, key, "still up?").status_code == 200
 
 
+def test_tool_using_clients_conversations_pass_and_bad_content_is_named(mux):
+    key = mux.key("developer")
+    client = openai.OpenAI(base_url=f"{mux.url}/v1", api_key=key, max_retries=0)
+    # What LangChain, CrewAI and AutoGen send once a tool has run: a developer message, content
+    # parts, an assistant turn with null content and tool_calls, and the tool's result.
+    reply = client.chat.completions.create(model="any", max_tokens=8, messages=[
+        {"role": "developer", "content": "Answer in five words."},
+        {"role": "user", "content": [{"type": "text", "text": "What is the weather in Paris?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call-1", "type": "function",
+             "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call-1", "content": "sunny, 21 C"},
+        {"role": "user", "content": "So, how is it?"}])
+    assert reply.choices[0].message.content
+    bad = httpx.post(f"{mux.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                     json={"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": 42}]})
+    assert bad.status_code == 400 and "messages[1].content" in bad.json()["error"]["message"]
+
+
 def test_queue_overflow_gets_429_and_the_service_stays_up(backend, tmp_path):
     small = start_mux(tmp_path, [("one", backend.base_url, 1)], queue_max=2)
     try:

@@ -1,0 +1,55 @@
+"""Chat messages as OpenAI clients send them (the openai SDK, LangChain, CrewAI, AutoGen): string
+content or content parts, `developer` as a system role, and tool-call turns whose content is null."""
+from __future__ import annotations
+
+from agents.asgi import ApiError
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+INSTRUCTION_ROLES = ("system", "developer")
+
+
+def is_instruction(message: dict) -> bool:
+    return message["role"] in INSTRUCTION_ROLES
+
+
+def valid_content(message: dict) -> bool:
+    content = message.get("content")
+    if isinstance(content, str):
+        return True
+    if isinstance(content, list):
+        return all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content)
+    return content is None and message["role"] == "assistant" and bool(message.get("tool_calls"))
+
+
+def valid_messages(data: dict) -> list[dict]:
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", "invalid_request_error")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}",
+                           "invalid_request_error")
+        if not valid_content(m):
+            raise ApiError(400, f"messages[{i}].content must be a string, a list of content parts, or null "
+                                "beside tool_calls", "invalid_request_error")
+    return messages
+
+
+def message_text(message: dict) -> str:
+    """The text a message puts in front of the model: content, text parts and tool-call arguments."""
+    content = message.get("content")
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        text = "".join(p.get("text", "") for p in content if isinstance(p.get("text"), str))
+    else:
+        text = ""
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            text += str(function.get("name", "")) + str(function.get("arguments", ""))
+    return text
+
+
+def estimate_tokens(prompt: list[dict], max_tokens: int) -> float:
+    return sum(len(message_text(m)) for m in prompt) / 4.0 + max_tokens
