@@ -1,11 +1,18 @@
-"""Weighted fair queueing across agents, with virtual time counted in tokens, strict priority
-classes (lower runs first), a bounded queue and deadlines. A grant is a backend slot."""
+"""Fair queueing across agents with virtual token counters (VTC: Sheng et al., "Fairness in
+Serving Large Language Models", OSDI 2024), strict priority classes (lower runs first), a bounded
+queue and deadlines. A grant is a backend slot.
+
+Each agent's counter grows by the tokens it is served divided by its weight; a free slot goes to
+the backlogged agent with the smallest counter in the most urgent class. An agent is charged when
+its request is dispatched, with the estimate, and corrected by the real usage when it ends, so a
+deep queue of one agent is never paid for in advance. An agent that becomes backlogged is lifted
+to the smallest counter among the others, so idle time saves up no credit."""
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from agents.backends import Backend, BackendPool
@@ -23,16 +30,16 @@ class NoBackend(Exception):
     pass
 
 
-@dataclass(order=True)
+@dataclass
 class Ticket:
+    agent: str
     priority: int
-    finish: float
+    cost: float
+    weight: float
     seq: int
-    start: float = field(compare=False)
-    agent: str = field(compare=False)
-    future: asyncio.Future = field(compare=False)
-    enqueued_at: float = field(compare=False)
-    cancelled: bool = field(default=False, compare=False)
+    future: asyncio.Future
+    enqueued_at: float
+    cancelled: bool = field(default=False)
 
 
 @dataclass
@@ -42,16 +49,23 @@ class Grant:
     ticket: Ticket
 
 
+def waiting(queue: deque[Ticket]) -> bool:
+    """Whether a live ticket heads the queue, once withdrawn ones are dropped from its front."""
+    while queue and queue[0].cancelled:
+        queue.popleft()
+    return bool(queue)
+
+
 class FairScheduler:
     def __init__(self, pool: BackendPool, queue_max: int):
         self.pool = pool
         self.queue_max = queue_max
-        self.heap: list[Ticket] = []
-        self.vtime = 0.0
-        self.last_finish: dict[str, float] = {}
-        self._seq = itertools.count()
-        self.served_tokens: dict[str, float] = {}
+        self.queues: dict[str, deque[Ticket]] = {}
+        self.counters: dict[str, float] = {}
+        self.floor = 0.0
         self.depth = 0
+        self.served_tokens: dict[str, float] = {}
+        self._seq = itertools.count()
 
     async def acquire(self, agent: str, weight: float, priority: int, cost_tokens: float,
                       deadline: float, retry: bool = False) -> Grant:
@@ -59,13 +73,12 @@ class FairScheduler:
             raise NoBackend()
         if self.depth >= self.queue_max and not retry:
             raise QueueFull()
-        start = max(self.vtime, self.last_finish.get(agent, 0.0))
-        finish = start + cost_tokens / weight
-        self.last_finish[agent] = finish
-        loop = asyncio.get_running_loop()
-        ticket = Ticket(-1 if retry else priority, finish, next(self._seq), start, agent,
-                        loop.create_future(), time.monotonic())
-        heapq.heappush(self.heap, ticket)
+        queue = self.queues.setdefault(agent, deque())
+        if not waiting(queue):
+            self.counters[agent] = max(self.counters.get(agent, 0.0), self.backlogged_floor())
+        ticket = Ticket(agent, -1 if retry else priority, cost_tokens, weight, next(self._seq),
+                        asyncio.get_running_loop().create_future(), time.monotonic())
+        queue.append(ticket)
         self.depth += 1
         self.dispatch()
         if ticket.future.done():
@@ -81,6 +94,11 @@ class FairScheduler:
             raise
         return Grant(backend, time.monotonic() - ticket.enqueued_at, ticket)
 
+    def backlogged_floor(self) -> float:
+        """The smallest counter among agents with a request waiting, else the last one served."""
+        counters = [self.counters[a] for a, q in self.queues.items() if waiting(q)]
+        return min(counters) if counters else self.floor
+
     def withdraw(self, ticket: Ticket) -> None:
         """A waiter gave up: drop its ticket, or hand back the slot it was granted meanwhile."""
         ticket.cancelled = True
@@ -92,23 +110,34 @@ class FairScheduler:
 
     def settle(self, agent: str, weight: float, estimated: float, actual: float) -> None:
         """Charge the agent for the tokens it really used instead of the estimate."""
-        self.last_finish[agent] = self.last_finish.get(agent, 0.0) + (actual - estimated) / weight
+        self.counters[agent] = self.counters.get(agent, 0.0) + (actual - estimated) / weight
         self.served_tokens[agent] = self.served_tokens.get(agent, 0.0) + actual
 
     def release(self, backend: Backend) -> None:
         backend.outstanding -= 1
         self.dispatch()
 
+    def next_ticket(self) -> Ticket | None:
+        best: Ticket | None = None
+        best_key: tuple[int, float, int] | None = None
+        for agent, queue in self.queues.items():
+            if waiting(queue):
+                key = (queue[0].priority, self.counters[agent], queue[0].seq)
+                if best_key is None or key < best_key:
+                    best, best_key = queue[0], key
+        return best
+
     def dispatch(self) -> None:
-        while self.heap:
-            if self.heap[0].cancelled:
-                heapq.heappop(self.heap)
-                continue
+        while self.depth:
             backend = self.pool.pick()
             if backend is None:
                 return
-            ticket = heapq.heappop(self.heap)
+            ticket = self.next_ticket()
+            if ticket is None:
+                return
+            self.queues[ticket.agent].popleft()
             self.depth -= 1
-            self.vtime = max(self.vtime, ticket.start)
+            self.floor = self.counters[ticket.agent]
+            self.counters[ticket.agent] += ticket.cost / ticket.weight
             backend.outstanding += 1
             ticket.future.set_result(backend)

@@ -110,3 +110,32 @@ def test_a_waiter_that_gives_up_never_holds_a_slot():
         assert again.backend.outstanding == 1 and again.queue_wait_s == 0.0
 
     asyncio.run(run())
+
+
+def test_a_deep_queue_is_not_charged_in_advance():
+    """One agent queues 40 requests at once, two others keep one each in flight; every estimate is
+    ten times the real usage. Charged at dispatch, the deep queue is neither starved (charged in
+    advance, it got 3 of the first 43 slots) nor allowed to take more than the other two together."""
+    async def run():
+        sched = FairScheduler(pool(1), queue_max=1000)
+        served = {"deep": 0, "b": 0, "c": 0}
+
+        async def one(agent):
+            grant = await sched.acquire(agent, 1.0, 1, 100, time.monotonic() + 60)
+            served[agent] += 1
+            await asyncio.sleep(0)
+            sched.settle(agent, 1.0, 100, 10)
+            sched.release(grant.backend)
+
+        async def loop(agent):
+            for _ in range(20):
+                await one(agent)
+
+        deep = [asyncio.create_task(one("deep")) for _ in range(40)]
+        await asyncio.sleep(0)
+        await asyncio.gather(loop("b"), loop("c"))
+        share = served["deep"]
+        await asyncio.gather(*deep)
+        return share
+
+    assert 15 <= asyncio.run(run()) <= 40
