@@ -44,8 +44,8 @@ def backend_for(config: MuxConfig, parallel: int):
     build_llamacpp(settings)
     state = serve(ServeRequest(model=load_catalog().default, port=free_port(), parallel=parallel,
                                ctx_per_slot=4096), settings)
-    out.print(f"started {state.backend} backend at {state.base_url} with {parallel} slots")
     try:
+        out.print(f"started {state.backend} backend at {state.base_url} with {parallel} slots")
         yield config.model_copy(update={"backends": [BackendConfig(
             name="local", url=state.base_url, kind="llamacpp", max_concurrency=parallel)]})
     finally:

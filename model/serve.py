@@ -174,12 +174,18 @@ def serve(req: ServeRequest, settings: Settings | None = None) -> ServerState:
     log = settings.state_dir / "logs" / f"{req.model}-{port}.log"
     proc = launch(cmd, log)
     timeout = settings.serve.startup_timeout_s * (8 if choice.backend == "vllm" else 1)
-    with console.status(f"waiting for {choice.backend} on {host}:{port}"):
-        wait_ready(proc, f"http://{host}:{port}", log, timeout)
-    state = ServerState(req.model, resolved.name, choice.backend, choice.reason, proc.pid,
-                        proc_start_time(proc.pid), host, port, plan.agents, str(log), cmd,
-                        time.time())
-    atomic_write_json(state_path(settings, port), asdict(state))
+    try:
+        with console.status(f"waiting for {choice.backend} on {host}:{port}"):
+            wait_ready(proc, f"http://{host}:{port}", log, timeout)
+        state = ServerState(req.model, resolved.name, choice.backend, choice.reason, proc.pid,
+                            proc_start_time(proc.pid), host, port, plan.agents, str(log), cmd,
+                            time.time())
+        atomic_write_json(state_path(settings, port), asdict(state))
+    except BaseException:
+        # Ctrl-C while waiting: the server runs in its own process group and would outlive us
+        # with no state file to find it by.
+        terminate_pid(proc.pid, None)
+        raise
     return state
 
 

@@ -90,6 +90,23 @@ def test_a_server_that_dies_shows_its_last_log_lines(isolated, llama_build):
     assert status(isolated) == []
 
 
+def test_ctrl_c_while_waiting_for_the_server_leaves_no_server_behind(isolated, llama_build, monkeypatch):
+    import model.serve as serve_module
+
+    started = []
+
+    def interrupted(proc, base_url, log, timeout_s):
+        started.append(proc)
+        raise KeyboardInterrupt  # what Ctrl-C raises in the waiting loop
+
+    monkeypatch.setattr(serve_module, "wait_ready", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        serve(ServeRequest(model=DEFAULT, backend="llamacpp", port=free_port(), parallel=1,
+                           ctx_per_slot=1024), isolated)
+    assert started and started[0].wait(timeout=15) is not None
+    assert status(isolated) == []
+
+
 def test_stop_ends_the_process_and_forgets_it(isolated, llama_build):
     state = serve(ServeRequest(model=DEFAULT, backend="llamacpp", port=free_port(), parallel=1,
                                ctx_per_slot=1024), isolated)
