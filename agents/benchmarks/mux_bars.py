@@ -187,7 +187,7 @@ def overhead(tmp: Path, keys: KeysFile, keys_path: Path, requests: int, rounds: 
                                                      requests, rounds))
         paced_sides = compare({"direct": paced_url, "mux": paced_mux_url},
                               {"loadgen": os.getpid(), "backend": paced.pid, "mux": paced_mux.pid},
-                              key, wl, 640, 2)
+                              key, wl, 1280, 2)
     finally:
         for proc in (mux, paced_mux, backend, paced):
             proc.terminate()
