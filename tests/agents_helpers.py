@@ -31,9 +31,10 @@ class MuxUnderTest:
         return h
 
 
-def start_mux(tmp: Path, backends: list[tuple[str, str, int]], agents: int = 10, **overrides) -> MuxUnderTest:
+def start_mux(tmp: Path, backends: list[tuple[str, str, int]], agents: int = 10,
+              backend_kind: str = "llamacpp", **overrides) -> MuxUnderTest:
     keys = write_keys(tmp / "keys.yaml", agents, ROLE_ORDER)
-    config = MuxConfig(port=0, backends=[BackendConfig(name=n, url=u, max_concurrency=c)
+    config = MuxConfig(port=0, backends=[BackendConfig(name=n, url=u, max_concurrency=c, kind=backend_kind)
                                          for n, u, c in backends],
                        keys_file=tmp / "keys.yaml", state_db=tmp / "mux.db", health_interval_s=0.5,
                        cooldown_s=2.0, **overrides)

@@ -1,0 +1,90 @@
+"""What the multiplexer sends to each kind of backend. The vLLM backend is simulated (no CUDA
+here): the instant-reply benchmark backend, wrapped to record every request body it receives."""
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from agents.benchmarks.instant_backend import make_app
+from agents.roles import load_roles
+from dgxready.ports import free_port
+from tests.agents_helpers import start_mux
+
+
+class RecordingBackend:
+    def __init__(self):
+        self.bodies: list[dict] = []
+        self.app = make_app()
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.record, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", lifespan="off",
+                                                    interface="asgi3"))
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+
+    async def record(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        self.bodies.append(json.loads(body))
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        return await self.app(scope, replay, send)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+
+def post(url, key, session, stream=False, **extra):
+    return httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                      headers={"Authorization": f"Bearer {key}", "X-Session-Id": session},
+                      json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}],
+                            **extra})
+
+
+def test_vllm_gets_the_roles_priority_and_a_cache_salt_per_session(tmp_path):
+    roles = load_roles()
+    (tmp_path / "v").mkdir()
+    (tmp_path / "l").mkdir()
+    with RecordingBackend() as vllm, RecordingBackend() as llamacpp:
+        mux = start_mux(tmp_path / "v", [("v", vllm.url, 4)], rate_limits=False, backend_kind="vllm")
+        plain = start_mux(tmp_path / "l", [("l", llamacpp.url, 4)], rate_limits=False)
+        try:
+            dev, qa = mux.key("developer"), mux.key("qa-specialist")
+            for key, session in ((dev, "s1"), (dev, "s1"), (dev, "s2"), (qa, "s1")):
+                assert post(mux.url, key, session, max_tokens=100000).status_code == 200
+            assert post(mux.url, dev, "s3", stream=True).status_code == 200
+            assert post(plain.url, plain.key("developer"), "s1").status_code == 200
+        finally:
+            mux.mux.stop()
+            plain.mux.stop()
+    sent = vllm.bodies
+    assert [b["priority"] for b in sent] == [roles["developer"].scheduling.priority] * 3 + [
+        roles["qa-specialist"].scheduling.priority, roles["developer"].scheduling.priority]
+    salts = [b["cache_salt"] for b in sent]
+    assert salts[0] == salts[1] and len(set(salts[1:])) == 4  # same session: same salt; else never
+    assert all("s1" not in s and "developer" not in s for s in salts)
+    assert sent[0]["max_tokens"] == roles["developer"].sampling.max_tokens  # capped by the role
+    assert sent[0]["temperature"] == roles["developer"].sampling.temperature
+    assert sent[4]["stream"] and sent[4]["stream_options"] == {"include_usage": True}
+    assert "priority" not in llamacpp.bodies[0] and "cache_salt" not in llamacpp.bodies[0]
