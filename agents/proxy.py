@@ -42,6 +42,7 @@ class Turn:
     prompt: list[dict] = field(default_factory=list)
     max_tokens: int = 0
     cost: float = 0.0
+    streamed: int = 0
 
 
 def backend_body(turn: Turn, backend: Backend, stream: bool) -> bytes:
@@ -217,8 +218,10 @@ def finish(mux: Mux, turn: Turn, grant: Grant, outcome: Outcome, sent: float, fi
     series.ttft.observe(first_byte - turn.arrived)
     series.duration.observe(time.perf_counter() - turn.arrived)
     m.overhead.observe(max(0.0, sent - turn.arrived - grant.queue_wait_s))
-    mux.scheduler.settle(name, turn.role.scheduling.weight, turn.cost,
+    mux.scheduler.settle(name, turn.role.scheduling.weight, turn.cost + turn.streamed,
                          outcome.prompt_tokens + outcome.completion_tokens)
+    last = mux.typical_output.get(name, outcome.completion_tokens)
+    mux.typical_output[name] = 0.8 * last + 0.2 * outcome.completion_tokens
     if turn.session:
         new = [x for x in turn.messages if not is_instruction(x)]
         mux.store.append_turn(name, turn.session, new + [{"role": "assistant", "content": outcome.text}])
@@ -296,7 +299,13 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
             # uvicorn's send() ignores a closed connection; receive() is what reports the hang-up.
             gone = gone or asyncio.ensure_future(receive())
             chunk = await content.readany()
-            out += st.tally.feed(chunk)
+            whole = st.tally.feed(chunk)
+            # Output is charged as it streams (an event is about a token); usage settles the rest.
+            events = whole.count(b"data:")
+            if events:
+                turn.streamed += events
+                mux.scheduler.charge(turn.ident.name, turn.role.scheduling.weight, events)
+            out += whole
             if gone.done() and gone.result()["type"] == "http.disconnect":
                 if st.tally.outcome.finish_reason is None:
                     raise ClientGone()

@@ -3,9 +3,9 @@ Serving Large Language Models", OSDI 2024), strict priority classes (lower runs 
 queue and deadlines. A grant is a backend slot.
 
 Each agent's counter grows by the tokens it is served divided by its weight; a free slot goes to
-the backlogged agent with the smallest counter in the most urgent class. An agent is charged when
-its request is dispatched, with the estimate, and corrected by the real usage when it ends, so a
-deep queue of one agent is never paid for in advance. An agent that becomes backlogged is lifted
+the backlogged agent with the smallest counter in the most urgent class. An agent is charged its
+prompt when a request is dispatched and its output as it is generated, then corrected by the real
+usage, so a deep queue of one agent is never paid for in advance. An agent that becomes backlogged is lifted
 to the smallest counter among the others, so idle time saves up no credit."""
 from __future__ import annotations
 
@@ -108,9 +108,12 @@ class FairScheduler:
         elif not ticket.future.cancelled():
             self.release(ticket.future.result())
 
-    def settle(self, agent: str, weight: float, estimated: float, actual: float) -> None:
-        """Charge the agent for the tokens it really used instead of the estimate."""
-        self.counters[agent] = self.counters.get(agent, 0.0) + (actual - estimated) / weight
+    def charge(self, agent: str, weight: float, tokens: float) -> None:
+        self.counters[agent] = self.counters.get(agent, 0.0) + tokens / weight
+
+    def settle(self, agent: str, weight: float, charged: float, actual: float) -> None:
+        """Charge the agent for the tokens it really used instead of what it was charged so far."""
+        self.counters[agent] = self.counters.get(agent, 0.0) + (actual - charged) / weight
         self.served_tokens[agent] = self.served_tokens.get(agent, 0.0) + actual
 
     def release(self, backend: Backend) -> None:

@@ -60,6 +60,7 @@ class Mux:
     limiter: RateLimiter = field(default_factory=RateLimiter)
     session_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     known_keys: dict[str, AgentIdentity] = field(default_factory=dict)
+    typical_output: dict[str, float] = field(default_factory=dict)
 
     def identify(self, auth: str) -> tuple[AgentIdentity, Role]:
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
@@ -128,7 +129,11 @@ def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[str, str], d
     turn = Turn(ident, role, session, messages, data, time.monotonic() + deadline_s, arrived)
     turn.prompt = build_prompt(mux, turn)
     turn.max_tokens = max_tokens_for(data, role)
-    turn.cost = estimate_tokens(turn.prompt, turn.max_tokens)
+    # Charged at dispatch: the prompt, plus for a non-streamed answer the agent's typical output;
+    # a stream's output is charged as it arrives. The answer's usage settles the difference.
+    expected = 0 if data.get("stream") else min(turn.max_tokens, mux.typical_output.get(ident.name,
+                                                                                        turn.max_tokens))
+    turn.cost = estimate_tokens(turn.prompt, expected)
     return turn
 
 

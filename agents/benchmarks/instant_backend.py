@@ -26,7 +26,11 @@ def make_app(service_s: float = 0.0, tokens: int = len(REPLY), token_interval_s:
         body = await request.json()
         if service_s:
             await asyncio.sleep(service_s)
-        usage = {"prompt_tokens": 8, "completion_tokens": len(pieces), "total_tokens": 8 + len(pieces)}
+        # Usage as a real server would count it, about four characters a token, so that the
+        # multiplexer's estimates meet realistic corrections.
+        prompt = max(1, sum(len(m.get("content") or "") for m in body.get("messages", [])) // 4)
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(pieces),
+                 "total_tokens": prompt + len(pieces)}
         if not body.get("stream"):
             return JSONResponse({"id": "x", "object": "chat.completion", "model": "instant",
                                  "choices": [{"index": 0, "finish_reason": "stop",

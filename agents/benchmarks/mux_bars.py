@@ -255,7 +255,7 @@ async def agent_loop(client, url, key, workers, until, waits, served) -> None:
     async def worker():
         while time.monotonic() < until:
             r = await client.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                                  json={"model": "m", "max_tokens": 3,
+                                  json={"model": "m", "max_tokens": 128,
                                         "messages": [{"role": "user", "content": "x"}]})
             if r.status_code == 200:
                 waits.append(float(r.headers["x-dgxready-queue-ms"]))
