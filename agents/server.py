@@ -47,6 +47,30 @@ class RateLimiter:
 
 
 @dataclass
+class SessionLocks:
+    """One lock per (agent, session), kept only while a turn holds it or waits for it."""
+    held: dict[tuple[str, str], tuple[asyncio.Lock, int]] = field(default_factory=dict)
+
+    @asynccontextmanager
+    async def hold(self, agent: str, session: str | None):
+        if session is None:
+            yield
+            return
+        key = (agent, session)
+        lock, users = self.held.get(key) or (asyncio.Lock(), 0)
+        self.held[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self.held[key]
+            if users == 1:
+                del self.held[key]
+            else:
+                self.held[key] = (lock, users - 1)
+
+
+@dataclass
 class Mux:
     config: MuxConfig
     roles: dict[str, Role]
@@ -58,7 +82,7 @@ class Mux:
     tools: ToolRegistry
     client: aiohttp.ClientSession | None = None
     limiter: RateLimiter = field(default_factory=RateLimiter)
-    session_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    sessions: SessionLocks = field(default_factory=SessionLocks)
     known_keys: dict[str, AgentIdentity] = field(default_factory=dict)
     typical_output: dict[str, float] = field(default_factory=dict)
 
@@ -72,8 +96,6 @@ class Mux:
         self.known_keys[key] = ident
         return ident, self.roles[ident.role]
 
-    def lock_for(self, agent: str, session: str) -> asyncio.Lock:
-        return self.session_locks.setdefault((agent, session), asyncio.Lock())
 
 
 def create_mux(config: MuxConfig, roles: dict[str, Role], keys: dict[str, AgentIdentity],
@@ -126,15 +148,17 @@ def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[str, str], d
         deadline_s = float(headers.get("x-deadline-s") or mux.config.deadline_s)
     except ValueError:
         raise ApiError(400, "x-deadline-s must be a number of seconds", "invalid_request_error") from None
-    turn = Turn(ident, role, session, messages, data, time.monotonic() + deadline_s, arrived)
+    return Turn(ident, role, session, messages, data, time.monotonic() + deadline_s, arrived,
+                max_tokens=max_tokens_for(data, role))
+
+
+def prepare(mux: Mux, turn: Turn) -> None:
+    """The prompt with the session's history, read while the session's lock is held."""
     turn.prompt = build_prompt(mux, turn)
-    turn.max_tokens = max_tokens_for(data, role)
     # Charged at dispatch: the prompt, plus for a non-streamed answer the agent's typical output;
     # a stream's output is charged as it arrives. The answer's usage settles the difference.
-    expected = 0 if data.get("stream") else min(turn.max_tokens, mux.typical_output.get(ident.name,
-                                                                                        turn.max_tokens))
-    turn.cost = estimate_tokens(turn.prompt, expected)
-    return turn
+    typical = mux.typical_output.get(turn.ident.name, turn.max_tokens)
+    turn.cost = estimate_tokens(turn.prompt, 0 if turn.data.get("stream") else min(turn.max_tokens, typical))
 
 
 async def chat(mux: Mux, scope: dict, receive: Receive, send: Send) -> None:
@@ -148,20 +172,17 @@ async def chat(mux: Mux, scope: dict, receive: Receive, send: Send) -> None:
     except ApiError as err:
         await err.send(send)
         return
-    lock = mux.lock_for(turn.ident.name, turn.session) if turn.session else None
-    if lock:
-        await lock.acquire()
-    try:
-        if not turn.data.get("stream"):
-            await complete(mux, turn, send)
-            return
-        stream = await open_stream(mux, turn)
-        await relay(mux, turn, stream, send, receive)
-    except ApiError as err:
-        await err.send(send)
-    finally:
-        if lock:
-            lock.release()
+    async with mux.sessions.hold(turn.ident.name, turn.session):
+        prepare(mux, turn)
+        try:
+            if not turn.data.get("stream"):
+                await complete(mux, turn, send)
+                return
+            stream = await open_stream(mux, turn)
+            await relay(mux, turn, stream, send, receive)
+        except ApiError as err:
+            await err.send(send)
+
 
 async def models(request: Request) -> Response:
     mux: Mux = request.app.state.mux

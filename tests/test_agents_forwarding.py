@@ -1,5 +1,6 @@
-"""What the multiplexer sends to each kind of backend. The vLLM backend is simulated (no CUDA
-here): the instant-reply benchmark backend, wrapped to record every request body it receives."""
+"""What the multiplexer sends to backends: per kind, and a session's history. The vLLM backend is
+simulated (no CUDA here): the instant-reply benchmark backend, wrapped to record every request
+body it receives."""
 import asyncio
 import json
 import threading
@@ -15,9 +16,9 @@ from tests.agents_helpers import start_mux
 
 
 class RecordingBackend:
-    def __init__(self):
+    def __init__(self, service_s: float = 0.0):
         self.bodies: list[dict] = []
-        self.app = make_app()
+        self.app = make_app(service_s)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.record, host="127.0.0.1", port=self.port,
                                                     log_level="warning", lifespan="off",
@@ -88,3 +89,28 @@ def test_vllm_gets_the_roles_priority_and_a_cache_salt_per_session(tmp_path):
     assert sent[0]["temperature"] == roles["developer"].sampling.temperature
     assert sent[4]["stream"] and sent[4]["stream_options"] == {"include_usage": True}
     assert "priority" not in llamacpp.bodies[0] and "cache_salt" not in llamacpp.bodies[0]
+
+
+def test_a_sessions_next_turn_waits_and_then_carries_the_turn_before_it(tmp_path):
+    async def two_turns(url, key):
+        async with httpx.AsyncClient(timeout=30) as client:
+            def turn(text):
+                return client.post(f"{url}/v1/chat/completions",
+                                   headers={"Authorization": f"Bearer {key}", "X-Session-Id": "s"},
+                                   json={"model": "m", "messages": [{"role": "user", "content": text}]})
+            first = asyncio.create_task(turn("first question"))
+            await asyncio.sleep(0.05)  # the first turn is at the backend (it answers after 0.3 s)
+            return await asyncio.gather(first, turn("second question"))
+
+    with RecordingBackend(service_s=0.3) as slow:
+        mux = start_mux(tmp_path, [("slow", slow.url, 4)], rate_limits=False)
+        try:
+            a, b = asyncio.run(two_turns(mux.url, mux.key("developer")))
+        finally:
+            mux.mux.stop()
+    assert a.status_code == b.status_code == 200
+    first, second = slow.bodies
+    said = [m["content"] for m in second["messages"]]
+    assert "first question" in said and a.json()["choices"][0]["message"]["content"] in said
+    assert said.index("first question") < said.index("second question")
+    assert "second question" not in [m["content"] for m in first["messages"]]

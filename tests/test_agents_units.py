@@ -139,3 +139,25 @@ def test_a_deep_queue_is_not_charged_in_advance():
         return share
 
     assert 15 <= asyncio.run(run()) <= 40
+
+
+def test_session_locks_serialise_a_session_and_are_dropped_when_idle():
+    from agents.server import SessionLocks
+
+    async def run():
+        locks, order = SessionLocks(), []
+
+        async def turn(session, n):
+            async with locks.hold("dev", session):
+                order.append((session, n, "in"))
+                await asyncio.sleep(0.01)
+                order.append((session, n, "out"))
+
+        await asyncio.gather(turn("s", 1), turn("s", 2), turn("t", 1))
+        return locks.held, order
+
+    held, order = asyncio.run(run())
+    s_events = [e for e in order if e[0] == "s"]
+    assert s_events == [("s", 1, "in"), ("s", 1, "out"), ("s", 2, "in"), ("s", 2, "out")]
+    assert order.index(("t", 1, "in")) < order.index(("s", 1, "out"))  # other sessions run alongside
+    assert held == {}
