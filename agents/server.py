@@ -147,7 +147,9 @@ def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[str, str], d
     try:
         deadline_s = float(headers.get("x-deadline-s") or mux.config.deadline_s)
     except ValueError:
-        raise ApiError(400, "x-deadline-s must be a number of seconds", "invalid_request_error") from None
+        deadline_s = math.nan
+    if not (math.isfinite(deadline_s) and deadline_s > 0):
+        raise ApiError(400, "x-deadline-s must be a positive number of seconds", "invalid_request_error")
     return Turn(ident, role, session, messages, data, time.monotonic() + deadline_s, arrived,
                 max_tokens=max_tokens_for(data, role))
 
