@@ -109,27 +109,30 @@ def key_of(keys: KeysFile, name: str) -> str:
 class Side:
     """One side (direct or through the multiplexer) of the overhead comparison."""
     records: list = field(default_factory=list)
+    sent: int = 0
     rps: list[float] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=lambda: {"loadgen": 0.0, "backend": 0.0, "mux": 0.0})
 
     def cpu_us_per_request(self, part: str) -> float:
-        return self.cpu_s[part] / max(1, len(self.records)) * 1e6
+        return self.cpu_s[part] / max(1, self.sent) * 1e6
 
 
 def compare(urls: dict[str, str], pids: dict[str, int], key: str, wl: SyntheticWorkload,
-            requests: int, rounds: int) -> dict[str, Side]:
-    """Closed loops of 64 streams, direct and multiplexed runs alternating, CPU counted per process."""
+            requests: int, rounds: int, streams: int = 64) -> dict[str, Side]:
+    """Closed loops of 64 streams, direct and multiplexed runs alternating, CPU counted per process.
+    Each stream's first request is left out: all 64 start at once, a burst that steady state lacks."""
     sides = {label: Side() for label in urls}
     for r in range(rounds):
         for label in (list(urls) if r % 2 == 0 else list(reversed(urls))):
             ep = Endpoint(urls[label], "instant", api_key=key)
-            asyncio.run(closed_loop(ep, wl, 64, 128))
             before = {part: cpu_seconds(pid) for part, pid in pids.items()}
-            records = asyncio.run(closed_loop(ep, wl, 64, requests))
+            records = asyncio.run(closed_loop(ep, wl, streams, requests + streams))
             for part, pid in pids.items():
                 sides[label].cpu_s[part] += cpu_seconds(pid) - before[part]
-            sides[label].records += records
-            sides[label].rps.append(compute_metrics(records).request_throughput)
+            sides[label].sent += len(records)
+            steady = sorted(records, key=lambda rec: rec.sent_at)[streams:]
+            sides[label].records += steady
+            sides[label].rps.append(compute_metrics(steady).request_throughput)
     return sides
 
 
@@ -233,7 +236,7 @@ def serving(tmp: Path, keys: KeysFile, keys_path: Path, requests: int) -> list[B
         # Fresh prompts for every run (seeds differ), so llama-server's prompt cache favours neither.
         tps: dict[str, list[float]] = {"direct": [], "mux": []}
         failed = 0
-        for r, order in enumerate((("direct", "mux"), ("mux", "direct"))):
+        for r, order in enumerate((("direct", "mux"), ("mux", "direct")) * 2):
             for label in order:
                 url = state.base_url if label == "direct" else mux_url
                 wl = SyntheticWorkload(seed=100 + 10 * r + len(tps[label]) + (label == "mux") * 50,
@@ -248,7 +251,7 @@ def serving(tmp: Path, keys: KeysFile, keys_path: Path, requests: int) -> list[B
         stop(port=state.port, settings=settings)
     d, x = float(np.mean(tps["direct"])), float(np.mean(tps["mux"]))
     return [Bar("llama-server output tok/s vs direct (10 agents)", x / d, 0.95, True,
-                f"direct {d:.1f} tok/s, mux {x:.1f} tok/s (2 alternating rounds); failed {failed}")]
+                f"direct {d:.1f} tok/s, mux {x:.1f} tok/s (4 alternating rounds); failed {failed}")]
 
 
 async def agent_loop(client, url, key, workers, until, waits, served) -> None:
