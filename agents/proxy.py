@@ -80,14 +80,18 @@ class SseTally:
     keep_text: bool
     outcome: Outcome = field(default_factory=Outcome)
     pending: bytes = b""
-    saw_data: bool = False
+    events: int = 0
+
+    @property
+    def saw_data(self) -> bool:
+        return self.events > 0
 
     def feed(self, chunk: bytes) -> bytes:
         buf = self.pending + chunk if self.pending else chunk
         cut = buf.rfind(b"\n") + 1
         whole, self.pending = buf[:cut], buf[cut:]
         if whole:
-            self.saw_data = self.saw_data or b"data:" in whole
+            self.events += whole.count(b"data:")
             if self.keep_text or USAGE_MARK.search(whole):
                 for line in whole.split(b"\n"):
                     self.parse(line)
@@ -280,6 +284,14 @@ class ClientGone(Exception):
     pass
 
 
+def charge_output(mux: Mux, turn: Turn, tally: SseTally) -> None:
+    """Output is charged as it streams (an event is about a token); usage settles the rest."""
+    new = tally.events - turn.streamed
+    if new:
+        turn.streamed = tally.events
+        mux.scheduler.charge(turn.ident.name, turn.role.scheduling.weight, new)
+
+
 async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Receive) -> None:
     """Forward the stream as the backend's bytes arrive, in as few writes as what is already
     buffered allows. A backend failure ends it with an error event; a client that hangs up frees
@@ -292,20 +304,15 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
         await send({"type": "http.response.start", "status": 200,
                     "headers": SSE_HEADERS + encode_headers(answer_headers(turn, st.grant, st.sent))})
         out = st.head + st.tally.feed(content.read_nowait())
+        charge_output(mux, turn, st.tally)
         while not content.at_eof():
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 out = b""
             # uvicorn's send() ignores a closed connection; receive() is what reports the hang-up.
             gone = gone or asyncio.ensure_future(receive())
-            chunk = await content.readany()
-            whole = st.tally.feed(chunk)
-            # Output is charged as it streams (an event is about a token); usage settles the rest.
-            events = whole.count(b"data:")
-            if events:
-                turn.streamed += events
-                mux.scheduler.charge(turn.ident.name, turn.role.scheduling.weight, events)
-            out += whole
+            out += st.tally.feed(await content.readany())
+            charge_output(mux, turn, st.tally)
             if gone.done() and gone.result()["type"] == "http.disconnect":
                 if st.tally.outcome.finish_reason is None:
                     raise ClientGone()
