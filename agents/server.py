@@ -236,11 +236,9 @@ async def session_view(request: Request) -> Response:
     mux: Mux = request.app.state.mux
     try:
         ident, _ = mux.identify(request.headers.get("authorization", ""))
+        session = session_of(request.path_params["session"], {})
     except ApiError as err:
         return err.response()
-    session = request.path_params["session"]
-    if not SESSION_RE.match(session):
-        return ApiError(400, "bad session id", "invalid_request_error").response()
     st = mux.store.session(ident.name, session)
     return JSONResponse({"agent": st.agent, "session": st.session, "turns": st.turns,
                          "history": st.history})

@@ -216,6 +216,7 @@ def test_malformed_oversized_and_unauthorised_requests_get_4xx(mux):
     assert httpx.post(url, headers={"Authorization": "Bearer nope"}, json={}).status_code == 401
     assert httpx.post(url, headers=h | {"X-Session-Id": "../../etc"}, json={
         "messages": [{"role": "user", "content": "x"}]}).status_code == 400
+    assert httpx.get(f"{mux.url}/v1/sessions/bad%20id", headers=h).status_code == 400
     for deadline in ("soon", "nan", "-1"):
         assert httpx.post(url, headers=h | {"X-Deadline-S": deadline}, json={
             "messages": [{"role": "user", "content": "x"}]}).status_code == 400
