@@ -113,6 +113,14 @@ class Side:
     rps: list[float] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=lambda: {"loadgen": 0.0, "backend": 0.0, "mux": 0.0})
 
+    @property
+    def metrics(self):
+        return compute_metrics(self.records)
+
+    @property
+    def median_rps(self) -> float:
+        return float(np.median(self.rps))
+
     def cpu_us_per_request(self, part: str) -> float:
         return self.cpu_s[part] / max(1, self.sent) * 1e6
 
@@ -161,8 +169,8 @@ def on_own_core(pids: dict[str, int], run) -> dict[str, Side] | None:
 def own_core_bars(sides: dict[str, Side] | None) -> list[Bar]:
     if sides is None:
         return []
-    m = {label: compute_metrics(side.records) for label, side in sides.items()}
-    rps = {label: float(np.median(side.rps)) for label, side in sides.items()}
+    m = {label: side.metrics for label, side in sides.items()}
+    rps = {label: side.median_rps for label, side in sides.items()}
     detail = (f"the multiplexer pinned to a core of its own, the load generator and the backend to the "
               f"rest; direct p50 {m['direct'].e2el.p50 * 1e3:.2f} ms p99 {m['direct'].e2el.p99 * 1e3:.2f} ms, "
               f"mux p50 {m['mux'].e2el.p50 * 1e3:.2f} ms p99 {m['mux'].e2el.p99 * 1e3:.2f} ms; direct "
@@ -194,9 +202,9 @@ def overhead(tmp: Path, keys: KeysFile, keys_path: Path, requests: int, rounds: 
     finally:
         for proc in (mux, paced_mux, backend, paced):
             proc.terminate()
-    m = {label: compute_metrics(side.records) for label, side in sides.items()}
-    pm = {label: compute_metrics(side.records) for label, side in paced_sides.items()}
-    rps = {label: float(np.median(side.rps)) for label, side in sides.items()}
+    m = {label: side.metrics for label, side in sides.items()}
+    pm = {label: side.metrics for label, side in paced_sides.items()}
+    rps = {label: side.median_rps for label, side in sides.items()}
     failed = sum(x.failed for x in (*m.values(), *pm.values()))
     cpu = {part: sides["mux"].cpu_us_per_request(part) for part in ("loadgen", "backend", "mux")}
     ms = lambda d: f"{d * 1e3:.2f} ms"  # noqa: E731
