@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from starlette.responses import Response
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -25,9 +26,7 @@ class ApiError(Exception):
     async def send(self, send: Send) -> None:
         await send_response(send, self.status, self.payload(), self.headers)
 
-    def response(self):
-        from starlette.responses import Response
-
+    def response(self) -> Response:
         return Response(self.payload(), status_code=self.status, headers=self.headers,
                         media_type="application/json")
 

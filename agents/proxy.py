@@ -6,7 +6,6 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
@@ -15,11 +14,9 @@ from agents.asgi import SSE_HEADERS, ApiError, Receive, Send, encode_headers, se
 from agents.backends import Backend
 from agents.config import AgentIdentity, key_digest
 from agents.messages import is_instruction
-from agents.roles import Role
+from agents.mux import Mux
 from agents.scheduler import DeadlineExceeded, Grant, NoBackend, QueueFull
-
-if TYPE_CHECKING:
-    from agents.server import Mux
+from dgxready.roles import Role
 
 MAX_RETRIES = 2
 ALLOWED_FAILS = 3

@@ -13,9 +13,10 @@ from pathlib import Path
 import uvicorn
 
 from agents.config import MuxConfig, load_config, load_keys
-from agents.roles import load_roles
-from agents.server import create_app, create_mux
+from agents.mux import create_mux
+from agents.server import create_app
 from agents.state import StateStore
+from dgxready.roles import load_roles
 from dgxready.settings import load_settings
 
 DEFAULT_CONFIG = Path(__file__).with_name("multiplexer.yaml")

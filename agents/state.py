@@ -13,8 +13,7 @@ from pathlib import Path
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
   agent TEXT NOT NULL, session TEXT NOT NULL, history TEXT NOT NULL DEFAULT '[]',
-  tool_state TEXT NOT NULL DEFAULT '{}', scratch TEXT NOT NULL DEFAULT '', turns INTEGER NOT NULL DEFAULT 0,
-  updated REAL NOT NULL, PRIMARY KEY (agent, session));
+  turns INTEGER NOT NULL DEFAULT 0, updated REAL NOT NULL, PRIMARY KEY (agent, session));
 CREATE TABLE IF NOT EXISTS audit (
   id INTEGER PRIMARY KEY, ts REAL NOT NULL, agent TEXT NOT NULL, session TEXT, tool TEXT NOT NULL,
   outcome TEXT NOT NULL, detail TEXT NOT NULL);
@@ -34,8 +33,6 @@ class SessionState:
     agent: str
     session: str
     history: list[dict]
-    tool_state: dict
-    scratch: str
     turns: int
 
 
@@ -60,11 +57,10 @@ class StateStore:
     def session(self, agent: str, session: str) -> SessionState:
         with self._lock:
             row = self._db.execute(
-                "SELECT history, tool_state, scratch, turns FROM sessions WHERE agent=? AND session=?",
-                (agent, session)).fetchone()
+                "SELECT history, turns FROM sessions WHERE agent=? AND session=?", (agent, session)).fetchone()
         if not row:
-            return SessionState(agent, session, [], {}, "", 0)
-        return SessionState(agent, session, json.loads(row[0]), json.loads(row[1]), row[2], row[3])
+            return SessionState(agent, session, [], 0)
+        return SessionState(agent, session, json.loads(row[0]), row[1])
 
     def append_turn(self, agent: str, session: str, messages: list[dict]) -> int:
         with self.tx() as db:

@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 from invoke import Collection, task
 from rich.table import Table
 
 from agents.config import BackendConfig, MuxConfig, load_config, load_keys, write_keys
-from agents.roles import ROLE_ORDER, load_roles
 from agents.service import DEFAULT_CONFIG, default_keys_path, serve_forever, start_background
+from agents.team import run_team
 from dgxready.cli import out, user_errors
+from dgxready.roles import ROLE_ORDER, load_roles
 from dgxready.settings import load_settings
+from model.running import running_model
 
 FEATURE = ("Feature request: per-agent token budgets in the multiplexer, so that one agent "
            "cannot starve the others on the shared DGX Spark.")
@@ -23,33 +28,25 @@ def ensure_keys(path: Path, count: int) -> None:
         out.print(f"wrote {len(keys.agents)} agent keys to {path} (mode 600)")
 
 
-@contextlib.contextmanager
-def backend_for(config: MuxConfig, parallel: int):
-    """The configured backends if one answers; otherwise start the default model for them."""
-    import httpx
-
-    from dgxready.ports import free_port
-    from model.catalog import load_catalog
-    from model.llamacpp_build import build_llamacpp
-    from model.serve import ServeRequest, serve, stop
-
+def any_backend_answers(config: MuxConfig) -> bool:
     for b in config.backends:
         try:
             if httpx.get(f"{b.url}/health", timeout=2).status_code == 200:
-                yield config
-                return
+                return True
         except httpx.HTTPError:
             continue
-    settings = load_settings()
-    build_llamacpp(settings)
-    state = serve(ServeRequest(model=load_catalog().default, port=free_port(), parallel=parallel,
-                               ctx_per_slot=4096), settings)
-    try:
-        out.print(f"started {state.backend} backend at {state.base_url} with {parallel} slots")
+    return False
+
+
+@contextlib.contextmanager
+def backend_for(config: MuxConfig, parallel: int) -> Iterator[MuxConfig]:
+    """The configured backends if one answers; otherwise start the default model for them."""
+    if any_backend_answers(config):
+        yield config
+        return
+    with running_model(parallel=parallel, ctx_per_slot=4096) as model:
         yield config.model_copy(update={"backends": [BackendConfig(
-            name="local", url=state.base_url, kind="llamacpp", max_concurrency=parallel)]})
-    finally:
-        stop(port=state.port, settings=settings)
+            name="local", url=model.base_url, kind="llamacpp", max_concurrency=parallel)]})
 
 
 @task(help={"count": "number of agents (the seven roles, then extra developers and QA)",
@@ -90,10 +87,6 @@ def serve(c, config=None, port=None, parallel=10):
 @user_errors
 def run(c, scenario="feature-cycle", agents=10, url=None, keys_file=None, max_tokens=96, output=None):
     """Run the seven roles through a feature cycle, concurrently, through the multiplexer."""
-    import time
-
-    from agents.team import run_team
-
     settings = load_settings()
     stamp = time.strftime("%Y%m%dT%H%M%S")
     out_path = Path(output) if output else settings.state_dir / "runs" / f"{stamp}.json"

@@ -12,16 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from agents.roles import Role
 from agents.state import StateStore
+from dgxready.roles import Role
 
 PATH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,200}$")
 MUTATING = {"workspace.write", "taskboard.append", "shell.run"}
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield None
 
 
 class ToolError(Exception):
@@ -102,7 +97,7 @@ class ToolRegistry:
         # shell.run runs outside it so that a slow command does not hold the store.
         atomic = key is not None and call.tool != "shell.run"
         try:
-            with self.store.tx() if atomic else _nothing() as _:
+            with self.store.tx() if atomic else contextlib.nullcontext():
                 if key:
                     with self.store.tx() as db:
                         row = db.execute("SELECT result FROM idempotency WHERE key=?", (key,)).fetchone()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from agents.roles import Role, load_roles
+from dgxready.roles import Role, load_roles
 
 WORDS = ("latency throughput memory cache token agent model server queue batch kernel driver "
          "prompt context budget host metric alert deploy rollback schema plan test load slot "

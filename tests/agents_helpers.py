@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 
 from agents.config import BackendConfig, KeysFile, MuxConfig, write_keys
-from agents.roles import ROLE_ORDER
 from agents.service import BackgroundMux, start_background
+from dgxready.roles import ROLE_ORDER
 
 
 @dataclass

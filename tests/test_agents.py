@@ -12,9 +12,11 @@ import time
 import httpx
 import openai
 import pytest
+import yaml
 
-from agents.roles import TOOLS, load_roles
+from agents.config import write_keys
 from dgxready.ports import free_port
+from dgxready.roles import ROLE_ORDER, TOOLS, load_roles
 from model.serve import ServeRequest, serve, stop
 from tests.agents_helpers import chat, start_mux
 from tests.conftest import module_server
@@ -338,11 +340,6 @@ def test_a_backend_killed_mid_run_loses_and_duplicates_nothing(isolated, backend
 
 
 def test_sessions_survive_a_multiplexer_crash(backend, tmp_path):
-    import yaml
-
-    from agents.config import write_keys
-    from agents.roles import ROLE_ORDER
-
     keys = write_keys(tmp_path / "keys.yaml", 7, ROLE_ORDER)
     port = free_port()
     cfg = tmp_path / "mux.yaml"

@@ -2,16 +2,21 @@
 simulated (no CUDA here): the instant-reply benchmark backend, wrapped to record every request
 body it receives."""
 import asyncio
+import contextlib
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import uvicorn
 
+import agents.tasks
 from agents.benchmarks.instant_backend import make_app
-from agents.roles import load_roles
+from agents.config import BackendConfig, MuxConfig
+from agents.tasks import backend_for
 from dgxready.ports import free_port
+from dgxready.roles import load_roles
 from tests.agents_helpers import start_mux
 
 
@@ -114,3 +119,31 @@ def test_a_sessions_next_turn_waits_and_then_carries_the_turn_before_it(tmp_path
     assert "first question" in said and a.json()["choices"][0]["message"]["content"] in said
     assert said.index("first question") < said.index("second question")
     assert "second question" not in [m["content"] for m in first["messages"]]
+
+
+def test_agents_serve_uses_a_configured_backend_that_answers_and_starts_no_model(monkeypatch):
+    def refuse_to_start(**options):
+        raise AssertionError(f"started a model with {options}")
+
+    monkeypatch.setattr(agents.tasks, "running_model", refuse_to_start)
+    with RecordingBackend() as live:
+        config = MuxConfig(backends=[BackendConfig(name="down", url=f"http://127.0.0.1:{free_port()}"),
+                                     BackendConfig(name="up", url=live.url)])
+        with backend_for(config, 4) as used:
+            assert used is config
+
+
+def test_agents_serve_starts_the_default_model_when_no_backend_answers(monkeypatch):
+    started = []
+
+    @contextlib.contextmanager
+    def fake_running_model(**options):
+        started.append(options)
+        yield SimpleNamespace(base_url="http://127.0.0.1:18080")
+
+    monkeypatch.setattr(agents.tasks, "running_model", fake_running_model)
+    config = MuxConfig(backends=[BackendConfig(name="down", url=f"http://127.0.0.1:{free_port()}")])
+    with backend_for(config, 6) as used:
+        assert [(b.url, b.kind, b.max_concurrency) for b in used.backends] == [
+            ("http://127.0.0.1:18080", "llamacpp", 6)]
+    assert started == [{"parallel": 6, "ctx_per_slot": 4096}]

@@ -6,11 +6,12 @@ import pytest
 
 from agents.backends import BackendPool
 from agents.config import BackendConfig, load_keys, team_roles, write_keys
-from agents.roles import ROLE_ORDER, load_roles
+from agents.mux import SessionLocks
 from agents.scheduler import DeadlineExceeded, FairScheduler, QueueFull
 from agents.state import StateStore
 from agents.tools import ToolCall, ToolRegistry
 from dgxready.errors import ConfigError
+from dgxready.roles import ROLE_ORDER, ROLES_DIR, load_roles
 
 
 def pool(cap=1):
@@ -63,7 +64,7 @@ def test_roles_and_keys_validate(tmp_path):
     roles = load_roles()
     assert list(roles) == list(ROLE_ORDER)
     bad = tmp_path / "developer.yaml"
-    bad.write_text((load_roles.__globals__["ROLES_DIR"] / "developer.yaml").read_text()
+    bad.write_text((ROLES_DIR / "developer.yaml").read_text()
                    .replace("shell.run", "shell.rm"))
     with pytest.raises(ConfigError, match=r"developer.yaml: tools\[3\]: Input should be 'workspace.read'"):
         load_roles(tmp_path)
@@ -142,8 +143,6 @@ def test_a_deep_queue_is_not_charged_in_advance():
 
 
 def test_session_locks_serialise_a_session_and_are_dropped_when_idle():
-    from agents.server import SessionLocks
-
     async def run():
         locks, order = SessionLocks(), []
 

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -59,8 +60,6 @@ def make_app(service_s: float = 0.0, tokens: int = len(REPLY), token_interval_s:
 
 
 def main() -> None:
-    import uvicorn
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True, help="port to listen on")
     parser.add_argument("--service-ms", type=float, default=0.0, help="fixed time before the reply")

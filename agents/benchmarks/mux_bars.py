@@ -28,16 +28,18 @@ from rich.console import Console
 from rich.table import Table
 
 from agents.config import AgentIdentity, KeysFile, write_keys
-from agents.roles import ROLE_ORDER
 from bench.loadgen import Endpoint, closed_loop
 from bench.metrics import compute_metrics
 from bench.workloads import SyntheticWorkload
 from dgxready.ports import free_port
+from dgxready.roles import ROLE_ORDER
+from model.running import running_model
 
 # Fairness is measured inside one priority class: six agents of one role (equal weight and
 # priority); priority classes between roles are strict by design.
 EQUAL_WEIGHT = tuple(f"peer-{i}" for i in range(1, 6))
 FLOODER = "flood-1"
+SERVING_MODEL = "smollm2-135m"
 
 
 @dataclass(frozen=True)
@@ -233,30 +235,25 @@ def overhead(tmp: Path, keys: KeysFile, keys_path: Path, requests: int, rounds: 
 
 
 def serving(tmp: Path, keys: KeysFile, keys_path: Path, requests: int) -> list[Bar]:
-    from dgxready.settings import load_settings
-    from model.serve import ServeRequest, serve, stop
-
-    settings = load_settings()
-    state = serve(ServeRequest(model="smollm2-135m", backend="llamacpp", port=free_port(), parallel=10,
-                               ctx_per_slot=2048), settings)
-    mux, mux_url = spawn_mux(tmp, state.base_url, 10, keys_path, kind="llamacpp")
-    try:
-        # Fresh prompts for every run (seeds differ), so llama-server's prompt cache favours neither.
-        tps: dict[str, list[float]] = {"direct": [], "mux": []}
-        failed = 0
-        for r, order in enumerate((("direct", "mux"), ("mux", "direct")) * 2):
-            for label in order:
-                url = state.base_url if label == "direct" else mux_url
-                wl = SyntheticWorkload(seed=100 + 10 * r + len(tps[label]) + (label == "mux") * 50,
-                                       input_words=(32, 96), output_tokens=(64, 64),
-                                       system_prompt="You are a helpful assistant.")
-                ep = Endpoint(url, "smollm2-135m", api_key=key_of(keys, "developer-1"))
-                m = compute_metrics(asyncio.run(closed_loop(ep, wl, 10, requests, warmup=10)))
-                tps[label].append(m.output_throughput)
-                failed += m.failed
-    finally:
-        mux.terminate()
-        stop(port=state.port, settings=settings)
+    with running_model(SERVING_MODEL, backend="llamacpp", parallel=10, ctx_per_slot=2048) as model:
+        direct_url = model.base_url
+        mux, mux_url = spawn_mux(tmp, direct_url, 10, keys_path, kind="llamacpp")
+        try:
+            # Fresh prompts for every run (seeds differ), so llama-server's prompt cache favours neither.
+            tps: dict[str, list[float]] = {"direct": [], "mux": []}
+            failed = 0
+            for r, order in enumerate((("direct", "mux"), ("mux", "direct")) * 2):
+                for label in order:
+                    url = direct_url if label == "direct" else mux_url
+                    wl = SyntheticWorkload(seed=100 + 10 * r + len(tps[label]) + (label == "mux") * 50,
+                                           input_words=(32, 96), output_tokens=(64, 64),
+                                           system_prompt="You are a helpful assistant.")
+                    ep = Endpoint(url, SERVING_MODEL, api_key=key_of(keys, "developer-1"))
+                    m = compute_metrics(asyncio.run(closed_loop(ep, wl, 10, requests, warmup=10)))
+                    tps[label].append(m.output_throughput)
+                    failed += m.failed
+        finally:
+            mux.terminate()
     d, x = float(np.mean(tps["direct"])), float(np.mean(tps["mux"]))
     return [Bar("llama-server output tok/s vs direct (10 agents)", x / d, 0.95, True,
                 f"direct {d:.1f} tok/s, mux {x:.1f} tok/s (4 alternating rounds); failed {failed}")]

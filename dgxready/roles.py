@@ -1,4 +1,5 @@
-"""Role definitions (agents/roles/*.yaml), validated at load, and their system prompts."""
+"""Role definitions (agents/roles/*.yaml), validated at load, and their system prompts; read by the
+multiplexer and by the benchmark's agents workload."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dgxready.config import load_yaml
 from dgxready.errors import ConfigError
+from dgxready.settings import REPO_ROOT
 
-ROLES_DIR = Path(__file__).with_name("roles")
+ROLES_DIR = REPO_ROOT / "agents" / "roles"
 ToolName = Literal["workspace.read", "workspace.write", "taskboard.append", "shell.run", "knowledge.query"]
 TOOLS: tuple[str, ...] = get_args(ToolName)
 ROLE_ORDER = ("product-manager", "architect-nusy", "architect-systems", "developer",

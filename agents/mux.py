@@ -1,0 +1,95 @@
+"""The multiplexer's state: configuration, roles and keys, the backend pool and its fair scheduler,
+tools, metrics, and per-agent rate limits and session locks."""
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from agents.asgi import ApiError
+from agents.backends import BackendPool
+from agents.config import AgentIdentity, MuxConfig, key_digest
+from agents.metrics import MuxMetrics
+from agents.scheduler import FairScheduler
+from agents.state import StateStore
+from agents.tools import ToolRegistry
+from dgxready.roles import Role
+
+
+@dataclass
+class RateLimiter:
+    """Token bucket per agent, refilled at the role's requests per minute."""
+    buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def take(self, agent: str, per_minute: int) -> float:
+        now = time.monotonic()
+        tokens, last = self.buckets.get(agent, (float(per_minute), now))
+        tokens = min(float(per_minute), tokens + (now - last) * per_minute / 60.0)
+        if tokens < 1.0:
+            self.buckets[agent] = (tokens, now)
+            return (1.0 - tokens) * 60.0 / per_minute
+        self.buckets[agent] = (tokens - 1.0, now)
+        return 0.0
+
+
+@dataclass
+class SessionLocks:
+    """One lock per (agent, session), kept only while a turn holds it or waits for it."""
+    held: dict[tuple[str, str], tuple[asyncio.Lock, int]] = field(default_factory=dict)
+
+    @asynccontextmanager
+    async def hold(self, agent: str, session: str | None):
+        if session is None:
+            yield
+            return
+        key = (agent, session)
+        lock, users = self.held.get(key) or (asyncio.Lock(), 0)
+        self.held[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self.held[key]
+            if users == 1:
+                del self.held[key]
+            else:
+                self.held[key] = (lock, users - 1)
+
+
+@dataclass
+class Mux:
+    config: MuxConfig
+    roles: dict[str, Role]
+    keys: dict[str, AgentIdentity]
+    store: StateStore
+    metrics: MuxMetrics
+    pool: BackendPool
+    scheduler: FairScheduler
+    tools: ToolRegistry
+    client: aiohttp.ClientSession | None = None
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+    sessions: SessionLocks = field(default_factory=SessionLocks)
+    known_keys: dict[str, AgentIdentity] = field(default_factory=dict)
+    typical_output: dict[str, float] = field(default_factory=dict)
+
+    def identify(self, auth: str) -> tuple[AgentIdentity, Role]:
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        ident = self.known_keys.get(key) or (self.keys.get(key_digest(key)) if key else None)
+        if ident is None:
+            self.metrics.rejections.labels("unauthorized").inc()
+            raise ApiError(401, "unknown or missing API key", "authentication_error")
+        # Only keys that matched are remembered, so unknown keys cannot grow this.
+        self.known_keys[key] = ident
+        return ident, self.roles[ident.role]
+
+
+def create_mux(config: MuxConfig, roles: dict[str, Role], keys: dict[str, AgentIdentity],
+               store: StateStore) -> Mux:
+    metrics = MuxMetrics()
+    pool = BackendPool.of(config.backends, config.cooldown_s)
+    tools = ToolRegistry(store, config.shell_allowlist,
+                         on_outcome=lambda c, o: metrics.tool_calls.labels(c.agent, c.tool, o).inc())
+    return Mux(config, roles, keys, store, metrics, pool, FairScheduler(pool, config.queue_max), tools)
