@@ -4,10 +4,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import aiohttp
 
 from agents.config import BackendConfig
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+# llama-server announces keep-alive but closes the socket after a stream; saying so up front
+# keeps the client from reusing a connection that is about to die.
+STREAM_HEADERS = {"llamacpp": {**JSON_HEADERS, "Connection": "close"}}
 
 
 @dataclass
@@ -18,6 +24,15 @@ class Backend:
     cooldown_until: float = 0.0
     model_id: str | None = None
     failures: int = 0
+    auth: dict[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def json_headers(self) -> dict[str, str]:
+        return {**JSON_HEADERS, **self.auth}
+
+    @cached_property
+    def stream_headers(self) -> dict[str, str]:
+        return {**STREAM_HEADERS.get(self.config.kind, JSON_HEADERS), **self.auth}
 
     @property
     def name(self) -> str:
@@ -39,7 +54,7 @@ class BackendPool:
 
     @classmethod
     def of(cls, configs: list[BackendConfig], cooldown_s: float) -> BackendPool:
-        return cls([Backend(c, model_id=c.model) for c in configs], cooldown_s)
+        return cls([Backend(c, model_id=c.model, auth=auth_header(c)) for c in configs], cooldown_s)
 
     def pick(self) -> Backend | None:
         """Least outstanding requests among healthy backends with a free slot."""
@@ -66,6 +81,11 @@ class BackendPool:
         return sum(b.config.max_concurrency for b in self.backends)
 
 
+def auth_header(config: BackendConfig) -> dict[str, str]:
+    key = config.api_key()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 async def probe_backend(client: aiohttp.ClientSession, backend: Backend) -> bool:
     timeout = aiohttp.ClientTimeout(total=3.0)
     try:
@@ -73,7 +93,8 @@ async def probe_backend(client: aiohttp.ClientSession, backend: Backend) -> bool
             if health.status != 200:
                 return False
         if backend.model_id is None:
-            async with client.get(f"{backend.config.url}/v1/models", timeout=timeout) as models:
+            async with client.get(f"{backend.config.url}/v1/models", timeout=timeout,
+                                  headers=backend.auth) as models:
                 backend.model_id = (await models.json())["data"][0]["id"]
         return True
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError):

@@ -23,6 +23,17 @@ class BackendConfig(BaseModel):
     kind: Literal["llamacpp", "vllm", "openai"] = "llamacpp"
     max_concurrency: int = Field(4, ge=1, le=1024, description="llama-server -np / vLLM max_num_seqs")
     model: str | None = Field(None, description="model id to send (default: the first in /v1/models)")
+    api_key_file: Path | None = Field(None, description="file holding the backend's API key (llama-server "
+                                                        "--api-key-file, vLLM --api-key)")
+
+    def api_key(self) -> str | None:
+        if self.api_key_file is None:
+            return None
+        try:
+            return self.api_key_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"backends.{self.name}.api_key_file: {exc.strerror}: "
+                              f"{self.api_key_file}") from None
 
 
 class MuxConfig(BaseModel):

@@ -154,12 +154,6 @@ def retried(mux: Mux, turn: Turn, grant: Grant, exc: Exception) -> None:
     mux.metrics.request(turn.ident.name, grant.backend.name, "retried").inc()
 
 
-JSON_HEADERS = {"Content-Type": "application/json"}
-# llama-server announces keep-alive but closes the socket after a stream; saying so up front
-# keeps the client from reusing a connection that is about to die.
-STREAM_HEADERS = {"llamacpp": {**JSON_HEADERS, "Connection": "close"}}
-
-
 def timeout_of(turn: Turn) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=max(1.0, turn.deadline - time.monotonic()), sock_connect=5.0)
 
@@ -179,7 +173,7 @@ async def complete(mux: Mux, turn: Turn, send: Send) -> None:
         try:
             async with mux.client.post(f"{grant.backend.config.url}/v1/chat/completions",
                                        data=backend_body(turn, grant.backend, False),
-                                       headers=JSON_HEADERS,
+                                       headers=grant.backend.json_headers,
                                        timeout=timeout_of(turn)) as resp:
                 status, content = resp.status, await resp.read()
             if status >= 500:
@@ -248,7 +242,7 @@ async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
         try:
             resp = await mux.client.post(f"{grant.backend.config.url}/v1/chat/completions",
                                          data=backend_body(turn, grant.backend, True),
-                                         headers=STREAM_HEADERS.get(grant.backend.config.kind, JSON_HEADERS),
+                                         headers=grant.backend.stream_headers,
                                          timeout=timeout_of(turn))
             if resp.status != 200:
                 content = await resp.read()

@@ -6,6 +6,10 @@ from typing import Literal
 
 from model.gpu import GpuFacts, gpu_facts, meminfo_bytes
 
+# Unified memory: the page cache competes with the GPU, so NVIDIA's playbooks drop it before an
+# engine starts. The same line runs here (model.serve) and on provisioned hosts.
+DROP_PAGE_CACHE_SH = "sync && echo 3 > /proc/sys/vm/drop_caches"
+
 
 @dataclass(frozen=True)
 class MemoryBudget:

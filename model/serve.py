@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,9 +16,9 @@ from dgxready.files import atomic_write_json
 from dgxready.progress import console
 from dgxready.settings import Settings, load_settings
 from model.backend import BackendChoice, choose_backend
-from model.catalog import load_catalog
+from model.catalog import Catalog, ModelEntry, load_catalog
 from model.llamacpp_build import require_binary
-from model.memory import host_budget
+from model.memory import DROP_PAGE_CACHE_SH, host_budget
 from model.plan import engine_kv_dtype, kv_shape, make_plan, require_fit
 from model.procs import (
     ServerFailed,
@@ -30,6 +31,7 @@ from model.procs import (
 )
 from model.procs import terminate as terminate_pid
 from model.pull import ResolvedFormat, resolve_format, store_for
+from model.store import ModelStore
 
 
 @dataclass(frozen=True)
@@ -87,13 +89,13 @@ def load_states(settings: Settings) -> list[ServerState]:
     return states
 
 
-def llamacpp_command(binary: Path, model_path: Path, name: str, host: str, port: int,
+def llamacpp_command(binary: str | Path, model_path: str | Path, name: str, host: str, port: int,
                      flags: list[str], extra: tuple[str, ...]) -> list[str]:
     return [str(binary), "-m", str(model_path), "--host", host, "--port", str(port),
             "--alias", name, "--metrics", *flags, *extra]
 
 
-def vllm_command(choice: BackendChoice, model_dir: Path, name: str, host: str, port: int,
+def vllm_command(choice: BackendChoice, model_dir: str | Path, name: str, host: str, port: int,
                  flags: list[str], mistral_tokenizer: bool, extra: tuple[str, ...]) -> list[str]:
     args = ["--served-model-name", name, "--enable-prefix-caching", *flags]
     if mistral_tokenizer:
@@ -109,45 +111,54 @@ def vllm_command(choice: BackendChoice, model_dir: Path, name: str, host: str, p
 
 
 def drop_page_cache() -> str:
-    """Unified memory: the page cache competes with the GPU, so NVIDIA drops it first."""
     if os.geteuid() != 0:
         return "not root: page cache left as is"
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError as exc:
-        return f"page cache not dropped ({exc.strerror})"
+    done = subprocess.run(["sh", "-c", DROP_PAGE_CACHE_SH], capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"page cache not dropped ({done.stderr.strip()})"
     return "page cache dropped"
 
 
-def settle_backend(req: ServeRequest, choice: BackendChoice, settings: Settings) -> BackendChoice:
+@dataclass(frozen=True)
+class CatalogView:
+    """The catalog entry of the model being served, read once and passed on."""
+    catalog: Catalog
+    entry: ModelEntry
+    store: ModelStore
+
+
+def settle_backend(req: ServeRequest, choice: BackendChoice, view: CatalogView) -> BackendChoice:
     """Under `auto`, the model decides too: a GGUF-only model or a GGUF format means llama.cpp."""
     if req.backend != "auto" or choice.backend != "vllm":
         return choice
     if req.fmt:
-        fmt = resolve_format(load_catalog(), store_for(settings), req.model, req.fmt)
+        fmt = resolve_format(view.catalog, view.store, req.model, req.fmt)
         if fmt.spec.engine == "llamacpp":
             return BackendChoice("llamacpp", f"{choice.reason}; but format {req.fmt} is a GGUF")
-    elif not load_catalog().model(req.model).formats_for("vllm"):
+    elif not view.entry.formats_for("vllm"):
         return BackendChoice("llamacpp", f"{choice.reason}; but {req.model} has no vLLM format")
     return choice
 
 
-def prepare(req: ServeRequest, settings: Settings, choice: BackendChoice):
-    store = store_for(settings)
-    resolved: ResolvedFormat = resolve_format(load_catalog(), store, req.model, req.fmt,
+def prepare(req: ServeRequest, settings: Settings, choice: BackendChoice, view: CatalogView):
+    resolved: ResolvedFormat = resolve_format(view.catalog, view.store, req.model, req.fmt,
                                               engine=choice.backend)
     if resolved.spec.engine != choice.backend:
         raise DgxReadyError(f"format {resolved.name} is for {resolved.spec.engine}, "
                             f"not {choice.backend}")
-    entry_path = store.require_verified(req.model, resolved.name, resolved.spec)
-    shape = kv_shape(entry_path, load_catalog().model(req.model).architecture)
+    entry_path = view.store.require_verified(req.model, resolved.name, resolved.spec)
+    shape = kv_shape(entry_path, view.entry.architecture)
     parallel = req.parallel or settings.serve.parallel
     ctx = req.ctx_per_slot or settings.serve.ctx_per_slot
     kv = engine_kv_dtype(choice.backend, req.kv_dtype)
     plan = require_fit(make_plan(req.model, resolved.name, resolved.spec, shape, parallel,
                                  min(ctx, shape.context_length), kv, host_budget()))
     return resolved, entry_path, plan
+
+
+def catalog_view(model: str, settings: Settings) -> CatalogView:
+    catalog = load_catalog()
+    return CatalogView(catalog, catalog.model(model), store_for(settings))
 
 
 def serve(req: ServeRequest, settings: Settings | None = None) -> ServerState:
@@ -159,9 +170,10 @@ def serve(req: ServeRequest, settings: Settings | None = None) -> ServerState:
         who = f" by {owner.model} ({owner.backend}, pid {owner.pid})" if owner else ""
         raise DgxReadyError(f"port {port} on {host} is already in use{who}; "
                             "pick another with --port or stop it with `invoke model.stop`")
-    choice = settle_backend(req, choose_backend(req.backend, settings.serve.vllm_image), settings)
+    view = catalog_view(req.model, settings)
+    choice = settle_backend(req, choose_backend(req.backend, settings.serve.vllm_image), view)
     console.print(f"backend: [bold]{choice.backend}[/] ({choice.reason})")
-    resolved, entry_path, plan = prepare(req, settings, choice)
+    resolved, entry_path, plan = prepare(req, settings, choice, view)
     if choice.backend == "llamacpp":
         cmd = llamacpp_command(require_binary("llama-server", settings), entry_path, req.model,
                                host, port, plan.engine_flags, req.extra_args)

@@ -16,6 +16,66 @@ ADDRESS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_-]{0,252}$")
 Profile = Literal["dgx-spark", "generic-nvidia", "cpu-only"]
 
 
+MD_DEVICE = r"^/dev/md(/[A-Za-z0-9_.-]{1,32}|[0-9]{1,3})$"
+BLOCK_DEVICE = re.compile(r"^/dev/[A-Za-z0-9_.:/-]{1,120}$")
+MOUNT_OPTION = re.compile(r"^[A-Za-z0-9_.:=-]{1,64}$")
+MIN_ARRAY_DEVICES = {0: 2, 1: 2, 4: 3, 5: 3, 6: 4, 10: 2}
+
+
+class ArrayRequest(BaseModel):
+    """An md array for the model store, mounted at <prefix>/models; created only while it does
+    not exist and none of its devices holds a signature, a partition, a holder or a mount."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=MD_DEVICE, description="/dev/mdN or /dev/md/NAME")
+    level: Literal[0, 1, 4, 5, 6, 10]
+    devices: tuple[str, ...]
+    filesystem: Literal["ext4", "xfs"] = "ext4"
+
+    @field_validator("devices")
+    @classmethod
+    def _device_paths(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for d in v:
+            if not BLOCK_DEVICE.match(d) or ".." in d.split("/"):
+                raise ValueError(f"{d!r} is not a device path under /dev")
+        if len(set(v)) != len(v):
+            raise ValueError("a device is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _enough_devices(self) -> ArrayRequest:
+        need = MIN_ARRAY_DEVICES[self.level]
+        if len(self.devices) < need:
+            raise ValueError(f"RAID {self.level} needs at least {need} devices, {len(self.devices)} given")
+        return self
+
+
+class StorageVars(BaseModel):
+    """What the volume under the model store must be; nothing here is changed on the host
+    unless `remount` or `array` asks for it."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mount_options: tuple[str, ...] = Field((), description="options the store's mount needs, e.g. [noatime]")
+    remount: bool = Field(False, description="remount the store's filesystem to add missing mount_options")
+    filesystem: str | None = Field(None, pattern=r"^[a-z0-9]{2,16}$",
+                                   description="the filesystem type the store must be on")
+    min_free_gib: float = Field(0, ge=0, description="free space to keep beyond the model's needs")
+    array: ArrayRequest | None = None
+    bench: bool = Field(True, description="record a short storage benchmark of the store's mount")
+
+    @field_validator("mount_options")
+    @classmethod
+    def _options(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for o in v:
+            if not MOUNT_OPTION.match(o):
+                raise ValueError(f"{o!r} is not a single mount option")
+        return v
+
+    @model_validator(mode="after")
+    def _one_filesystem(self) -> StorageVars:
+        if self.array and self.filesystem and self.filesystem != self.array.filesystem:
+            raise ValueError(f"filesystem {self.filesystem} differs from the array's {self.array.filesystem}")
+        return self
+
+
 class HostVars(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     profile: Profile = "cpu-only"
@@ -23,7 +83,16 @@ class HostVars(BaseModel):
     prefix: str = Field("/opt/dgxready", pattern=r"^/[A-Za-z0-9._/-]{1,200}$",
                         description="where the toolkit, binaries and models live on the host")
     serve_port: int = Field(8080, ge=1, le=65535)
-    serve_host: str | None = Field(None, description="address llama-server binds (default: the host's)")
+    serve_host: str | None = Field(None, pattern=r"^[A-Za-z0-9.:_-]{1,253}$",
+                                   description="address the engine binds (default 127.0.0.1: only the "
+                                               "multiplexer reaches it); llama-server then needs an API key")
+    mux_host: str | None = Field(None, pattern=r"^[A-Za-z0-9.:_-]{1,253}$",
+                                 description="address the multiplexer binds (default: the host's address)")
+    mux_port: int = Field(8090, ge=1, le=65535, description="the port the host exposes to agents")
+    agents: int = Field(10, ge=1, le=1000, description="agent keys generated on the host")
+    kv_dtype: Literal["f16", "bf16", "fp8", "q8_0", "q4_0"] = "f16"
+    vllm: Literal["container", "venv"] = Field(
+        "container", description="vLLM from the NGC image, or from a venv at <prefix>/vllm-venv")
     parallel: int = Field(4, ge=1, le=256)
     ctx_per_slot: int = Field(2048, ge=256)
     threads: int | None = Field(None, ge=1, le=1024,
@@ -31,6 +100,7 @@ class HostVars(BaseModel):
     llamacpp: Literal["auto", "ship", "build"] = Field(
         "auto", description="ship the controller's build (same arch), or build on the host")
     service_user: str = Field("dgxready", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    storage: StorageVars = StorageVars()
 
     @field_validator("prefix")
     @classmethod

@@ -8,7 +8,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 from fabric import Connection
@@ -16,12 +15,11 @@ from fabric import Connection
 from dgxready.errors import DgxReadyError
 from dgxready.files import atomic_write_json
 from dgxready.settings import Settings, load_settings
-from provision import steps as S
+from model.catalog import load_catalog
+from provision.artifacts import controller_artifacts
 from provision.core import Host, Step, StepResult, run_step
 from provision.inventory import Target
-
-STEP_ORDER = ("base-packages", "user-ssh", "nvidia-driver", "docker", "python-env", "llama.cpp", "vllm",
-              "model", "services", "validate")
+from provision.steps import all_steps
 
 
 @dataclass
@@ -52,31 +50,14 @@ class RunRecord:
         return out
 
 
-def controller_artifacts(settings: Settings, model: str) -> S.Artifacts:
-    from model.catalog import load_catalog
-    from model.llamacpp_build import build_llamacpp
-    from model.pull import pull, resolve_format, store_for
-
-    build = build_llamacpp(settings)
-    # pull() hashes what is already in the store, so the file now matches the catalog's sha256.
-    result = pull(model, engine="llamacpp", settings=settings)
-    store = store_for(settings)
-    spec = resolve_format(load_catalog(), store, model, result.fmt).spec
-    entry = spec.entry_file
-    sdist = settings.downloads_dir / f"llama_cpp_python-{settings.llamacpp.python_sdist_version}.tar.gz"
-    return S.Artifacts(build.root / "bin", S.controller_machine(), store.file_path(model, result.fmt, entry),
-                       entry.sha256, f"{model}/{result.fmt}/{entry.name}", sdist if sdist.exists() else None)
+def engines_for(targets: list[Target], model: str) -> set[str]:
+    has_vllm = bool(load_catalog().model(model).formats_for("vllm"))
+    return {"vllm" if has_vllm and t.entry.vars.profile != "cpu-only" else "llamacpp" for t in targets}
 
 
-def all_steps(art: S.Artifacts, settings: Settings) -> list[Step]:
-    versions = {}
-    for p in S.HOST_PYTHON_PACKAGES:
-        try:
-            versions[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            continue
-    return [S.BasePackages(), S.UserAndSsh(), S.NvidiaDriver(), S.Docker(), S.PythonEnv(versions),
-            S.LlamaCpp(art), S.Vllm(settings.serve.vllm_image), S.Model(art), S.Services(art), S.Validate()]
+def steps_for(targets: list[Target], model: str, settings: Settings) -> list[Step]:
+    art = controller_artifacts(settings, model, engines_for(targets, model))
+    return all_steps(art.llama, art.formats, art.app, art.pins, settings.serve.vllm_image)
 
 
 def select_steps(steps: list[Step], only: str | None, start: str | None) -> list[Step]:
@@ -113,6 +94,7 @@ def provision_host(target: Target, steps: list[Step], dry_run: bool, undo: bool,
                               f"{exc.__class__.__name__}: {exc}"), record_path)
         return
     host = Host(target, conn, sudo_password)
+    pending = False
     try:
         for step in steps:
             if undo:
@@ -123,10 +105,14 @@ def provision_host(target: Target, steps: list[Step], dry_run: bool, undo: bool,
                                      time.monotonic() - started, what or "this step has no undo")
                 except Exception as exc:  # noqa: BLE001
                     res = StepResult(target.name, step.name, "failed", time.monotonic() - started, str(exc))
+            elif dry_run and step.needs_converged and pending:
+                res = StepResult(target.name, step.name, "skipped", 0.0,
+                                 "checks the finished stack: runs once the changes above are applied")
             else:
                 res = run_step(step, host, dry_run)
             record.add(res, record_path)
-            if res.status == "failed":
+            pending = pending or res.status == "would change"
+            if res.status == "failed" and not dry_run:
                 break
     finally:
         conn.close()
@@ -151,7 +137,7 @@ def provision(targets: list[Target], only: str | None = None, start: str | None 
     if len(models) != 1:
         raise DgxReadyError(f"one model per run, please: the hosts ask for {', '.join(sorted(models))}")
     if steps is None:
-        steps = all_steps(controller_artifacts(settings, models.pop()), settings)
+        steps = steps_for(targets, models.pop(), settings)
     chosen = select_steps(steps, undo or only, None if undo else start)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     record = RunRecord(stamp, [t.name for t in targets], dry_run, "undo" if undo else "apply")

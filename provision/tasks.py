@@ -11,7 +11,9 @@ from rich.table import Table
 
 from dgxready.cli import out, user_errors
 from dgxready.settings import REPO_ROOT
+from provision import lab
 from provision.inventory import Inventory, load_inventory, select
+from provision.keys import fetch_keys
 from provision.run import RunRecord
 from provision.run import provision as run_provision
 
@@ -31,8 +33,9 @@ def print_record(record: RunRecord, path: Path) -> int:
     colour = {"ok": "green", "changed": "yellow", "would change": "cyan", "failed": "red",
               "skipped": "dim", "undone": "magenta"}
     for r in record.results:
-        timing.add_row(r.host, r.step, f"[{colour.get(r.status, 'white')}]{r.status}", f"{r.seconds:.1f}",
-                       r.detail[:120])
+        detail = "\n".join(f"• {c}" for c in r.changes) if r.status == "would change" else r.detail
+        status = f"[{colour.get(r.status, 'white')}]{r.status}"
+        timing.add_row(r.host, r.step, status, f"{r.seconds:.1f}", detail)
     out.print(timing)
     failed = 0
     for h in record.hosts:
@@ -91,6 +94,40 @@ def check(c, host, inventory=None, json_=False):
         raise Exit(code=1)
 
 
+@task(help={"host": "one host from the inventory", "inventory": INVENTORY_HELP,
+            "output": "where to write the keys (mode 600; default: <state dir>/keys/<host>-agent-keys.yaml)"})
+@user_errors
+def keys(c, host, inventory=None, output=None):
+    """Fetch the agent keys generated on a provisioned host (never printed)."""
+    targets = targets_for(host, inventory)
+    if len(targets) != 1:
+        raise Exit(f"error: --host {host!r} selects {len(targets)} hosts; name one", code=2)
+    path = fetch_keys(targets[0], Path(output) if output else None)
+    out.print(f"agent keys of {targets[0].name} in {path} (mode 600)")
+
+
+@task(name="lab-up", help={"count": "how many test hosts", "inventory": "inventory file to write (lab.yaml)"})
+@user_errors
+def lab_up(c, count=2, inventory="lab.yaml"):
+    """Start disposable Debian test hosts (root, debootstrap, zstd) and write their inventory."""
+    require_lab()
+    lab.up(int(count), Path(inventory))
+
+
+@task(name="lab-down", help={"inventory": "the inventory lab-up wrote"})
+@user_errors
+def lab_down(c, inventory="lab.yaml"):
+    """Stop the test hosts lab-up started and delete them."""
+    lab.down(Path(inventory))
+
+
+def require_lab() -> None:
+    why = lab.available()
+    if why:
+        raise Exit(f"error: test hosts cannot run here: {why}", code=1)
+
+
 ns = Collection("provision")
 ns.add_task(provision, default=True)
-ns.add_task(check)
+for t in (check, keys, lab_up, lab_down):
+    ns.add_task(t)

@@ -1,4 +1,5 @@
-"""Provisioning bars, on disposable Debian test hosts (root, debootstrap and zstd needed):
+"""Provisioning bars, on disposable Debian test hosts (root, debootstrap and zstd needed), with
+the whole stack (engine, multiplexer, validate):
 - the idempotent re-run of the whole step list takes <= 10% of the first run;
 - two hosts in parallel take <= 1.5x the wall time of one host."""
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from provision import lab
 from provision.inventory import load_inventory, select
 from provision.run import provision
-from tests import testhosts
 
 
 def timed_run(inv: Path, spec: str) -> tuple[float, dict]:
@@ -32,7 +33,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    why = testhosts.available()
+    why = lab.available()
     if why:
         print(f"test hosts unavailable: {why}", file=sys.stderr)
         return 2
@@ -41,10 +42,10 @@ def main() -> int:
     try:
         entries = {}
         for name, address in (("solo", "127.0.0.41"), ("pair-a", "127.0.0.42"), ("pair-b", "127.0.0.43")):
-            h = testhosts.make_host(work / name, name, address)
+            h = lab.make_host(work / name, name, address)
             h.start()
             made.append(h)
-            entries[name] = {"address": address, "key": str(h.key)}
+            entries[name] = {"address": address, "key": str(h.key), "vars": lab.lab_vars()}
         inv = work / "inventory.yaml"
         inv.write_text(yaml.safe_dump({"hosts": entries, "groups": {"pair": ["pair-a", "pair-b"]}}))
         first, _ = timed_run(inv, "solo")

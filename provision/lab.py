@@ -1,12 +1,16 @@
-"""Disposable Debian test hosts: a debootstrap rootfs (built once, cached as a tarball), an
-overlay per host, and sshd on the host's own loopback address inside its own mount, UTS and
-PID namespaces. `ssh root@127.0.0.N` lands in that rootfs. Needs root, debootstrap and zstd.
+"""A lab of disposable Debian hosts to try provisioning on: a debootstrap rootfs (built once,
+cached as a tarball), an overlay per host, and sshd on the host's own loopback address inside its
+own mount, UTS and PID namespaces. `ssh root@127.0.0.N` lands in that rootfs. Needs root,
+debootstrap and zstd. The hosts share this machine's network, so each host's engine gets its own
+port on 127.0.0.1.
 
-    python -m tests.testhosts build                          # build and cache the base tarball
-    python -m tests.testhosts up --count 2 --inventory lab.yaml   # start hosts, write an inventory
-    python -m tests.testhosts down --inventory lab.yaml           # stop them and delete them"""
+    invoke provision.lab-up --count 2 --inventory lab.yaml    # start hosts, write an inventory
+    invoke provision.lab-down --inventory lab.yaml            # stop them and delete them
+    python -m provision.lab build|up|down                     # the same without invoke"""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import shutil
@@ -17,6 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+from fabric import Connection
+
+from dgxready.ports import free_port
 from dgxready.settings import load_settings
 
 SUITE = "bookworm"
@@ -87,6 +95,10 @@ class TestHost:
     workdir: Path
     key: Path
     proc: subprocess.Popen | None = None
+
+    def connection(self) -> Connection:
+        return Connection(self.address, user="root", connect_kwargs={
+            "key_filename": str(self.key), "look_for_keys": False, "allow_agent": False, "timeout": 5})
 
     def ssh_config_entry(self, user: str = "root") -> str:
         return (f"Host {self.name}\n  HostName {self.address}\n  Port 22\n  User {user}\n"
@@ -171,19 +183,20 @@ def lab_state(inventory: Path) -> Path:
     return inventory.with_suffix(".hosts.json")
 
 
+def lab_vars() -> dict:
+    """Lab hosts share this machine's cores and network: one llama.cpp thread each, and ports
+    of their own for the engine (on the shared 127.0.0.1) and the multiplexer."""
+    return {"threads": 1, "serve_port": free_port(), "mux_port": free_port()}
+
+
 def up(count: int, inventory: Path, first_octet: int = 51) -> None:
-    import json
-
-    import yaml
-
     lab = cache_dir() / "lab" / inventory.stem
     entries, state = {}, []
     for i in range(count):
         name, address = f"lab{i + 1}", f"127.0.0.{first_octet + i}"
         host = make_host(lab / name, name, address)
         host.start()
-        # Lab hosts share this machine's cores: one llama.cpp thread each avoids oversubscription.
-        entries[name] = {"address": address, "key": str(host.key), "vars": {"threads": 1}}
+        entries[name] = {"address": address, "key": str(host.key), "vars": lab_vars()}
         state.append({"name": name, "pid": host.proc.pid, "root": str(host.root), "workdir": str(host.workdir)})
     inventory.write_text(yaml.safe_dump({"hosts": entries, "groups": {"lab": list(entries)}}))
     lab_state(inventory).write_text(json.dumps(state, indent=2))
@@ -191,8 +204,6 @@ def up(count: int, inventory: Path, first_octet: int = 51) -> None:
 
 
 def down(inventory: Path) -> None:
-    import json
-
     for h in json.loads(lab_state(inventory).read_text()):
         with_pid = TestHost(h["name"], "", Path(h["root"]), Path(h["workdir"]), Path())
         try:
@@ -205,8 +216,6 @@ def down(inventory: Path) -> None:
 
 
 def main() -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("build", "up", "down"), help="what to do")
     parser.add_argument("--count", type=int, default=2, help="hosts to start with `up`")

@@ -1,0 +1,17 @@
+"""The provisioning steps in the order they run; `all_steps` builds them from the controller's
+artifacts."""
+from __future__ import annotations
+
+from provision.core import Step
+from provision.steps.engine import LlamaBuild, LlamaCpp, VllmImage
+from provision.steps.modelfiles import ModelFiles, ModelStep
+from provision.steps.services import EngineService, MultiplexerService
+from provision.steps.system import AppBundle, BasePackages, Docker, NvidiaDriver, PythonEnv, UserAndSsh
+from provision.steps.validate import Validate
+
+
+def all_steps(llama: LlamaBuild, formats: dict[str, ModelFiles], app: AppBundle, pins: tuple[str, ...],
+              vllm_image: str) -> list[Step]:
+    return [BasePackages(), UserAndSsh(), NvidiaDriver(), Docker(), PythonEnv(pins, app), LlamaCpp(llama),
+            VllmImage(vllm_image), ModelStep(formats), EngineService(formats, vllm_image),
+            MultiplexerService(formats), Validate()]
