@@ -6,21 +6,21 @@ import os
 import pytest
 import yaml
 
+from provision import lab
 from provision.inventory import load_inventory, select
 from provision.run import provision
-from tests import testhosts
 
-pytestmark = pytest.mark.skipif(not os.environ.get("DGXREADY_SLOW_TESTS") or testhosts.available(),
+pytestmark = pytest.mark.skipif(not os.environ.get("DGXREADY_SLOW_TESTS") or lab.available(),
                                 reason="slow: set DGXREADY_SLOW_TESTS=1 (and run as root)")
 
 
 def test_llamacpp_built_on_the_host_serves(tmp_path, isolated):
-    host = testhosts.make_host(tmp_path / "builder", "builder", "127.0.0.61")
+    host = lab.make_host(tmp_path / "builder", "builder", "127.0.0.61")
     host.start()
     try:
         inv = tmp_path / "inventory.yaml"
         inv.write_text(yaml.safe_dump({"hosts": {"builder": {
-            "address": "127.0.0.61", "key": str(host.key), "vars": {"llamacpp": "build"}}}}))
+            "address": "127.0.0.61", "key": str(host.key), "vars": {"llamacpp": "build", **lab.lab_vars()}}}}))
         record, _ = provision(select(load_inventory(inv), "builder"))
         by_step = {r.step: r for r in record.results}
         assert by_step["llama.cpp"].status == "changed" and "built on the host" in by_step["llama.cpp"].detail
