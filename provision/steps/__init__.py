@@ -6,12 +6,22 @@ from provision.core import Step
 from provision.steps.engine import LlamaBuild, LlamaCpp, VllmImage
 from provision.steps.modelfiles import ModelFiles, ModelStep
 from provision.steps.services import EngineService, MultiplexerService
+from provision.steps.storage import Storage
 from provision.steps.system import AppBundle, BasePackages, Docker, NvidiaDriver, PythonEnv, UserAndSsh
 from provision.steps.validate import Validate
 
 
 def all_steps(llama: LlamaBuild, formats: dict[str, ModelFiles], app: AppBundle, pins: tuple[str, ...],
               vllm_image: str) -> list[Step]:
-    return [BasePackages(), UserAndSsh(), NvidiaDriver(), Docker(), PythonEnv(pins, app), LlamaCpp(llama),
+    return [BasePackages(), UserAndSsh(), NvidiaDriver(), Docker(), PythonEnv(pins, app), storage_step(formats),
+            LlamaCpp(llama),
             VllmImage(vllm_image), ModelStep(formats), EngineService(formats, vllm_image),
             MultiplexerService(formats), Validate()]
+
+
+def storage_step(formats: dict[str, ModelFiles]) -> Storage:
+    """Room for the largest format any host serves; what a host's store already holds of it
+    counts when there is one format."""
+    needed = max(f.spec.weight_bytes for f in formats.values())
+    only = next(iter(formats.values())) if len(formats) == 1 else None
+    return Storage(needed, f"{only.model}/{only.fmt}" if only else None)
