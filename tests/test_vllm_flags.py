@@ -8,13 +8,18 @@ The pinned vLLM is the one in `serve.vllm_image`: NVIDIA's vLLM Release 25.10 no
 The flag list is tests/fixtures/vllm/serve-flags-<version>.json. The current one was DERIVED FROM
 vLLM 0.10.2's SOURCE (the vllm-0.10.2 wheel from PyPI, read with `ast` by
 tests/fixtures/vllm/extract_flags.py, which re-implements how vLLM turns its config dataclasses
-into argparse options); it was NOT recorded from a live `vllm serve --help`. Refresh it from the
-real parser on a machine with the image (a GPU host; `--help` itself needs no GPU):
+into argparse options); it was NOT recorded from a live `vllm serve --help` on a GPU host. It was
+cross-checked once against the same wheel's own `vllm serve --help`, run on a CPU-only machine
+(same 236 options, same choices; see the fixture's `source`), and all the command lines below
+were parsed by that real parser without an error. NVIDIA builds its image from its own vLLM
+tree, so refresh the fixture from the image itself on a machine that has it (a GPU host;
+`--help` itself needs no GPU) when one is at hand:
 
     docker run --rm nvcr.io/nvidia/vllm:25.10-py3 vllm serve --help > serve-help.txt
     python tests/fixtures/vllm/extract_flags.py help serve-help.txt --version 0.10.2
 
-(use `vllm serve --help=all` from vLLM 0.11 on; 0.10.x prints everything for a bare `--help`).
+(0.10.x prints every option for a bare `--help`, and its `--help=all` is a keyword search; later
+releases print a short page for `--help` and need `--help=all`).
 The help text is read by `parse_help`, which test_parse_help_reads_argparse_output below checks
 against argparse's own output. When `serve.vllm_image` moves to another release, add its tag to
 NGC_VLLM and record that version's fixture, from help text or with
