@@ -399,3 +399,13 @@ def test_an_unreachable_host_is_named_with_its_address(tmp_path, isolated):
 def test_the_service_identity_is_stable_json():
     spec = services.ServiceSpec("u", "d", ("a", "--gpu-memory-utilization", "0.41"), None, "http://x/health")
     assert json.loads(spec.identity())["argv"] == ["a", "--gpu-memory-utilization", "*"]
+
+
+def test_an_exposed_vllm_reads_its_key_from_a_file_never_from_argv(tmp_path):
+    step = services.EngineService(model_formats(tmp_path, "llamacpp", "vllm"), "img")
+    kw = dict(profile="dgx-spark", model="mistral-7b-instruct-v0.3", serve_host="0.0.0.0")
+    argv = step.spec(offline(engine_facts(smi=GB10_SMI), **kw)).argv
+    assert argv[argv.index("--env-file") + 1] == "/opt/dgxready/etc/engine-api-key.env"
+    assert "--api-key" not in argv
+    with pytest.raises(StepFailed, match="vLLM venv beyond loopback would run without an API key"):
+        step.spec(offline(engine_facts(smi=GB10_SMI), vllm="venv", **kw))

@@ -260,8 +260,16 @@ class EngineService(ServiceStep):
         # The multiplexer forwards each role's priority; without this policy vLLM's v0 engine
         # refuses a non-zero priority and v1 ignores it.
         extra = ("--scheduling-policy", "priority")
-        return tuple(vllm_command(BackendChoice("vllm", "provisioned", install), model_dir, v.model,
+        argv = tuple(vllm_command(BackendChoice("vllm", "provisioned", install), model_dir, v.model,
                                   engine_bind(host), v.serve_port, flags, mistral, extra))
+        if is_loopback(engine_bind(host)):
+            return argv
+        if v.vllm == "venv":
+            raise StepFailed(f"{host.name}: vars.serve_host {engine_bind(host)}: a vLLM venv beyond loopback "
+                             "would run without an API key; bind 127.0.0.1 or use the container")
+        # vLLM 0.10 has no --api-key-file and --api-key would put the key in argv and the unit;
+        # docker reads VLLM_API_KEY from a file of mode 640 instead.
+        return (*argv[:2], "--env-file", engine_key_path(host) + ".env", *argv[2:])
 
     def check(self, host: Host) -> Changes:
         todo = super().check(host)
@@ -280,11 +288,14 @@ class EngineService(ServiceStep):
 
 
 def make_secret(host: Host, path: str) -> None:
-    group = q(host.vars.service_user)
+    """A random key in `path`, and `VLLM_API_KEY=<key>` in `path`.env for docker's --env-file;
+    both mode 640, group the service user, never on a command line."""
+    group, partial, env = q(host.vars.service_user), q(path + ".partial"), q(path + ".env.partial")
     host.sh(f"install -d -m 0755 \"$(dirname {q(path)})\" && umask 077 && "
-            f"head -c 32 /dev/urandom | base64 | tr -d '/+=\\n' > {q(path + '.partial')} && "
-            f"chgrp {group} {q(path + '.partial')} && chmod 0640 {q(path + '.partial')} && "
-            f"mv -f {q(path + '.partial')} {q(path)}")
+            f"head -c 32 /dev/urandom | base64 | tr -d '/+=\\n' > {partial} && "
+            f"printf 'VLLM_API_KEY=%s\\n' \"$(cat {partial})\" > {env} && "
+            f"chgrp {group} {partial} {env} && chmod 0640 {partial} {env} && "
+            f"mv -f {env} {q(path + '.env')} && mv -f {partial} {q(path)}")
 
 
 @dataclass(frozen=True)
