@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dgxready.errors import DgxReadyError
 from model.catalog import Architecture, ModelFormat
+from model.gguf_meta import read_metadata
 from model.memory import MemoryBudget
 
 GiB = 1024**3
@@ -84,14 +85,7 @@ def shape_from_catalog(arch: Architecture) -> KvShape:
 
 
 def shape_from_gguf(path: Path) -> KvShape:
-    from gguf import GGUFReader
-
-    fields = GGUFReader(path).fields
-
-    def get(key: str):
-        f = fields.get(key)
-        return None if f is None else f.contents()
-
+    get = read_metadata(path).get
     arch = get("general.architecture")
     heads = get(f"{arch}.attention.head_count")
     head_dim = get(f"{arch}.attention.key_length") or get(f"{arch}.embedding_length") // heads
