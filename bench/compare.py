@@ -1,64 +1,253 @@
-"""Compare two baselines: a table of changes, and regressions beyond a threshold."""
+"""Compare two baselines metric by metric, telling noise from change.
+
+Each metric is compared on what both baselines hold for it: per-request samples (E2EL, TTFT,
+TPOT), repeated host measurements (STREAM repetitions, storage windows, network rounds), the
+capacity range, or, in older baselines, a lone figure. With samples on both sides, the change
+is tested with a two-sided Mann-Whitney U test (p-values Holm-adjusted over the whole table)
+and bounded by a 95% bootstrap interval of the relative change of the statistic compared. A
+host figure's interval is widened by a run-to-run allowance (see `with_run_allowance`): its
+samples come from one run, and a whole run can shift with what else the host is doing.
+
+A metric is *unchanged* when it moved less than the threshold. Beyond the threshold, it has
+*regressed* (or *improved*) only when the change is significant (adjusted p below alpha, and
+for the capacity disjoint ranges) and the whole interval of the change lies beyond the
+threshold. Anything else beyond the threshold is *inconclusive*: the data cannot tell it from
+noise, and a lone figure never can."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from rich.table import Table
 
 from bench.report import Baseline
+from bench.stats import STATISTICS, bootstrap_relative_change, holm, mann_whitney
+
+Verdict = Literal["improved", "regressed", "unchanged", "inconclusive"]
+ALPHA = 0.05
+MIN_SAMPLES = 2
+Z95 = 1.959964
+# Eight back-to-back runs of the host benchmarks on the busy 2-core VM: the run-to-run spread of
+# a figure was up to 1.33 times the spread of its samples within a run (STREAM triad).
+RUN_TO_SAMPLE_SPREAD = 1.5
+HOST_UNITS = ("repetitions", "windows", "rounds")
+VERDICT_STYLE = {"regressed": "bold red", "improved": "green", "inconclusive": "yellow",
+                 "unchanged": "dim"}
 
 
 @dataclass(frozen=True)
-class Change:
+class Figure:
+    """One metric of one baseline: its headline figure and what it was computed from."""
+    name: str
+    higher_is_better: bool
+    headline: float
+    samples: tuple[float, ...] = ()
+    statistic: str = "median"
+    unit: str = "samples"
+    bounds: tuple[int, int] | None = None
+
+    @property
+    def sampled_value(self) -> float:
+        return float(STATISTICS[self.statistic](list(self.samples)))
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a pair of figures allows: the compared values, an interval of the relative change
+    (a bootstrap interval, or for ranges the least and the most change they allow) and, for
+    samples, the raw p-value of the Mann-Whitney test."""
+    before: float
+    after: float
+    description: str
+    interval: tuple[float, float] | None = None
+    p_value: float | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
     metric: str
     before: float
     after: float
     higher_is_better: bool
+    evidence: str
+    interval: tuple[float, float] | None
+    p_adjusted: float | None
+    verdict: Verdict
 
     @property
     def relative(self) -> float:
-        return (self.after - self.before) / self.before if self.before else 0.0
-
-    def regressed(self, threshold: float) -> bool:
-        worse = -self.relative if self.higher_is_better else self.relative
-        return worse > threshold
+        return relative_change(self.before, self.after)
 
 
-def _metrics(b: Baseline) -> dict[str, tuple[float, bool]]:
-    out: dict[str, tuple[float, bool]] = {}
+def relative_change(before: float, after: float) -> float:
+    if before == 0:
+        return 0.0 if after == 0 else math.copysign(math.inf, after)
+    return (after - before) / abs(before)
 
-    def put(name: str, value: float | None, higher: bool) -> None:
-        if value is not None:
-            out[name] = (float(value), higher)
 
-    if b.micro.stream:
-        for op, v in b.micro.stream.best_gbps.items():
-            put(f"stream.{op} GB/s", v, True)
-    if b.micro.storage:
-        for j in b.micro.storage.jobs:
-            put(f"storage.{j.name} MB/s", j.bandwidth_mbps, True)
-            put(f"storage.{j.name} IOPS", j.iops, True)
-    for n in b.micro.network:
-        put(f"net.{n.target.split(':')[0]} Gbit/s", n.throughput_gbps, True)
-        put(f"net.{n.target.split(':')[0]} RTT p50 us", n.rtt_p50_us, False)
-    if b.serving:
-        for lv in b.serving.levels:
-            key = f"c={lv.concurrency}" if lv.concurrency else f"rate={lv.request_rate}"
-            m = lv.metrics
-            put(f"serve {key} output tok/s", m.output_throughput, True)
-            put(f"serve {key} E2EL p95 s", m.e2el.p95 if m.e2el else None, False)
-            put(f"serve {key} TTFT mean s", m.ttft.mean if m.ttft else None, False)
-    if b.capacity:
-        put("capacity (agents within SLO)", b.capacity.max_concurrency_meeting_slo, True)
+def _host_figures(b: Baseline) -> Iterator[Figure]:
+    stream = b.micro.stream
+    if stream:
+        for op, best in stream.best_gbps.items():
+            reps = (stream.gbps_samples or {}).get(op, [])
+            yield Figure(f"stream {op} GB/s", True, best, tuple(reps), unit="repetitions")
+    for job in b.micro.storage.jobs if b.micro.storage else []:
+        windows = tuple(job.iops_samples or ())
+        if job.name.startswith("seq"):
+            yield Figure(f"storage {job.name} MB/s", True, job.bandwidth_mbps,
+                         tuple(x * job.block_bytes / 1e6 for x in windows), unit="windows")
+        else:
+            yield Figure(f"storage {job.name} IOPS", True, job.iops, windows, unit="windows")
+    for net in b.micro.network:
+        host = net.target.split(":")[0]
+        yield Figure(f"net {host} Gbit/s", True, net.throughput_gbps,
+                     tuple(net.throughput_samples_gbps or ()), unit="rounds")
+        yield Figure(f"net {host} RTT p50 us", False, net.rtt_p50_us,
+                     tuple(net.rtt_p50_samples_us or ()), unit="rounds")
+
+
+def _serving_figures(b: Baseline) -> Iterator[Figure]:
+    for lv in b.serving.levels if b.serving else []:
+        key = f"c={lv.concurrency}" if lv.concurrency else f"rate={lv.request_rate}"
+        m = lv.metrics
+        for label, dist, samples in (("E2EL", m.e2el, lv.e2el_samples), ("TTFT", m.ttft, lv.ttft_samples),
+                                     ("TPOT", m.tpot, lv.tpot_samples or [])):
+            if dist is None:
+                continue
+            yield Figure(f"serve {key} {label} p50 s", False, dist.p50, tuple(samples), "median",
+                         "requests")
+            if label != "TPOT":
+                yield Figure(f"serve {key} {label} p95 s", False, dist.p95, tuple(samples), "p95",
+                             "requests")
+        yield Figure(f"serve {key} output tok/s", True, m.output_throughput)
+
+
+def _capacity_figures(b: Baseline) -> Iterator[Figure]:
+    cap = b.capacity
+    if cap:
+        bounds = (cap.capacity_low, cap.capacity_high) if cap.capacity_low is not None else None
+        yield Figure("capacity (agents within SLO)", True, cap.max_concurrency_meeting_slo,
+                     bounds=bounds)
     if b.roofline:
-        put("decode tok/s (single stream)", b.roofline.decode_tokens_per_s, True)
-    return out
+        yield Figure("decode tok/s (single stream)", True, b.roofline.decode_tokens_per_s)
 
 
-def compare(a: Baseline, b: Baseline) -> list[Change]:
-    ma, mb = _metrics(a), _metrics(b)
-    return [Change(k, ma[k][0], mb[k][0], ma[k][1]) for k in ma if k in mb]
+def figures(b: Baseline) -> dict[str, Figure]:
+    return {f.name: f for part in (_host_figures, _serving_figures, _capacity_figures) for f in part(b)}
 
 
-def regressions(changes: list[Change], threshold: float,
-                keep: Callable[[Change], bool] = lambda c: True) -> list[Change]:
-    return [c for c in changes if keep(c) and c.regressed(threshold)]
+def log_spread(samples: tuple[float, ...]) -> float:
+    """A robust standard deviation of the logarithm of the positive samples (IQR / 1.349)."""
+    logs = np.log([x for x in samples if x > 0])
+    if len(logs) < 2:
+        return math.inf
+    q1, q3 = np.percentile(logs, [25, 75])
+    return float(q3 - q1) / 1.349
+
+
+def with_run_allowance(interval: tuple[float, float], before: float, after: float, a: Figure,
+                       b: Figure) -> tuple[float, float]:
+    """Widen an interval of a host figure's relative change by what a whole run may shift: one
+    run's figure is assumed to move between runs RUN_TO_SAMPLE_SPREAD times as much as one of
+    its samples moves within a run, so the interval of the log ratio grows, in quadrature, by z
+    times that much of both spreads."""
+    if before <= 0 or after <= 0:
+        return interval
+    centre = math.log(after / before)
+    allowance = Z95 * RUN_TO_SAMPLE_SPREAD * math.hypot(log_spread(a.samples), log_spread(b.samples))
+    below = math.hypot(centre - math.log1p(interval[0]), allowance)
+    above = math.hypot(math.log1p(interval[1]) - centre, allowance)
+    return math.expm1(centre - below), math.expm1(centre + above)
+
+
+def _sample_evidence(a: Figure, b: Figure) -> Evidence:
+    test = mann_whitney(a.samples, b.samples)
+    interval = bootstrap_relative_change(a.samples, b.samples, STATISTICS[a.statistic],
+                                         seed=zlib.crc32(a.name.encode()))
+    before, after = a.sampled_value, b.sampled_value
+    if a.unit in HOST_UNITS:
+        interval = with_run_allowance(interval, before, after, a, b)
+    return Evidence(before, after, f"{a.statistic} of {len(a.samples)} vs {len(b.samples)} {a.unit}",
+                    interval, test.p_value)
+
+
+def _range_evidence(a: Figure, b: Figure) -> Evidence:
+    (a_low, a_high), (b_low, b_high) = a.bounds, b.bounds
+    least, most = relative_change(a_high, b_low), relative_change(a_low, b_high)
+    return Evidence(a.headline, b.headline, f"ranges {a_low}-{a_high} vs {b_low}-{b_high}",
+                    (min(least, most), max(least, most)))
+
+
+def evidence(a: Figure, b: Figure) -> Evidence:
+    if len(a.samples) >= MIN_SAMPLES and len(b.samples) >= MIN_SAMPLES:
+        return _sample_evidence(a, b)
+    if a.bounds and b.bounds:
+        return _range_evidence(a, b)
+    return Evidence(a.headline, b.headline, "single values")
+
+
+def judge(change: float, higher_is_better: bool, significant: bool,
+          interval: tuple[float, float] | None, threshold: float) -> Verdict:
+    if abs(change) <= threshold:
+        return "unchanged"
+    beyond = interval is not None and (interval[0] > threshold or interval[1] < -threshold)
+    if not (significant and beyond):
+        return "inconclusive"
+    worse = -change if higher_is_better else change
+    return "regressed" if worse > 0 else "improved"
+
+
+def _significant(ev: Evidence, p_adjusted: float | None, alpha: float) -> bool:
+    if ev.interval is None:
+        return False
+    excludes_no_change = ev.interval[0] > 0 or ev.interval[1] < 0
+    if ev.p_value is None:
+        return excludes_no_change
+    return p_adjusted is not None and p_adjusted < alpha and excludes_no_change
+
+
+def compare(a: Baseline, b: Baseline, threshold: float = 0.10, alpha: float = ALPHA) -> list[Comparison]:
+    fa, fb = figures(a), figures(b)
+    names = [name for name in fa if name in fb]
+    found = [evidence(fa[name], fb[name]) for name in names]
+    tested = [i for i, ev in enumerate(found) if ev.p_value is not None]
+    adjusted = dict(zip(tested, holm([found[i].p_value for i in tested]), strict=True))
+    rows = []
+    for i, (name, ev) in enumerate(zip(names, found, strict=True)):
+        p_adj = adjusted.get(i)
+        change = relative_change(ev.before, ev.after)
+        verdict = judge(change, fa[name].higher_is_better, _significant(ev, p_adj, alpha), ev.interval,
+                        threshold)
+        rows.append(Comparison(name, ev.before, ev.after, fa[name].higher_is_better, ev.description,
+                               ev.interval, p_adj, verdict))
+    return rows
+
+
+def regressions(rows: list[Comparison]) -> list[Comparison]:
+    return [row for row in rows if row.verdict == "regressed"]
+
+
+def _percent(x: float) -> str:
+    return f"{x:+.1%}" if math.isfinite(x) else ("+inf" if x > 0 else "-inf")
+
+
+def comparison_table(rows: list[Comparison], table: Table) -> Table:
+    """Fill `table` (made by the caller, who knows the console) with one row per metric."""
+    for col in ("metric", "compared on", "before", "after", "change", "95% CI of change", "p (Holm)",
+                "verdict"):
+        table.add_column(col, justify="left" if col in ("metric", "compared on", "verdict") else "right")
+    for row in rows:
+        ci = f"{_percent(row.interval[0])} .. {_percent(row.interval[1])}" if row.interval else "-"
+        p = f"{row.p_adjusted:.3g}" if row.p_adjusted is not None else "-"
+        table.add_row(row.metric, row.evidence, f"{row.before:.4g}", f"{row.after:.4g}",
+                      _percent(row.relative), ci, p, f"[{VERDICT_STYLE[row.verdict]}]{row.verdict}[/]")
+    return table
+
+
+def table_title(before: str, after: str, threshold: float) -> str:
+    return (f"{before} -> {after}: a change beyond {threshold:.0%} counts when significant "
+            f"(Mann-Whitney, Holm-adjusted alpha {ALPHA:g}) and its whole 95% interval is beyond it")

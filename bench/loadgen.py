@@ -57,7 +57,8 @@ def request_body(ep: Endpoint, spec: RequestSpec) -> dict:
 
 
 @dataclass
-class _Progress:
+class StreamProgress:
+    """What a request's stream has shown so far: when its last token event came, and its text."""
     last_token_at: float
     text: list[str]
 
@@ -69,7 +70,7 @@ class StaleConnection(Exception):
 async def send(client: aiohttp.ClientSession, ep: Endpoint, spec: RequestSpec
                ) -> tuple[RequestRecord, str]:
     rec = RequestRecord(sent_at=time.perf_counter())
-    progress = _Progress(rec.sent_at, [])
+    progress = StreamProgress(rec.sent_at, [])
     try:
         # llama-server announces keep-alive yet closes the socket after each stream. A request that
         # met such a pooled connection is sent again; the pool drops each dead one, so this ends.
@@ -102,7 +103,7 @@ async def send(client: aiohttp.ClientSession, ep: Endpoint, spec: RequestSpec
 
 
 async def _stream(client: aiohttp.ClientSession, ep: Endpoint, spec: RequestSpec, rec: RequestRecord,
-                  progress: _Progress) -> None:
+                  progress: StreamProgress) -> None:
     try:
         resp = await client.post(ep.chat_url, data=orjson.dumps(request_body(ep, spec)),
                                  headers={"Authorization": f"Bearer {ep.api_key}",
@@ -118,29 +119,43 @@ async def _stream(client: aiohttp.ClientSession, ep: Endpoint, spec: RequestSpec
             rec.error = f"http {resp.status}: {body}"
             return
         async for raw in resp.content:
-            if not raw.startswith(b"data:"):
-                continue
-            data = raw[5:].strip()
-            if data == b"[DONE]":
-                continue  # read to the end, so that the connection can be reused
-            chunk = orjson.loads(data)
-            if chunk.get("error"):
-                rec.error = f"stream error: {chunk['error']}"
+            observe_line(rec, progress, raw, time.perf_counter())
+            if rec.error:
                 return
-            if chunk.get("usage"):
-                rec.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
-                rec.output_tokens = chunk["usage"].get("completion_tokens", 0)
-            for choice in chunk.get("choices") or []:
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    now = time.perf_counter()
-                    if rec.ttft is None:
-                        rec.ttft = now - rec.sent_at
-                    else:
-                        rec.itl.append(now - progress.last_token_at)
-                    progress.last_token_at = now
-                    progress.text.append(content)
-                rec.finish_reason = choice.get("finish_reason") or rec.finish_reason
+
+
+def observe_line(rec: RequestRecord, progress: StreamProgress, raw: bytes, arrived_at: float) -> None:
+    """One line of the SSE body. Only data events count; the stream is still read to its end
+    ([DONE]), so that the connection can be reused."""
+    if not raw.startswith(b"data:"):
+        return
+    data = raw[5:].strip()
+    if data != b"[DONE]":
+        observe_event(rec, progress, orjson.loads(data), arrived_at)
+
+
+def observe_event(rec: RequestRecord, progress: StreamProgress, event: dict, arrived_at: float) -> None:
+    """One SSE data event, timed as vLLM's chat request function times it: every event with
+    `choices` is a token event, even a role-only or empty-content delta; the first one is TTFT,
+    each later one adds an ITL gap and moves the end of the request. The usage event carries no
+    choices and no time."""
+    if event.get("error"):
+        rec.error = f"stream error: {event['error']}"
+        return
+    if usage := event.get("usage"):
+        rec.prompt_tokens = usage.get("prompt_tokens", 0)
+        rec.output_tokens = usage.get("completion_tokens", 0)
+    choices = event.get("choices")
+    if not choices:
+        return
+    if rec.ttft is None:
+        rec.ttft = arrived_at - rec.sent_at
+    else:
+        rec.itl.append(arrived_at - progress.last_token_at)
+    progress.last_token_at = arrived_at
+    if content := (choices[0].get("delta") or {}).get("content"):
+        progress.text.append(content)
+    rec.finish_reason = choices[0].get("finish_reason") or rec.finish_reason
 
 
 def make_client(concurrency: int) -> aiohttp.ClientSession:

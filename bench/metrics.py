@@ -1,6 +1,11 @@
-"""Serving metrics exactly as `vllm bench serve` defines them (vllm/benchmarks/serve.py):
-TTFT, TPOT, ITL and E2EL over successful requests; throughputs over the run's duration;
-goodput against SLOs. Times are seconds on the client's monotonic clock."""
+"""Serving metrics as `vllm bench serve` defines them (vllm/benchmarks/serve.py, calculate_metrics,
+and lib/endpoint_request_func.py): TTFT is the first streamed event with `choices` (even a
+role-only or empty delta), ITL every gap between such events after the first, E2EL the last
+such event, TPOT (E2EL - TTFT) / (output tokens - 1) for requests of more than one token;
+percentiles are numpy's linear ones over successful requests; throughputs over the run's
+duration; goodput counts successful requests within every SLO bound. Times are seconds on the
+client's monotonic clock. One deliberate difference: vLLM counts any stream with a token event
+as a success, here a stream without usage tokens or a finish_reason is a failure."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -53,15 +58,18 @@ class Distribution:
 
 @dataclass(frozen=True)
 class Slo:
+    """Per-request bounds for goodput. `e2el_p95_s` is the SLO's P95 target, applied to each
+    request's E2EL as vLLM's `--goodput e2el:` applies its bound."""
     e2el_p95_s: float | None = None
     ttft_s: float | None = None
     tpot_s: float | None = None
 
     def met_by(self, r: RequestRecord) -> bool:
-        """Per-request goodput test (vLLM's --goodput): every given bound must hold."""
+        """vLLM's --goodput test: a successful request whose every bounded metric is within its
+        bound. A request of at most one output token has TPOT 0 there, so it meets any TPOT bound."""
         if not r.success:
             return False
-        checks = [(self.e2el_p95_s, r.e2el), (self.ttft_s, r.ttft), (self.tpot_s, r.tpot)]
+        checks = [(self.e2el_p95_s, r.e2el), (self.ttft_s, r.ttft), (self.tpot_s, r.tpot or 0.0)]
         return all(v is not None and v <= bound for bound, v in checks if bound is not None)
 
 

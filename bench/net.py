@@ -14,13 +14,28 @@ import numpy as np
 CHUNK = 1 << 20
 
 
+ROUNDS = 10
+
+
 @dataclass(frozen=True)
 class NetResult:
+    """Throughput and RTT over all rounds; `*_samples` one figure per round, each round on fresh
+    connections, so that the spread between rounds shows how much a figure moves on this host
+    (None in older baselines)."""
     target: str
     throughput_gbps: float
     rtt_p50_us: float
     rtt_p99_us: float
     seconds: float
+    throughput_samples_gbps: list[float] | None = None
+    rtt_p50_samples_us: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class Round:
+    sent_bytes: int
+    seconds: float
+    rtts_s: list[float]
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -45,7 +60,7 @@ def start_server(host: str = "127.0.0.1", port: int = 0) -> _Server:
     return server
 
 
-def measure(host: str, port: int, seconds: float = 2.0, pings: int = 2000) -> NetResult:
+def stream_bytes(host: str, port: int, seconds: float) -> tuple[int, float]:
     payload = b"\0" * CHUNK
     with socket.create_connection((host, port), timeout=10) as sock:
         sock.sendall(b"S")
@@ -55,7 +70,10 @@ def measure(host: str, port: int, seconds: float = 2.0, pings: int = 2000) -> Ne
             sent += CHUNK
         sock.shutdown(socket.SHUT_WR)
         sock.recv(1)
-        elapsed = time.perf_counter() - started
+        return sent, time.perf_counter() - started
+
+
+def ping(host: str, port: int, pings: int) -> list[float]:
     rtts = []
     with socket.create_connection((host, port), timeout=10) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -65,9 +83,24 @@ def measure(host: str, port: int, seconds: float = 2.0, pings: int = 2000) -> Ne
             sock.sendall(b"x")
             sock.recv(64)
             rtts.append(time.perf_counter() - t)
-    us = np.asarray(rtts) * 1e6
-    return NetResult(f"{host}:{port}", sent * 8 / elapsed / 1e9, float(np.percentile(us, 50)),
-                     float(np.percentile(us, 99)), elapsed)
+    return rtts
+
+
+def one_round(host: str, port: int, seconds: float, pings: int) -> Round:
+    sent, elapsed = stream_bytes(host, port, seconds)
+    return Round(sent, elapsed, ping(host, port, pings))
+
+
+def measure(host: str, port: int, seconds: float = 2.0, pings: int = 2000, rounds: int = ROUNDS
+            ) -> NetResult:
+    """`seconds` of streaming and `pings` round trips in all, split over `rounds`."""
+    done = [one_round(host, port, seconds / rounds, max(1, pings // rounds)) for _ in range(rounds)]
+    us = np.asarray([x for r in done for x in r.rtts_s]) * 1e6
+    elapsed = sum(r.seconds for r in done)
+    return NetResult(f"{host}:{port}", sum(r.sent_bytes for r in done) * 8 / elapsed / 1e9,
+                     float(np.percentile(us, 50)), float(np.percentile(us, 99)), elapsed,
+                     [r.sent_bytes * 8 / r.seconds / 1e9 for r in done],
+                     [float(np.median(r.rtts_s)) * 1e6 for r in done])
 
 
 def loopback(seconds: float = 2.0) -> NetResult:

@@ -1,11 +1,15 @@
 """The baseline document: one JSON per run, validated against a versioned JSON Schema that is
-generated from these models and committed as bench/schema/baseline-v1.schema.json."""
+generated from these models and committed as bench/schema/baseline-v2.schema.json. Version 2
+adds the samples that tell noise from change (per-request TPOT, STREAM repetitions, storage
+windows, network rounds) and the capacity range; a version-1 document is still read, checked
+against the version-1 schema that is kept beside it."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
+from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ConfigDict, Field
 
 from bench.environment import Environment
@@ -19,8 +23,11 @@ from bench.stream import StreamResult
 from dgxready.errors import DgxReadyError
 from dgxready.files import atomic_write_text
 
-SCHEMA_ID = "dgxready-bench-baseline/1"
-SCHEMA_PATH = Path(__file__).with_name("schema") / "baseline-v1.schema.json"
+SCHEMA_DIR = Path(__file__).with_name("schema")
+SCHEMA_ID = "dgxready-bench-baseline/2"
+SCHEMA_PATH = SCHEMA_DIR / "baseline-v2.schema.json"
+READABLE_SCHEMAS = {"dgxready-bench-baseline/1": SCHEMA_DIR / "baseline-v1.schema.json",
+                    SCHEMA_ID: SCHEMA_PATH}
 
 
 class Doc(BaseModel):
@@ -50,13 +57,14 @@ class ServingLevel(Doc):
     metrics: ServingMetrics
     e2el_samples: list[float]
     ttft_samples: list[float]
+    tpot_samples: list[float] | None = Field(None, description="absent before schema version 2")
 
     @classmethod
     def of(cls, level: LevelResult) -> ServingLevel:
         return cls(concurrency=level.concurrency, request_rate=level.request_rate,
                    num_requests=level.num_requests, warmup_requests=level.warmup_requests,
                    metrics=level.metrics, e2el_samples=level.e2el_samples,
-                   ttft_samples=level.ttft_samples)
+                   ttft_samples=level.ttft_samples, tpot_samples=level.tpot_samples)
 
 
 class Serving(Doc):
@@ -92,15 +100,22 @@ def generated_schema() -> dict:
     return schema
 
 
-def committed_schema() -> dict:
-    return json.loads(SCHEMA_PATH.read_text())
+def committed_schema(path: Path = SCHEMA_PATH) -> dict:
+    return json.loads(path.read_text())
+
+
+def schema_for(doc: object, source: str) -> dict:
+    """The committed schema of the document's own version; the newest one when it names none."""
+    version = doc.get("schema", SCHEMA_ID) if isinstance(doc, dict) else SCHEMA_ID
+    if version not in READABLE_SCHEMAS:
+        raise DgxReadyError(f"{source}: unknown baseline schema {version!r}; this kit reads "
+                            + ", ".join(sorted(READABLE_SCHEMAS)))
+    return committed_schema(READABLE_SCHEMAS[version])
 
 
 def validate_document(doc: object, source: str) -> None:
     """Raise with the JSON path of every schema violation."""
-    from jsonschema import Draft202012Validator
-
-    errors = sorted(Draft202012Validator(committed_schema()).iter_errors(doc),
+    errors = sorted(Draft202012Validator(schema_for(doc, source)).iter_errors(doc),
                     key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"{source}: {e.json_path}: {e.message[:200]}" for e in errors[:20]]

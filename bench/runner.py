@@ -83,7 +83,7 @@ def parse_peer(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def micro(store_dir: Path, out: Console, stream_reps: int = 5, io_bytes: int = 1 << 30,
+def micro(store_dir: Path, out: Console, stream_reps: int = 10, io_bytes: int = 1 << 30,
           peers: tuple[str, ...] = ()) -> Micro:
     targets = [parse_peer(p) for p in peers]
     with step_progress() as progress:

@@ -16,11 +16,14 @@ BYTES_PER_ELEMENT = {"copy": 16, "scale": 16, "add": 24, "triad": 24}
 
 @dataclass(frozen=True)
 class StreamResult:
+    """`best_gbps` is STREAM's figure, the best repetition; `gbps_samples` every repetition, in
+    order, so that two runs can be compared against their own spread (None in older baselines)."""
     array_bytes: int
     threads: int
     repetitions: int
     best_gbps: dict[str, float]
     last_level_cache_bytes: int | None
+    gbps_samples: dict[str, list[float]] | None = None
 
     @property
     def best_op(self) -> tuple[str, float]:
@@ -50,7 +53,7 @@ def array_elements(llc_bytes: int | None, minimum_bytes: int = 64 << 20) -> int:
     return max(4 * (llc_bytes or 0), minimum_bytes) // 8
 
 
-def run_stream(llc_bytes: int | None, threads: int | None = None, repetitions: int = 5,
+def run_stream(llc_bytes: int | None, threads: int | None = None, repetitions: int = 10,
                elements: int | None = None) -> StreamResult:
     threads = threads or os.cpu_count() or 1
     n = elements or array_elements(llc_bytes)
@@ -59,14 +62,17 @@ def run_stream(llc_bytes: int | None, threads: int | None = None, repetitions: i
     bounds = np.linspace(0, n, threads + 1, dtype=np.int64)
     slices = [(int(bounds[i]), int(bounds[i + 1])) for i in range(threads)]
     scratch = [np.empty(BLOCK) for _ in range(threads)]
-    best = {op: 0.0 for op in BYTES_PER_ELEMENT}
+    samples: dict[str, list[float]] = {op: [] for op in BYTES_PER_ELEMENT}
     with ThreadPoolExecutor(threads) as pool:
-        for _ in range(repetitions):
+        # One untimed pass first, as STREAM ignores its first iteration: it pays the page faults.
+        for rep in range(repetitions + 1):
             for op in BYTES_PER_ELEMENT:
                 started = time.perf_counter()
                 list(pool.map(lambda i, op=op: _kernel(op, a[slice(*slices[i])], b[slice(*slices[i])],
                                                        c[slice(*slices[i])], q, scratch[i]),
                               range(threads)))
                 seconds = time.perf_counter() - started
-                best[op] = max(best[op], BYTES_PER_ELEMENT[op] * n / seconds / 1e9)
-    return StreamResult(n * 8, threads, repetitions, best, llc_bytes)
+                if rep:
+                    samples[op].append(BYTES_PER_ELEMENT[op] * n / seconds / 1e9)
+    best = {op: max(values) for op, values in samples.items()}
+    return StreamResult(n * 8, threads, repetitions, best, llc_bytes, samples)

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from bench import runner
 from bench.compare import compare as compare_runs
-from bench.compare import regressions
+from bench.compare import comparison_table, regressions, table_title
 from bench.report import Baseline, load_baseline, now_stamp, write_baseline
 from bench.summary import print_summary
 from dgxready.cli import out, user_errors
@@ -54,7 +54,7 @@ def hw(c, profile="generic"):
             "io_mib": "size of the storage test file in MiB",
             "net_peer": "HOST:PORT running `python -m bench.net --serve`, comma-separated"})
 @user_errors
-def micro(c, repetitions=5, io_mib=1024, net_peer=""):
+def micro(c, repetitions=10, io_mib=1024, net_peer=""):
     """STREAM memory bandwidth, storage I/O on the model store, TCP to loopback and peers."""
     from dgxready.settings import load_settings
 
@@ -187,24 +187,19 @@ def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", wo
             "threshold": "relative change counted as a regression (0.10 = 10%)"})
 @user_errors
 def compare(c, before, after, threshold=0.10):
-    """Table of changes between two baselines; exit 1 on a regression beyond the threshold."""
-    changes = compare_runs(load_baseline(Path(before)), load_baseline(Path(after)))
-    bad = regressions(changes, float(threshold))
-    t = Table(title=f"{before} -> {after}")
-    for col in ("metric", "before", "after", "change", ""):
-        t.add_column(col, justify="right" if col in ("before", "after", "change") else "left")
-    for ch in changes:
-        flag = "[red]REGRESSION" if ch in bad else ""
-        t.add_row(ch.metric, f"{ch.before:.4g}", f"{ch.after:.4g}", f"{ch.relative:+.1%}", flag)
-    out.print(t)
+    """Verdict per metric between two baselines (improved, regressed, unchanged, inconclusive);
+    exit 1 on a regression: significant and beyond the threshold."""
+    rows = compare_runs(load_baseline(Path(before)), load_baseline(Path(after)), float(threshold))
+    out.print(comparison_table(rows, Table(title=table_title(before, after, float(threshold)))))
+    bad = regressions(rows)
     if bad:
-        raise Exit(f"{len(bad)} regression(s) beyond {float(threshold):.0%}", code=1)
+        raise Exit(f"{len(bad)} regression(s): significant and beyond {float(threshold):.0%}", code=1)
 
 
 @task(help={"path": "baseline JSON file to validate against the schema"})
 @user_errors
 def validate(c, path):
-    """Check a baseline JSON against bench/schema/baseline-v1.schema.json."""
+    """Check a baseline JSON against the schema of its version (bench/schema/baseline-v*.schema.json)."""
     load_baseline(Path(path))
     out.print(f"{path}: valid")
 

@@ -1,8 +1,18 @@
-"""Capacity search and metric arithmetic on constructed records (no server involved)."""
+"""Capacity search and its range, on deterministic fake levels (no server involved)."""
+import numpy as np
 import pytest
 
-from bench.metrics import RequestRecord, Slo, compute_metrics
-from bench.serving import LevelResult, capacity_search, level_from, wilson_interval
+from bench.metrics import RequestRecord, compute_metrics
+from bench.serving import (
+    CapacityLevel,
+    LevelResult,
+    capacity_bounds,
+    capacity_search,
+    judge,
+    level_from,
+    level_verdict,
+    wilson_interval,
+)
 
 
 def rec(sent, ttft, e2el, tokens, itl=()):
@@ -13,47 +23,114 @@ def rec(sent, ttft, e2el, tokens, itl=()):
 def test_metrics_follow_vllm_definitions():
     records = [rec(0.0, 0.5, 2.5, 5, [0.5] * 4), rec(1.0, 1.0, 3.0, 3, [1.0, 1.0]),
                RequestRecord(sent_at=0.5, error="http 500", ended_at=0.6)]
-    m = compute_metrics(records, Slo(e2el_p95_s=2.8))
+    m = compute_metrics(records)
     assert m.completed == 2 and m.failed == 1
     assert m.duration_s == pytest.approx(4.0)
     assert m.tpot.mean == pytest.approx(((2.5 - 0.5) / 4 + (3.0 - 1.0) / 2) / 2)
     assert m.itl.count == 6 and m.itl.mean == pytest.approx(4.0 / 6)
     assert m.output_throughput == pytest.approx(8 / 4.0)
     assert m.total_token_throughput == pytest.approx(28 / 4.0)
-    assert m.goodput == pytest.approx(1 / 4.0)
     assert m.errors == {"http 500": 1}
 
 
-def fake_level(c, p95_at):
-    e2el = [p95_at(c)] * 20
+def level_of(c, e2el):
     return level_from([rec(i * 0.1, 0.1, x, 10) for i, x in enumerate(e2el)], c, None, 0, None)
 
 
-def test_capacity_doubles_then_bisects_to_the_largest_passing_level():
+def steady(p95_at, n=16):
+    """A fake runner whose every round at concurrency c has the same, tight latencies."""
+    return lambda c: level_of(c, [p95_at(c)] * n)
+
+
+class RoundRunner:
+    """A fake runner whose latencies at each level are a fixed spread, drawn anew (seeded) every
+    round, as a real level's are; it remembers the levels it was asked for."""
+
+    def __init__(self, median_at, spread=0.15, n=16):
+        self.median_at, self.spread, self.n = median_at, spread, n
+        self.rng = np.random.default_rng(7)
+        self.asked = []
+
+    def __call__(self, c):
+        self.asked.append(c)
+        e2el = self.median_at(c) * np.exp(self.rng.normal(0, self.spread, self.n))
+        return level_of(c, e2el.tolist())
+
+
+def test_capacity_doubles_bisects_then_settles_the_undecided_boundary_level():
     seen = []
 
     def measure(c):
         seen.append(c)
-        return fake_level(c, lambda c: 0.5 * c)   # P95 = c/2 s, so c <= 12 meets a 6 s SLO
+        return steady(lambda c: 0.5 * c)(c)   # P95 = c/2 s, so c <= 12 meets a 6 s SLO
 
     result = capacity_search(measure, 6.0, {"name": "synthetic"}, limit=64)
     assert result.max_concurrency_meeting_slo == 12
-    assert seen == [1, 2, 4, 8, 16, 12, 14, 13]
-    assert [lv.passed for lv in result.levels] == [True, True, True, True, False, True, False, False]
+    # 16 requests all within the SLO cannot show it is met, 64 can; 13 misses at once.
+    assert seen == [1, 2, 4, 8, 16, 12, 14, 13, 12, 12, 12]
+    assert {lv.concurrency: (lv.rounds, lv.verdict) for lv in result.levels}[12] == (4, "meets")
+    assert (result.capacity_low, result.capacity_high) == (12, 12)
+    assert result.range_text == "12"
 
 
 def test_capacity_zero_when_even_one_agent_misses_and_limit_when_all_pass():
-    assert capacity_search(lambda c: fake_level(c, lambda c: 9.0), 6.0, {}).max_concurrency_meeting_slo == 0
-    r = capacity_search(lambda c: fake_level(c, lambda c: 1.0), 6.0, {}, limit=10)
-    assert r.max_concurrency_meeting_slo == 10
+    none = capacity_search(steady(lambda c: 9.0), 6.0, {})
+    assert (none.max_concurrency_meeting_slo, none.capacity_low, none.capacity_high) == (0, 0, 0)
+    every = capacity_search(steady(lambda c: 1.0), 6.0, {}, limit=10)
+    assert (every.max_concurrency_meeting_slo, every.capacity_low, every.capacity_high) == (10, 10, 10)
+
+
+def test_a_level_whose_p95_interval_straddles_the_slo_makes_the_answer_a_range():
+    # The P95 at c=4 sits at the SLO: its rounds fall either side of it, as in the 4-then-3 runs.
+    runner = RoundRunner(lambda c: {1: 1.5, 2: 2.6, 3: 3.6, 4: 4.7}.get(c, 4.7 + 2.0 * (c - 4)))
+    result = capacity_search(runner, 6.0, {"name": "agents"}, limit=16)
+    verdicts = {lv.concurrency: lv.verdict for lv in result.levels}
+    assert verdicts[3] == "meets" and verdicts[4] == "undecided"
+    assert result.capacity_low == 3 and result.capacity_high >= 4
+    assert result.capacity_low <= result.max_concurrency_meeting_slo <= result.capacity_high
+    assert result.range_text == f"3\u2013{result.capacity_high}"
+
+
+def test_the_range_runs_from_the_largest_level_that_meets_to_the_last_before_one_that_misses():
+    def level(c, verdict):
+        return CapacityLevel(c, 64, 0, 1.0, 1.0, 1.0, 0.1, 10.0, 1.0, (0.9, 1.0), verdict != "misses", "",
+                             (0.95, 1.0), verdict, 2)
+
+    judged = {c: level(c, v) for c, v in
+              {1: "undecided", 2: "meets", 4: "undecided", 3: "meets", 5: "undecided", 6: "misses",
+               8: "undecided"}.items()}
+    assert capacity_bounds(judged, point=4) == (3, 5)
+    assert capacity_bounds({1: level(1, "misses")}, point=0) == (0, 0)
+
+
+def test_a_level_meets_misses_or_is_undecided_by_the_interval_of_its_attainment():
+    assert level_verdict(0, (0.95, 1.0)) == "meets"
+    assert level_verdict(0, (0.90, 0.99)) == "undecided"
+    assert level_verdict(0, (0.70, 0.94)) == "misses"
+    assert level_verdict(1, (0.95, 1.0)) == "misses"
+
+
+def test_52_requests_all_within_the_slo_are_the_fewest_that_meet_it_with_confidence():
+    assert judge(level_of(4, [1.0] * 52), 6.0).verdict == "meets"
+    assert judge(level_of(4, [1.0] * 51), 6.0).verdict == "undecided"
+    assert judge(level_of(4, [1.0] * 63 + [7.0]), 6.0).verdict == "undecided"
+    assert judge(level_of(4, [7.0] * 8), 6.0).verdict == "misses"
 
 
 def test_failures_fail_a_level_even_when_fast():
     records = [rec(0, 0.1, 0.2, 5)] * 19 + [RequestRecord(sent_at=0, error="timeout", ended_at=1)]
     level = LevelResult(4, None, 20, 0, compute_metrics(records), [0.2] * 19)
     result = capacity_search(lambda c: level, 6.0, {}, limit=4)
-    assert result.max_concurrency_meeting_slo == 0
-    assert "1 of 20 requests failed" in result.levels[0].reason
+    assert result.max_concurrency_meeting_slo == 0 and result.capacity_high == 0
+    assert result.levels[0].reason == "1 of 20 requests failed" and result.levels[0].rounds == 1
+    assert result.levels[0].verdict == "misses"
+
+
+def test_a_level_measured_again_is_judged_on_all_its_rounds():
+    runner = RoundRunner(lambda c: 3.0, spread=0.1, n=16)
+    result = capacity_search(runner, 6.0, {}, start=4, limit=4)
+    assert runner.asked == [4, 4, 4, 4]
+    assert result.levels[0].num_requests == 64 and result.levels[0].rounds == 4
 
 
 def test_wilson_interval():

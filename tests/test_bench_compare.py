@@ -1,0 +1,124 @@
+"""bench.compare tells noise from change: seeded synthetic runs with the noise measured on the 2-core
+VM, the false alarms reported between two identical runs, planted changes, older baselines."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from rich.console import Console
+from rich.table import Table
+
+from bench.benchmarks.noise import NOISE_BUSY_2CORE_VM, NOISE_QUIET_HOST, Spread, synthetic_baseline, wrap
+from bench.compare import compare, comparison_table, regressions, table_title
+from bench.net import NetResult
+from bench.report import Micro, load_baseline, write_baseline
+from bench.serving import CapacityResult
+from bench.stream import StreamResult
+
+
+def verdicts(rows):
+    return {row.metric: row.verdict for row in rows}
+
+
+SAME_DISTRIBUTION = dataclasses.replace(
+    NOISE_BUSY_2CORE_VM, stream=Spread(0.0, 0.30), storage=Spread(0.0, 0.33), net_gbps=Spread(0.0, 0.40),
+    latency=Spread(0.0, 0.20))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_two_runs_drawn_from_the_same_distribution_are_not_flagged(seed):
+    rng = np.random.default_rng(seed)
+    before, after = synthetic_baseline(rng, SAME_DISTRIBUTION), synthetic_baseline(rng, SAME_DISTRIBUTION)
+    assert regressions(compare(before, after)) == []
+
+
+def test_a_planted_30_percent_change_is_flagged_where_the_samples_can_show_it():
+    rng = np.random.default_rng(11)
+    before, after = synthetic_baseline(rng, NOISE_QUIET_HOST), synthetic_baseline(rng, NOISE_QUIET_HOST, 0.3)
+    rows = verdicts(compare(before, after))
+    assert all(rows[f"stream {op} GB/s"] == "regressed" for op in ("copy", "scale", "add", "triad"))
+    assert rows["storage seq_read_1m MB/s"] == "regressed" and rows["net 127.0.0.1 Gbit/s"] == "regressed"
+    assert rows["serve c=16 E2EL p50 s"] == "regressed" and rows["serve c=16 TPOT p50 s"] == "regressed"
+    assert rows["serve c=16 output tok/s"] == "inconclusive"   # a lone figure cannot tell
+
+
+def test_a_planted_30_percent_change_in_host_figures_is_not_called_on_a_host_as_noisy_as_the_busy_vm():
+    rng = np.random.default_rng(12)
+    rows = verdicts(compare(synthetic_baseline(rng), synthetic_baseline(rng, worse_by=0.3)))
+    assert {rows[f"stream {op} GB/s"] for op in ("copy", "scale", "add", "triad")} <= {"inconclusive",
+                                                                                     "unchanged"}
+
+
+def stream(copy_reps):
+    return StreamResult(64 << 20, 2, len(copy_reps), {"copy": max(copy_reps)}, None, {"copy": copy_reps})
+
+
+def capacity(point, low, high):
+    return CapacityResult(6.0, {"name": "agents"}, point, [], 32, low, high, 0.9)
+
+
+def test_the_changes_seen_between_two_identical_runs_are_inconclusive_not_regressions():
+    # As reported: capacity 4 then 3, STREAM copy best -10.8%, loopback RTT +288%.
+    before = wrap(Micro(stream=stream([14.0, 13.1, 12.2, 13.5, 12.9, 11.8, 13.3, 12.5, 12.0, 13.0]),
+                        network=[NetResult("127.0.0.1:1", 11, 12.0, 80, 2,
+                                           [11.0] * 10, [8, 12, 12, 61, 12, 8, 12, 65, 12, 12])]),
+                  capacity=capacity(4, 3, 4))
+    after = wrap(Micro(stream=stream([12.1, 12.4, 11.9, 13.0, 12.6, 12.2, 11.7, 12.9, 12.3, 12.8]),
+                       network=[NetResult("127.0.0.1:1", 11, 46.5, 80, 2,
+                                          [11.0] * 10, [62, 12, 66, 8, 60, 12, 64, 12, 63, 31])]),
+                 capacity=capacity(3, 3, 4))
+    rows = compare(before, after)
+    assert verdicts(rows) == {"stream copy GB/s": "unchanged", "net 127.0.0.1 Gbit/s": "unchanged",
+                              "net 127.0.0.1 RTT p50 us": "inconclusive",
+                              "capacity (agents within SLO)": "inconclusive"}
+    assert regressions(rows) == []
+
+
+def test_capacity_ranges_that_do_not_overlap_are_a_change():
+    rows = compare(wrap(capacity=capacity(12, 10, 12)), wrap(capacity=capacity(6, 5, 7)))
+    assert verdicts(rows) == {"capacity (agents within SLO)": "regressed"}
+    same = compare(wrap(capacity=capacity(4, 4, 4)), wrap(capacity=capacity(4, 3, 4)))
+    assert verdicts(same) == {"capacity (agents within SLO)": "unchanged"}
+
+
+def without_samples(b):
+    """The same figures as a baseline written before samples were kept (schema version 1)."""
+    s = b.micro.stream
+    return wrap(Micro(stream=dataclasses.replace(s, gbps_samples=None)),
+                capacity=dataclasses.replace(b.capacity, capacity_low=None, capacity_high=None))
+
+
+def test_lone_figures_beyond_the_threshold_are_inconclusive_and_never_fail_the_comparison():
+    rng = np.random.default_rng(5)
+    before, after = synthetic_baseline(rng), synthetic_baseline(rng, worse_by=0.4)
+    rows = compare(without_samples(before), without_samples(after))
+    assert set(verdicts(rows).values()) == {"inconclusive"}
+    assert regressions(rows) == []
+
+
+def test_a_version_1_baseline_still_loads_and_compares(tmp_path):
+    rng = np.random.default_rng(6)
+    path = write_baseline(synthetic_baseline(rng, with_capacity=False), tmp_path)
+    doc = json.loads(path.read_text())
+    doc["schema"] = "dgxready-bench-baseline/1"
+    del doc["micro"]["stream"]["gbps_samples"]
+    for net in doc["micro"]["network"]:
+        del net["throughput_samples_gbps"], net["rtt_p50_samples_us"]
+    for job in doc["micro"]["storage"]["jobs"]:
+        del job["iops_samples"]
+    for lv in doc["serving"]["levels"]:
+        del lv["tpot_samples"]
+    old = tmp_path / "v1.json"
+    old.write_text(json.dumps(doc))
+    rows = verdicts(compare(load_baseline(old), load_baseline(path)))
+    assert rows["stream copy GB/s"] == "unchanged" and rows["serve c=1 E2EL p50 s"] == "unchanged"
+
+
+def test_the_table_gives_every_metric_a_verdict():
+    rng = np.random.default_rng(8)
+    rows = compare(synthetic_baseline(rng), synthetic_baseline(rng, worse_by=0.3))
+    console = Console(record=True, width=250)
+    console.print(comparison_table(rows, Table(title=table_title("a", "b", 0.1))))
+    text = console.export_text()
+    assert all(row.metric in text for row in rows)
+    assert text.count("regressed") >= len(regressions(rows)) > 0 and "inconclusive" in text
