@@ -409,3 +409,19 @@ def test_an_exposed_vllm_reads_its_key_from_a_file_never_from_argv(tmp_path):
     assert "--api-key" not in argv
     with pytest.raises(StepFailed, match="vLLM venv beyond loopback would run without an API key"):
         step.spec(offline(engine_facts(smi=GB10_SMI), vllm="venv", **kw))
+
+
+def test_new_code_or_a_new_engine_binary_restarts_its_service(tmp_path):
+    formats = model_formats(tmp_path, "llamacpp")
+    old_engine = services.EngineService(formats, "img", "1" * 64).spec(offline(engine_facts()))
+    new_engine = services.EngineService(formats, "img", "2" * 64)
+    assert new_engine.check(offline(engine_facts(old_engine))).of(services.StartService)
+    unit, prefix = services.MultiplexerService.unit, "/opt/dgxready"
+    host_facts = {F.FileExists(f"{prefix}/etc/agent-keys.yaml"): True}
+    old_mux = services.MultiplexerService(formats, "a" * 64).spec(offline(host_facts))
+    proc = F.ServiceProcess(7, True, old_mux.argv)
+    running = host_facts | {F.FileText(f"{prefix}/etc/{unit}.identity"): old_mux.identity(),
+                            F.Service(unit, f"{prefix}/run/{unit}.pid"): proc}
+    assert not services.MultiplexerService(formats, "a" * 64).check(offline(running))
+    (start,) = services.MultiplexerService(formats, "b" * 64).check(offline(running)).of(services.StartService)
+    assert "restart" in start.reason

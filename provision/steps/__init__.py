@@ -13,10 +13,11 @@ from provision.steps.validate import Validate
 
 def all_steps(llama: LlamaBuild, formats: dict[str, ModelFiles], app: AppBundle, pins: tuple[str, ...],
               vllm_image: str) -> list[Step]:
+    llama_cpp = LlamaCpp(llama)
     return [BasePackages(), UserAndSsh(), NvidiaDriver(), Docker(), PythonEnv(pins, app), storage_step(formats),
-            LlamaCpp(llama),
-            VllmImage(vllm_image), ModelStep(formats), EngineService(formats, vllm_image),
-            MultiplexerService(formats), Validate()]
+            llama_cpp, VllmImage(vllm_image), ModelStep(formats),
+            EngineService(formats, vllm_image, llama_cpp.digests["llama-server"]),
+            MultiplexerService(formats, app.sha256), Validate()]
 
 
 def storage_step(formats: dict[str, ModelFiles]) -> Storage:

@@ -35,6 +35,7 @@ class ServiceSpec:
     environment: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: int = 60
+    revision: str = field(default="", metadata={"doc": "what else a restart depends on (binary, code)"})
 
     def identity(self) -> str:
         """What a restart depends on; values sized from free memory at start are left out, so
@@ -43,7 +44,7 @@ class ServiceSpec:
         for i, arg in enumerate(argv[:-1]):
             if arg in VOLATILE_FLAGS:
                 argv[i + 1] = "*"
-        doc = {"argv": argv, "user": self.user, "env": self.environment,
+        doc = {"argv": argv, "user": self.user, "env": self.environment, "revision": self.revision,
                "files": {p: hashlib.sha256(t.encode()).hexdigest() for p, t in sorted(self.files.items())}}
         return json.dumps(doc, sort_keys=True)
 
@@ -229,9 +230,10 @@ class EngineService(ServiceStep):
     name = "engine"
     unit = "dgxready-engine"
 
-    def __init__(self, formats: dict[str, ModelFiles], vllm_image: str):
+    def __init__(self, formats: dict[str, ModelFiles], vllm_image: str, llama_server_sha256: str = ""):
         self.formats = formats
         self.vllm_image = vllm_image
+        self.llama_server_sha256 = llama_server_sha256
 
     def spec(self, host: Host) -> ServiceSpec:
         v = host.vars
@@ -244,13 +246,15 @@ class EngineService(ServiceStep):
         if engine == "vllm":
             argv = self.vllm_argv(host, fmt, plan.engine_flags, model_dir)
             return ServiceSpec(self.unit, f"dgxready vLLM ({v.model})", argv, None,
-                               f"{engine_url(host)}/health", startup_timeout_s=900)
+                               f"{engine_url(host)}/health", startup_timeout_s=900,
+                               revision=",".join(f.sha256 for f in fmt.files))
         extra = (*(("-t", str(v.threads)) if v.threads else ()),
                  *(() if is_loopback(engine_bind(host)) else ("--api-key-file", engine_key_path(host))))
         argv = llamacpp_command(f"{v.prefix}/bin/llama-server", f"{model_dir}/{fmt.entry_rel}", v.model,
                                 engine_bind(host), v.serve_port, plan.engine_flags, extra)
+        revision = ",".join([self.llama_server_sha256, *(f.sha256 for f in fmt.files)])
         return ServiceSpec(self.unit, f"dgxready llama-server ({v.model})", tuple(argv), v.service_user,
-                           f"{engine_url(host)}/health", startup_timeout_s=120)
+                           f"{engine_url(host)}/health", startup_timeout_s=120, revision=revision)
 
     def vllm_argv(self, host: Host, fmt: ModelFiles, flags: list[str], model_dir: str) -> tuple[str, ...]:
         v = host.vars
@@ -323,8 +327,9 @@ class MultiplexerService(ServiceStep):
     name = "multiplexer"
     unit = "dgxready-mux"
 
-    def __init__(self, formats: dict[str, ModelFiles]):
+    def __init__(self, formats: dict[str, ModelFiles], app_sha256: str = ""):
         self.formats = formats
+        self.app_sha256 = app_sha256
 
     def config_text(self, host: Host) -> str:
         v = host.vars
@@ -344,7 +349,7 @@ class MultiplexerService(ServiceStep):
                            f"http://{mux_host(host)}:{v.mux_port}/health",
                            environment={"PYTHONPATH": f"{v.prefix}/app",
                                         "DGXREADY_STATE_DIR": f"{v.prefix}/state"},
-                           files={config: self.config_text(host)})
+                           files={config: self.config_text(host)}, revision=self.app_sha256)
 
     def check(self, host: Host) -> Changes:
         todo = super().check(host)
