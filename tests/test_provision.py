@@ -43,7 +43,8 @@ def statuses(record, host):
 
 
 def refuses(conn_from, address: str, port: int) -> bool:
-    return conn_from.run(f"timeout 3 bash -c 'exec 3<>/dev/tcp/{address}/{port}'", warn=True, hide=True, in_stream=False).failed
+    probe = f"timeout 3 bash -c 'exec 3<>/dev/tcp/{address}/{port}'"
+    return conn_from.run(probe, warn=True, hide=True, in_stream=False).failed
 
 
 def test_two_bare_hosts_serve_agents_through_their_own_multiplexer_then_a_rerun_changes_nothing(hosts):
