@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up what dgxready needs on a fresh Debian/Ubuntu machine (build tools, a pinned uv, the
-# locked Python environment), then run the given command inside that environment:
+# locked Python environment in .venv, with uv linked into .venv/bin), then run the given command
+# inside that environment:
 #   ./bootstrap.sh invoke quickstart      ./bootstrap.sh nox
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -54,5 +55,7 @@ fi
 export PATH="$(dirname "$uv_bin"):$PATH"
 
 uv sync --frozen --group dev -q
+# After `. .venv/bin/activate`, nox (whose sessions are uv venvs) and `uv` itself need uv on PATH.
+ln -sfn "$(readlink -f "$uv_bin")" .venv/bin/uv
 [ $# -eq 0 ] && { say "environment ready: .venv"; exit 0; }
 exec uv run --frozen "$@"

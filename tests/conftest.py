@@ -12,6 +12,8 @@ from model.catalog import load_catalog
 from model.llamacpp_build import build_llamacpp
 from model.pull import pull
 from model.serve import ServeRequest, serve, stop
+from tests.processes import ProcessTracker
+from tests.sshd import LocalSshd, start_sshd
 
 
 @pytest.fixture(scope="session")
@@ -27,12 +29,35 @@ def session_store(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def isolated(tmp_path, monkeypatch, session_store):
-    """A private model store (a copy of the session's) and a private state folder."""
+    """A private model store (a copy of the session's) and a private state folder; the servers
+    recorded there are stopped when the test ends."""
     store = tmp_path / "store"
     shutil.copytree(session_store, store)
     monkeypatch.setenv("DGXREADY_MODEL_STORE", str(store))
     monkeypatch.setenv("DGXREADY_STATE_DIR", str(tmp_path / "state"))
-    return load_settings()
+    settings = load_settings()
+    yield settings
+    stop(settings=settings)
+
+
+@pytest.fixture
+def processes():
+    """Start (`processes.start(argv, ...)`) or adopt (`processes.track(popen)`) processes; each one and
+    all its descendants are killed when the test ends."""
+    tracker = ProcessTracker()
+    yield tracker
+    tracker.stop_all()
+
+
+@pytest.fixture
+def local_sshd(tmp_path, processes):
+    """`local_sshd(alias)`: a throwaway sshd (see tests/sshd.py), killed with its sessions at the end."""
+    def start(alias: str, address: str = "127.0.0.1") -> LocalSshd:
+        sshd = start_sshd(tmp_path / f"sshd-{alias}", alias=alias, address=address)
+        processes.track(sshd.proc)
+        return sshd
+
+    return start
 
 
 @pytest.fixture(scope="session")

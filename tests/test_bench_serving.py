@@ -21,7 +21,7 @@ from bench.report import load_baseline
 from bench.workloads import make_workload
 from dgxready.errors import DgxReadyError
 from dgxready.ports import free_port
-from model.serve import ServeRequest, serve, stop
+from model.serve import ServeRequest, serve
 
 pytestmark = pytest.mark.server
 
@@ -84,15 +84,20 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"data: [DONE]\n\n")  # no usage, no finish_reason
 
 
-def test_server_errors_timeouts_and_empty_streams_are_failures_not_crashes():
-    # A deliberately broken HTTP server: 500s, a hang past the timeout, a stream with no usage.
+@pytest.fixture
+def flaky_server():
+    """A deliberately broken HTTP server: 500s, a hang past the timeout, a stream with no usage."""
+    FlakyHandler.calls = 0
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        ep = Endpoint(f"http://127.0.0.1:{srv.server_address[1]}", "m", timeout_s=0.5)
-        records = asyncio.run(closed_loop(ep, make_workload("synthetic", max_tokens=8), 1, 6))
-    finally:
-        srv.shutdown()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_server_errors_timeouts_and_empty_streams_are_failures_not_crashes(flaky_server):
+    ep = Endpoint(flaky_server, "m", timeout_s=0.5)
+    records = asyncio.run(closed_loop(ep, make_workload("synthetic", max_tokens=8), 1, 6))
     m = compute_metrics(records)
     assert m.completed == 0 and m.failed == 6
     assert m.errors == {"http 500": 2, "timeout": 2, "empty": 2}
@@ -101,12 +106,9 @@ def test_server_errors_timeouts_and_empty_streams_are_failures_not_crashes():
 def test_a_server_killed_mid_run_counts_failures(isolated, llama_build):
     state = serve(ServeRequest(model="smollm2-135m", backend="llamacpp", port=free_port(), parallel=2,
                                ctx_per_slot=1024), isolated)
-    try:
-        ep = Endpoint(state.base_url, "smollm2-135m", timeout_s=30)
-        threading.Timer(1.5, lambda: os.kill(state.pid, signal.SIGKILL)).start()
-        records = asyncio.run(closed_loop(ep, make_workload("synthetic", max_tokens=128), 2, 12))
-    finally:
-        stop(port=state.port, settings=isolated)
+    ep = Endpoint(state.base_url, "smollm2-135m", timeout_s=30)
+    threading.Timer(1.5, lambda: os.kill(state.pid, signal.SIGKILL)).start()
+    records = asyncio.run(closed_loop(ep, make_workload("synthetic", max_tokens=128), 2, 12))
     m = compute_metrics(records)
     assert m.failed >= 2 and m.completed + m.failed == 12
     assert set(m.errors) <= {"transport", "truncated", "empty"}
@@ -140,10 +142,10 @@ def test_bench_all_writes_a_valid_baseline_and_plots(isolated, llama_build, tmp_
     assert same.returncode == 0, same.stdout + same.stderr
 
 
-def test_ctrl_c_leaves_no_json_and_stops_the_server(isolated, llama_build, tmp_path):
+def test_ctrl_c_leaves_no_json_and_stops_the_server(isolated, llama_build, tmp_path, processes):
     out_dir = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
+    proc = processes.start(
         [sys.executable, "-m", "invoke", "bench.all", "--skip-micro", "--concurrency", "1,2,4",
          "--max-tokens", "64", "--output-dir", str(out_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -172,24 +174,19 @@ def test_load_generator_agrees_with_llama_server_counters(served):
     assert rows["mean TTFT s"].within, rows["mean TTFT s"]
 
 
-def test_bench_all_on_a_host_over_ssh_fetches_the_results(tmp_path, isolated, llama_build):
-    from tests.sshd import start_sshd
-
-    sshd = start_sshd(tmp_path / "sshd", alias="benchbox")
-    try:
-        local = tmp_path / "fetched"
-        run = subprocess.run(
-            [sys.executable, "-m", "invoke", "bench.all", "--host", "benchbox", "--ssh-config",
-             str(sshd.ssh_config), "--remote-dir", str(runner.REPO_ROOT), "--skip-micro",
-             "--skip-capacity", "--concurrency", "1", "--max-tokens", "16", "--output-dir", str(local)],
-            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        fetched = list(local.glob("*.json"))
-        assert len(fetched) == 1 and load_baseline(fetched[0]).serving.levels[0].concurrency == 1
-        assert len(list(local.rglob("*.png"))) == 3
-        down = subprocess.run(
-            [sys.executable, "-m", "invoke", "bench.all", "--host", "nosuchbox.invalid",
-             "--skip-micro"], capture_output=True, text=True, timeout=120)
-        assert down.returncode == 1 and "nosuchbox.invalid: cannot connect" in down.stderr
-    finally:
-        sshd.stop()
+def test_bench_all_on_a_host_over_ssh_fetches_the_results(tmp_path, isolated, llama_build, local_sshd):
+    sshd = local_sshd("benchbox")
+    local = tmp_path / "fetched"
+    run = subprocess.run(
+        [sys.executable, "-m", "invoke", "bench.all", "--host", "benchbox", "--ssh-config",
+         str(sshd.ssh_config), "--remote-dir", str(runner.REPO_ROOT), "--skip-micro",
+         "--skip-capacity", "--concurrency", "1", "--max-tokens", "16", "--output-dir", str(local)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    fetched = list(local.glob("*.json"))
+    assert len(fetched) == 1 and load_baseline(fetched[0]).serving.levels[0].concurrency == 1
+    assert len(list(local.rglob("*.png"))) == 3
+    down = subprocess.run(
+        [sys.executable, "-m", "invoke", "bench.all", "--host", "nosuchbox.invalid",
+         "--skip-micro"], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 1 and "nosuchbox.invalid: cannot connect" in down.stderr

@@ -9,6 +9,7 @@ import pytest
 
 from dgxready.errors import DgxReadyError
 from dgxready.ports import free_port
+from model.backend import BackendChoice, VllmInstall
 from model.catalog import load_catalog
 from model.procs import ServerFailed
 from model.quantize import quantize
@@ -90,16 +91,15 @@ def test_a_server_that_dies_shows_its_last_log_lines(isolated, llama_build):
     assert status(isolated) == []
 
 
-def test_ctrl_c_while_waiting_for_the_server_leaves_no_server_behind(isolated, llama_build, monkeypatch):
-    import model.serve as serve_module
-
+def test_ctrl_c_while_waiting_for_the_server_leaves_no_server_behind(isolated, llama_build, monkeypatch,
+                                                                    processes):
     started = []
 
     def interrupted(proc, base_url, log, timeout_s):
-        started.append(proc)
+        started.append(processes.track(proc))
         raise KeyboardInterrupt  # what Ctrl-C raises in the waiting loop
 
-    monkeypatch.setattr(serve_module, "wait_ready", interrupted)
+    monkeypatch.setattr("model.serve.wait_ready", interrupted)
     with pytest.raises(KeyboardInterrupt):
         serve(ServeRequest(model=DEFAULT, backend="llamacpp", port=free_port(), parallel=1,
                            ctx_per_slot=1024), isolated)
@@ -123,24 +123,21 @@ def test_requantized_model_is_served(isolated, llama_build):
     assert result.size != load_catalog().format(DEFAULT, "gguf-q4_1").files[0].size
     state = serve(ServeRequest(model=DEFAULT, fmt=result.fmt, backend="llamacpp",
                                port=free_port(), parallel=1, ctx_per_slot=1024), isolated)
-    try:
-        resp = client(state).chat.completions.create(
-            model=DEFAULT, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
-        assert resp.usage.completion_tokens > 0
-    finally:
-        stop(port=state.port, settings=isolated)
+    resp = client(state).chat.completions.create(
+        model=DEFAULT, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    assert resp.usage.completion_tokens > 0
 
 
 def test_auto_backend_keeps_gguf_models_on_llamacpp(isolated):
     # Simulated host: NVML sees an H100 and a vLLM install is present (neither exists here).
-    from model.backend import BackendChoice, VllmInstall
-    from model.serve import settle_backend
+    from model.serve import catalog_view, settle_backend
 
     vllm = BackendChoice("vllm", "H100 found and vLLM is installed", VllmInstall("venv", "/x/vllm"))
-    plain = settle_backend(ServeRequest(model=DEFAULT), vllm, isolated)
+    plain = settle_backend(ServeRequest(model=DEFAULT), vllm, catalog_view(DEFAULT, isolated))
     assert plain.backend == "llamacpp" and "has no vLLM format" in plain.reason
-    mistral = settle_backend(ServeRequest(model="mistral-7b-instruct-v0.3"), vllm, isolated)
+    mistral = settle_backend(ServeRequest(model="mistral-7b-instruct-v0.3"), vllm,
+                             catalog_view("mistral-7b-instruct-v0.3", isolated))
     assert mistral.backend == "vllm"
     gguf = settle_backend(ServeRequest(model="mistral-7b-instruct-v0.3", fmt="gguf-q8_0"), vllm,
-                          isolated)
+                          catalog_view("mistral-7b-instruct-v0.3", isolated))
     assert gguf.backend == "llamacpp" and "is a GGUF" in gguf.reason
