@@ -13,6 +13,7 @@ from bench.compare import compare, comparison_table, regressions, table_title
 from bench.net import NetResult
 from bench.report import Micro, load_baseline, write_baseline
 from bench.serving import CapacityResult
+from bench.storage import IoResult, StorageResult
 from bench.stream import StreamResult
 
 
@@ -72,6 +73,26 @@ def test_the_changes_seen_between_two_identical_runs_are_inconclusive_not_regres
                               "net 127.0.0.1 RTT p50 us": "inconclusive",
                               "capacity (agents within SLO)": "inconclusive"}
     assert regressions(rows) == []
+
+
+def storage(qd16_windows):
+    job = IoResult("rand_read_4k_qd16", 4096, 16, "direct", 1.0, float(np.mean(qd16_windows)), 1, 1, 3.0,
+                   qd16_windows)
+    return StorageResult("/store", 1 << 30, "direct", [job])
+
+
+def test_a_late_start_or_a_ttft_13_percent_slower_is_not_called_a_change():
+    # Real QD16 windows: forked readers starting late, then a run where they start together.
+    late = storage([0, 37, 1677, 53657, 61370, 59457, 58817, 51397, 55053, 56497])
+    prompt = storage([57351, 55980, 55543, 29199, 58967, 59302, 56722, 59678, 66505, 68212])
+    rng = np.random.default_rng(4)
+    before = synthetic_baseline(rng, SAME_DISTRIBUTION, with_capacity=False)
+    after = before.model_copy(deep=True, update={"micro": Micro(storage=prompt)})
+    for lv in after.serving.levels:
+        lv.ttft_samples = [x * 1.13 for x in lv.ttft_samples]
+    rows = verdicts(compare(before.model_copy(update={"micro": Micro(storage=late)}), after))
+    assert rows["storage rand_read_4k_qd16 IOPS"] == "unchanged"
+    assert {v for m, v in rows.items() if " TTFT " in m} <= {"unchanged", "inconclusive"}
 
 
 def test_capacity_ranges_that_do_not_overlap_are_a_change():

@@ -42,14 +42,14 @@ class Noise:
 
 
 # Host spreads measured on the 2-core development VM while other work moved its load average
-# between 2 and 11 (eight back-to-back runs of STREAM, storage and loopback: the spread of the
+# between 2 and 11 (eleven back-to-back runs of STREAM, storage and loopback: the spread of the
 # log of each sample within a run, and of the runs' medians beyond what that explains). The
 # serving spreads are assumptions: 20% request to request, and a 5% shift of a whole run.
 # Requests per level are bench.runner's.
 NOISE_BUSY_2CORE_VM = Noise(
-    stream=Spread(run=0.36, sample=0.30),
-    storage=Spread(run=0.30, sample=0.33),
-    net_gbps=Spread(run=0.19, sample=0.40),
+    stream=Spread(run=0.37, sample=0.30),
+    storage=Spread(run=0.30, sample=0.35),
+    net_gbps=Spread(run=0.25, sample=0.43),
     rtt_modes_us=(8.0, 12.0, 65.0),
     rtt_mode_weights=(0.4, 0.45, 0.15),
     latency=Spread(run=0.05, sample=0.20),
