@@ -25,6 +25,8 @@ if [ "${1:-}" = nox ]; then
   [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   command -v zstd >/dev/null || missing+=(zstd)
+  # The storage step's tests build arrays of loop devices (they skip where the kernel has no md).
+  command -v mdadm >/dev/null || missing+=(mdadm)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo=(); elif command -v sudo >/dev/null; then sudo=(sudo); else
@@ -38,7 +40,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     "${sudo[@]}" chmod +x /usr/sbin/policy-rc.d
     no_start=1
   fi
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   if [ $no_start = 1 ]; then "${sudo[@]}" rm -f /usr/sbin/policy-rc.d; fi
 fi
 
