@@ -88,11 +88,11 @@ def test_two_bare_hosts_serve_agents_through_their_own_multiplexer_then_a_rerun_
         assert again.counts(name)["changed"] == 0 and again.counts(name)["failed"] == 0, again.results
 
 
-def test_a_run_killed_mid_step_converges_when_rerun(hosts, isolated, tmp_path):
+def test_a_run_killed_mid_step_converges_when_rerun(hosts, isolated, tmp_path, processes):
     inv, _ = hosts(("bravo", "127.0.0.32"))
     record_dir = isolated.state_dir / "provision"
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "provision", "--host", "bravo", "--inventory",
-                             str(inv), "--yes"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = processes.start([sys.executable, "-m", "invoke", "provision", "--host", "bravo", "--inventory",
+                            str(inv), "--yes"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     killed_after = None
     while time.monotonic() < deadline and proc.poll() is None:

@@ -14,18 +14,23 @@ pytestmark = pytest.mark.skipif(not os.environ.get("DGXREADY_SLOW_TESTS") or lab
                                 reason="slow: set DGXREADY_SLOW_TESTS=1 (and run as root)")
 
 
-def test_llamacpp_built_on_the_host_serves(tmp_path, isolated):
+@pytest.fixture
+def builder(tmp_path):
     host = lab.make_host(tmp_path / "builder", "builder", "127.0.0.61")
-    host.start()
     try:
-        inv = tmp_path / "inventory.yaml"
-        inv.write_text(yaml.safe_dump({"hosts": {"builder": {
-            "address": "127.0.0.61", "key": str(host.key), "vars": {"llamacpp": "build", **lab.lab_vars()}}}}))
-        record, _ = provision(select(load_inventory(inv), "builder"))
-        by_step = {r.step: r for r in record.results}
-        assert by_step["llama.cpp"].status == "changed" and "built on the host" in by_step["llama.cpp"].detail
-        assert by_step["validate"].status == "ok"
-        again, _ = provision(select(load_inventory(inv), "builder"), only="llama.cpp")
-        assert again.results[0].status == "ok"
+        host.start()
+        yield host
     finally:
         host.destroy()
+
+
+def test_llamacpp_built_on_the_host_serves(tmp_path, isolated, builder):
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text(yaml.safe_dump({"hosts": {"builder": {
+        "address": "127.0.0.61", "key": str(builder.key), "vars": {"llamacpp": "build", **lab.lab_vars()}}}}))
+    record, _ = provision(select(load_inventory(inv), "builder"))
+    by_step = {r.step: r for r in record.results}
+    assert by_step["llama.cpp"].status == "changed" and "built on the host" in by_step["llama.cpp"].detail
+    assert by_step["validate"].status == "ok"
+    again, _ = provision(select(load_inventory(inv), "builder"), only="llama.cpp")
+    assert again.results[0].status == "ok"
