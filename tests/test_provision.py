@@ -85,7 +85,9 @@ def test_two_bare_hosts_serve_agents_through_their_own_multiplexer_then_a_rerun_
     again, _ = provision(targets)
     for name in ("lima", "mike"):
         assert first.counts(name)["changed"] >= 7
-        assert again.counts(name)["changed"] == 0 and again.counts(name)["failed"] == 0, again.results
+        moved = [(r.step, r.status, r.detail) for r in again.results if r.host == name and r.status != "ok"
+                 and r.status != "skipped"]
+        assert not moved, moved
 
 
 def test_a_run_killed_mid_step_converges_when_rerun(hosts, isolated, tmp_path, processes):
