@@ -388,7 +388,8 @@ def test_hostile_values_never_execute(tmp_path_factory, value):
     assert out.stdout == attack.encode() and not marker.exists()
 
 
-def test_an_unreachable_host_is_named_with_its_address(tmp_path, isolated):
+def test_an_unreachable_host_is_named_with_its_address(tmp_path, monkeypatch):
+    monkeypatch.setenv("DGXREADY_STATE_DIR", str(tmp_path / "state"))
     ok = tmp_path / "ok.yaml"
     ok.write_text(yaml.safe_dump({"hosts": {"ghost": {"address": "127.0.0.99", "port": 2299}}}))
     record, _ = provision(select(load_inventory(ok), "ghost"), steps=[])
