@@ -17,11 +17,11 @@ from bench.workloads import Workload
 # A level meets a P95 SLO when at least 95% of its requests are within it. To show that with
 # one-sided 95% confidence (a two-sided 90% Wilson interval whose lower end is >= 0.95) takes 52
 # requests, all within the SLO; a level whose true P95 is 70% of the SLO does it in 94% of
-# 64-request trials, one at 90% in 27% (python -m bench.benchmarks.capacity_requests). So the
-# search screens each level with a round of REQUESTS_PER_ROUND, and measures the levels it must
-# decide again, round by round, until they are decided or have SETTLE_REQUESTS.
-REQUESTS_PER_ROUND = 16
-SETTLE_REQUESTS = 64
+# 52-request trials (python -m bench.benchmarks.capacity_requests). So the search screens each
+# level with one round of REQUESTS_PER_ROUND and measures the levels it must decide again, round
+# by round, until they are decided or have SETTLE_REQUESTS: four rounds of 13.
+REQUESTS_PER_ROUND = 13
+SETTLE_REQUESTS = 52
 CONFIDENCE = 0.90
 SLO_QUANTILE = 0.95
 
@@ -82,6 +82,10 @@ Verdict = Literal["meets", "misses", "undecided"]
 
 @dataclass(frozen=True)
 class CapacityLevel:
+    """One level as judged: `passed` and `reason` by the point estimate of the P95 E2EL;
+    `verdict` by `attainment_interval`, the Wilson interval of the share of requests within the
+    SLO at the search's confidence (`attainment_ci95` is the same at 95%); `rounds` measured and
+    pooled into `num_requests`."""
     concurrency: int
     num_requests: int
     failed: int

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from bench.serving import CONFIDENCE, SLO_QUANTILE, level_verdict, wilson_interval, z_score
 
-SIZES = (8, 16, 20, 32, 48, 64, 96)
+SIZES = (8, 13, 16, 20, 32, 48, 52, 64, 96)
 TRUE_P95_SHARES = (0.7, 0.9, 1.0, 1.1, 1.3)
 
 

@@ -12,11 +12,11 @@ printed beside it for reference.
 Bars: a false-alarm rate of at most 5% of comparisons (any metric), and, on a quiet host, a
 planted 30% change detected in at least 90% of comparisons in STREAM, storage and serving E2EL.
 
-Last run (2-core VM, load average 8-11 from other work; --pairs 100, real: 11 runs of the host
-benchmarks, 55 pairs). False alarms, any metric: busy VM 5.0%, quiet host 1.0%, real runs 3.6%
-(the old threshold-only rule: 100%, 99%, 95%). Planted 30%: quiet host 100% of comparisons
-(STREAM 100%, storage 94%, net 52%, E2EL 94%, TTFT 67%, TPOT 85%, capacity 14%); busy VM 88%,
-carried by the serving latencies (E2EL 80%), host figures there too noisy (STREAM 8%)."""
+Last run (2-core VM, load average 7-11 from other work; --pairs 100, real: 11 runs of the host
+benchmarks, 55 pairs). False alarms, any metric: busy VM 4.0%, quiet host 2.0%, real runs 3.6%
+(the old threshold-only rule: 100%, 98%, 95%). Planted 30%: quiet host 100% of comparisons
+(STREAM 100%, storage 94%, net 44%, E2EL 89%, TTFT 68%, TPOT 87%, capacity 24%); busy VM 90%,
+carried by the serving latencies (E2EL 85%), host figures there too noisy (STREAM 16%)."""
 from __future__ import annotations
 
 import argparse
