@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dgxready
 from dgxready.settings import REPO_ROOT, load_settings
+from model.llamacpp_build import load_build
 
 ENV_PREFIXES = ("TORCH", "NCCL", "CUDA", "CUBLAS", "CUDNN", "OMP_", "MKL_", "NVIDIA", "VLLM",
                 "LLAMA", "GGML", "DGXREADY", "HF_HUB_OFFLINE")
@@ -61,8 +62,7 @@ def safe_env(environ: dict[str, str]) -> dict[str, str]:
 
 
 def capture_environment() -> Environment:
-    from model.llamacpp_build import load_build
-
+    """Call it after the llama.cpp build a run uses, or the build is recorded as missing."""
     packages = {}
     for name in PACKAGES:
         try:

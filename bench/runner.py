@@ -1,4 +1,5 @@
-"""Plain functions behind the bench.* tasks: each part on its own, and `run_all` end to end."""
+"""Plain functions behind the bench.* tasks: each part on its own, and `run_all` end to end,
+printing each part as soon as it is measured."""
 from __future__ import annotations
 
 import contextlib
@@ -8,23 +9,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress
 
 from bench import plots
 from bench.environment import capture_environment
 from bench.hw import check_profile, gpu_reports, host_facts, last_level_cache
+from bench.labels import workload_label
 from bench.loadgen import Endpoint, probe
 from bench.metrics import Slo
 from bench.net import loopback, measure
 from bench.report import Baseline, Hardware, Micro, Serving, ServingLevel, now_stamp, write_baseline
-from bench.roofline import roofline
+from bench.roofline import Roofline, roofline
 from bench.serving import CapacityResult, LevelResult, capacity_search, requests_for, run_level
 from bench.storage import run_storage
 from bench.stream import run_stream
-from bench.workloads import make_workload
+from bench.summary import (
+    capacity_level_line,
+    level_line,
+    print_capacity,
+    print_hardware,
+    print_micro,
+    print_roofline,
+    print_serving,
+)
+from bench.workloads import Workload, make_workload
 from dgxready.errors import DgxReadyError
-from dgxready.progress import step_progress
+from dgxready.progress import AnyProgress, step_progress
 from dgxready.settings import REPO_ROOT, load_settings
+from model.running import running_model
 
 BASELINES = REPO_ROOT / "bench" / "baselines"
 
@@ -46,27 +57,13 @@ def safe_name(text: str) -> str:
 def target(url: str | None, parallel: int, ctx: int, out: Console) -> Iterator[Target]:
     """Use `url`, or start the default model on a free port and stop it whatever happens."""
     if url:
-        yield Target(url, probe(url), None, False, None)
+        tgt = Target(url, probe(url), None, False, None)
+        out.print(f"benchmarking {tgt.model} at {tgt.url}")
+        yield tgt
         return
-    from dgxready.ports import free_port
-    from model.catalog import load_catalog
-    from model.llamacpp_build import build_llamacpp
-    from model.pull import pull, resolve_format, store_for
-    from model.serve import ServeRequest, serve, stop
-
-    settings = load_settings()
-    name = load_catalog().default
-    build_llamacpp(settings)
-    result = pull(name, engine="llamacpp", settings=settings)
-    state = serve(ServeRequest(model=name, fmt=result.fmt, port=free_port(), parallel=parallel,
-                               ctx_per_slot=ctx), settings)
-    spec = resolve_format(load_catalog(), store_for(settings), name, result.fmt).spec
-    out.print(f"started {state.backend} for {name} at {state.base_url} ({state.reason})")
-    try:
-        yield Target(state.base_url, probe(state.base_url), state.backend, True, spec.weight_bytes)
-    finally:
-        stop(port=state.port, settings=settings)
-        out.print(f"stopped the server on port {state.port}")
+    with running_model(parallel=parallel, ctx_per_slot=ctx) as served:
+        yield Target(served.base_url, probe(served.base_url), served.state.backend, True,
+                     served.weight_bytes)
 
 
 def hardware(profile: str) -> Hardware:
@@ -100,54 +97,72 @@ def micro(store_dir: Path, out: Console, stream_reps: int = 10, io_bytes: int = 
             except OSError as exc:
                 raise DgxReadyError(f"network peer {host}:{port}: {exc}") from None
             progress.advance(task)
-    best_op, best = stream.best_op
-    out.print(f"STREAM best {best_op} {best:.1f} GB/s ({stream.threads} threads); storage "
-              f"{storage.mode}; " + "; ".join(f"{n.target} {n.throughput_gbps:.1f} Gbit/s" for n in nets))
-    return Micro(stream=stream, storage=storage, network=nets)
+    result = Micro(stream=stream, storage=storage, network=nets)
+    print_micro(result, out)
+    return result
+
+
+def measured_level(progress: AnyProgress, label: str, ep: Endpoint, workload: Workload, concurrency: int,
+                   num_requests: int, warmup: int, slo: Slo) -> LevelResult:
+    """One closed-loop level, its requests counted on a progress task of its own."""
+    task = progress.add_task(label, total=num_requests)
+    try:
+        return run_level(ep, workload, concurrency, num_requests, warmup, slo,
+                         lambda _record: progress.advance(task))
+    finally:
+        progress.remove_task(task)
 
 
 def sweep(ep: Endpoint, workload_name: str, levels: list[int], max_tokens: int, slo: Slo,
-          warmup: int = 2) -> list[LevelResult]:
+          out: Console, warmup: int = 2) -> list[LevelResult]:
     workload = make_workload(workload_name, max_tokens=max_tokens)
+    out.print(f"serving sweep: {workload_label(workload.describe())}, closed loop at concurrency "
+              + ", ".join(map(str, levels)))
     results = []
-    with Progress(transient=True) as progress:
+    with step_progress(transient=True) as progress:
         for c in levels:
             n = requests_for(c, per_worker=2, minimum=8)
-            task = progress.add_task(f"{workload_name} c={c}", total=n)
-            results.append(run_level(ep, workload, c, n, warmup, slo,
-                                     lambda _r, t=task: progress.advance(t)))
+            results.append(measured_level(progress, f"{workload_name} c={c}", ep, workload, c, n,
+                                          warmup, slo))
+            out.print(level_line(results[-1]))
     return results
 
 
 def capacity(ep: Endpoint, workload_name: str, slo_s: float, max_tokens: int, limit: int,
              out: Console) -> CapacityResult:
     workload = make_workload(workload_name, max_tokens=max_tokens)
+    out.print(f"capacity search: P95 E2EL <= {slo_s:g} s, {workload_label(workload.describe())}, "
+              f"up to {limit} concurrent agents")
+    with step_progress(transient=True) as progress:
+        def measure_at(c: int) -> LevelResult:
+            return measured_level(progress, f"capacity c={c}", ep, workload, c, requests_for(c),
+                                  min(c, 4), Slo(e2el_p95_s=slo_s))
 
-    def measure(c: int) -> LevelResult:
-        return run_level(ep, workload, c, requests_for(c), min(c, 4), Slo(e2el_p95_s=slo_s))
-
-    def show(lv) -> None:
-        mark = "[green]pass" if lv.passed else "[red]fail"
-        p95 = f"{lv.p95_e2el_s:.2f}" if lv.p95_e2el_s is not None else "-"
-        out.print(f"  c={lv.concurrency:<3} n={lv.num_requests:<3} P95 E2EL {p95} s  "
-                  f"{lv.output_throughput:.0f} tok/s  attainment {lv.attainment:.0%}  {mark}[/] "
-                  f"({lv.reason})")
-
-    out.print(f"capacity search: P95 E2EL <= {slo_s:g} s, workload {workload_name}, "
-              f"max_tokens {max_tokens}")
-    return capacity_search(measure, slo_s, workload.describe(), limit=limit, on_level=show)
+        return capacity_search(measure_at, slo_s, workload.describe(), limit=limit,
+                               on_level=lambda lv: out.print(capacity_level_line(lv)))
 
 
-def write_plots(run_dir: Path, levels: list[LevelResult], cap: CapacityResult | None,
-                slo_s: float) -> list[str]:
+def single_stream_roofline(levels: list[LevelResult], mic: Micro, weight_bytes: int | None) -> Roofline | None:
+    single = next((lv for lv in levels if lv.concurrency == 1 and lv.metrics.tpot), None)
+    if not (single and mic.stream and weight_bytes):
+        return None
+    op, bandwidth = mic.stream.best_op
+    return roofline(1.0 / single.metrics.tpot.mean, bandwidth,
+                    f"STREAM {op}, {mic.stream.threads} threads", weight_bytes)
+
+
+def write_plots(run_dir: Path, serving: Serving, levels: list[LevelResult], cap: CapacityResult | None,
+                slo_s: float, run: plots.RunLabel) -> list[str]:
     run_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    figures = {}
     if levels:
-        paths += [plots.latency_vs_concurrency(levels, slo_s, run_dir / "latency_vs_concurrency.png"),
-                  plots.throughput_vs_concurrency(levels, run_dir / "throughput_vs_concurrency.png"),
-                  plots.ttft_itl_distributions(levels, run_dir / "ttft_itl_distributions.png")]
+        figures["latency_vs_concurrency"] = plots.latency_vs_concurrency(levels, serving.workload, slo_s,
+                                                                         cap, run)
+        figures["throughput_vs_concurrency"] = plots.throughput_vs_concurrency(levels, serving.workload, run)
+        figures["ttft_itl_distributions"] = plots.ttft_itl_distributions(levels, serving.workload, run)
     if cap:
-        paths.append(plots.capacity_search_plot(cap, run_dir / "capacity_search.png"))
+        figures["capacity_search"] = plots.capacity_search_plot(cap, run)
+    paths = [plots.save(fig, run_dir / f"{name}.png") for name, fig in figures.items()]
     return [str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p) for p in paths]
 
 
@@ -167,33 +182,39 @@ class AllOptions:
     net_peers: tuple[str, ...] = ()
 
 
+def serving_doc(tgt: Target, workload: dict, levels: list[LevelResult]) -> Serving:
+    return Serving(url=tgt.url, model=tgt.model, backend=tgt.backend, started_server=tgt.started,
+                   workload=workload, mode="closed", levels=[ServingLevel.of(lv) for lv in levels])
+
+
 def run_all(opts: AllOptions, out: Console) -> tuple[Path, Baseline]:
-    env = capture_environment()
     hw = hardware(opts.profile)
-    settings = load_settings()
-    mic = Micro() if opts.skip_micro else micro(settings.models_dir, out, peers=opts.net_peers)
+    print_hardware(hw.host.hostname, hw, out)
+    mic = Micro() if opts.skip_micro else micro(load_settings().models_dir, out, peers=opts.net_peers)
     slo = Slo(e2el_p95_s=opts.slo_p95_e2e_s)
     parallel = max(max(opts.levels), opts.capacity_limit if not opts.skip_capacity else 1)
     with target(opts.url, parallel, 2048, out) as tgt:
+        # After the target is up, so that a llama.cpp build made for it is in the record.
+        env = capture_environment()
         ep = Endpoint(tgt.url, tgt.model)
-        levels = sweep(ep, opts.sweep_workload, list(opts.levels), opts.max_tokens, slo)
+        levels = sweep(ep, opts.sweep_workload, list(opts.levels), opts.max_tokens, slo, out)
+        serving = serving_doc(tgt, make_workload(opts.sweep_workload, max_tokens=opts.max_tokens).describe(),
+                              levels)
+        print_serving(serving, out)
         cap = None if opts.skip_capacity else capacity(
             ep, opts.capacity_workload, opts.slo_p95_e2e_s, opts.max_tokens, opts.capacity_limit, out)
-    single = next((lv for lv in levels if lv.concurrency == 1 and lv.metrics.tpot), None)
-    roof = None
-    if single and mic.stream and tgt.weight_bytes:
-        op, bw = mic.stream.best_op
-        roof = roofline(1.0 / single.metrics.tpot.mean, bw, f"STREAM {op}, {mic.stream.threads} threads",
-                        tgt.weight_bytes)
+    if cap:
+        print_capacity(cap, out)
+    roof = single_stream_roofline(levels, mic, tgt.weight_bytes)
+    if roof:
+        print_roofline(roof, out)
     created = now_stamp()
     out_dir = opts.output_dir or BASELINES / safe_name(hw.host.hostname)
     run_dir = out_dir / created.replace(":", "").replace("-", "")
     baseline = Baseline(
         created_at=created, host=hw.host.hostname, environment=env, hardware=hw, micro=mic,
-        serving=Serving(url=tgt.url, model=tgt.model, backend=tgt.backend, started_server=tgt.started,
-                        workload=make_workload(opts.sweep_workload, max_tokens=opts.max_tokens).describe(),
-                        mode="closed", levels=[ServingLevel.of(lv) for lv in levels]),
-        capacity=cap, roofline=roof,
-        plots=write_plots(run_dir, levels, cap, opts.slo_p95_e2e_s),
+        serving=serving, capacity=cap, roofline=roof,
+        plots=write_plots(run_dir, serving, levels, cap, opts.slo_p95_e2e_s,
+                          plots.RunLabel(hw.host.hostname, tgt.model, created)),
     )
     return write_baseline(baseline, out_dir), baseline

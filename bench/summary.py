@@ -1,55 +1,119 @@
-"""Rich tables for a finished run."""
+"""What a run prints, one function per part, so `bench.all` can print each part as it is measured
+and a fetched or reloaded baseline can be printed whole."""
 from __future__ import annotations
 
 from rich.console import Console
-from rich.table import Table
 
-from bench.report import Baseline
+from bench.labels import workload_label
+from bench.metrics import ServingMetrics
+from bench.report import Baseline, Hardware, Micro, Serving
+from bench.roofline import Roofline
+from bench.serving import CapacityLevel, CapacityResult, LevelResult
+from bench.verdict import TUNING_HINT, SloVerdict
+from dgxready.progress import new_table
+
+SERVING_COLUMNS = ("conc.", "ok", "fail", "out tok/s", "req/s", "TTFT mean", "TPOT mean",
+                   "ITL p95", "E2EL p50", "E2EL p95", "E2EL p99")
+CONFIDENCE_WORDS = {"meets": "meets it with confidence", "misses": "misses it with confidence",
+                    "undecided": "not yet decided with confidence"}
 
 
 def _f(v, fmt=".2f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def print_summary(b: Baseline, out: Console) -> None:
-    hw = b.hardware
-    out.print(f"[bold]{b.host}[/]: {hw.host.cpu_model}, {hw.host.architecture}, "
+def print_hardware(host: str, hw: Hardware, out: Console) -> None:
+    out.print(f"[bold]{host}[/]: {hw.host.cpu_model}, {hw.host.architecture}, "
               f"{hw.host.logical_cpus} CPUs, {hw.host.memory_total_bytes / 2**30:.1f} GiB; GPUs: "
               f"{', '.join(g.name for g in hw.gpus) or 'none'}; profile {hw.profile}: "
               f"{'pass' if hw.profile_passed else 'FAIL'}")
-    if b.micro.stream:
-        s = b.micro.stream
+
+
+def print_micro(micro: Micro, out: Console) -> None:
+    if micro.stream:
+        s = micro.stream
         out.print("STREAM GB/s (" + f"{s.threads} threads, {s.array_bytes / 2**20:.0f} MiB arrays): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in s.best_gbps.items()))
-    if b.micro.storage:
-        out.print(f"storage ({b.micro.storage.mode}): " + ", ".join(
-            f"{j.name} {j.bandwidth_mbps:.0f} MB/s {j.iops:.0f} IOPS" for j in b.micro.storage.jobs))
-    for n in b.micro.network:
+    if micro.storage:
+        out.print(f"storage ({micro.storage.mode}): " + ", ".join(
+            f"{j.name} {j.bandwidth_mbps:.0f} MB/s {j.iops:.0f} IOPS" for j in micro.storage.jobs))
+    for n in micro.network:
         out.print(f"network {n.target}: {n.throughput_gbps:.1f} Gbit/s, RTT p50 {n.rtt_p50_us:.0f} us")
+
+
+def serving_row(level_name: str, m: ServingMetrics) -> list[str]:
+    return [level_name, str(m.completed), str(m.failed), _f(m.output_throughput, ".1f"),
+            _f(m.request_throughput), _f(m.ttft and m.ttft.mean, ".3f"), _f(m.tpot and m.tpot.mean, ".4f"),
+            _f(m.itl and m.itl.p95, ".4f"), _f(m.e2el and m.e2el.p50), _f(m.e2el and m.e2el.p95),
+            _f(m.e2el and m.e2el.p99)]
+
+
+def print_serving(serving: Serving, out: Console) -> None:
+    t = new_table(out, f"serving: {serving.model} at {serving.url} ({workload_label(serving.workload)})")
+    for col in SERVING_COLUMNS:
+        t.add_column(col, justify="right", no_wrap=True)
+    for lv in serving.levels:
+        t.add_row(*serving_row(str(lv.concurrency or lv.request_rate), lv.metrics))
+    out.print(t)
+
+
+def level_line(level: LevelResult) -> str:
+    """One finished sweep level, as the sweep goes."""
+    m = level.metrics
+    p95 = _f(m.e2el and m.e2el.p95)
+    return (f"  c={level.concurrency:<3} {m.completed} ok, {m.failed} failed  P95 E2EL {p95} s  "
+            f"TTFT mean {_f(m.ttft and m.ttft.mean, '.3f')} s  {m.output_throughput:.0f} out tok/s  "
+            f"({m.duration_s:.0f}s)")
+
+
+def capacity_level_line(lv: CapacityLevel) -> str:
+    mark = "[green]pass" if lv.passed else "[red]fail"
+    confidence = f", {CONFIDENCE_WORDS[lv.verdict]}" if lv.verdict else ""
+    rounds = f", {lv.rounds} rounds pooled" if lv.rounds > 1 else ""
+    return (f"  c={lv.concurrency:<3} n={lv.num_requests:<3} P95 E2EL {_f(lv.p95_e2el_s)} s  "
+            f"{lv.output_throughput:.0f} tok/s  attainment {lv.attainment:.0%}  {mark}[/] "
+            f"({lv.reason}{confidence}{rounds})")
+
+
+def capacity_range_text(c: CapacityResult) -> str:
+    if c.capacity_low is None or c.capacity_low == c.capacity_high:
+        return ""
+    confidence = f" at {c.confidence:.0%} confidence" if c.confidence else ""
+    return (f"; range {c.capacity_low}-{c.capacity_high}{confidence} (met up to {c.capacity_low}, "
+            f"not ruled out up to {c.capacity_high})")
+
+
+def print_capacity(c: CapacityResult, out: Console) -> None:
+    out.print(f"[bold]capacity[/]: {c.max_concurrency_meeting_slo} concurrent agents meet P95 "
+              f"E2EL <= {c.slo_p95_e2el_s:g} s ({workload_label(c.workload)}){capacity_range_text(c)}; "
+              f"levels tested: " + ", ".join(
+                  f"{lv.concurrency}{'✓' if lv.passed else '✗'}" for lv in c.levels))
+
+
+def print_roofline(r: Roofline, out: Console) -> None:
+    out.print(f"roofline: {r.decode_tokens_per_s:.1f} tok/s single-stream decode = "
+              f"{r.fraction:.0%} of the {r.bound_tokens_per_s:.0f} tok/s bound "
+              f"({r.bandwidth_gbps:.1f} GB/s {r.bandwidth_source} / "
+              f"{r.weight_bytes / 1e6:.0f} MB per token): {r.verdict}")
+
+
+def print_verdict(v: SloVerdict, out: Console) -> None:
+    colour = {"met": "green", "not met": "red", "undecided": "yellow"}[v.outcome]
+    out.print(f"[bold {colour}]{v.headline}[/]")
+    if v.outcome == "undecided":
+        out.print(f"this run cannot decide it; to meet it with margin, see {TUNING_HINT}")
+    elif v.outcome == "not met":
+        out.print(f"to serve {v.target_agents} agents within {v.slo_p95_e2el_s:g} s, see {TUNING_HINT}")
+
+
+def print_summary(b: Baseline, out: Console, verdict: SloVerdict | None = None) -> None:
+    print_hardware(b.host, b.hardware, out)
+    print_micro(b.micro, out)
     if b.serving:
-        t = Table(title=f"serving: {b.serving.model} at {b.serving.url} "
-                        f"({b.serving.workload.get('name')} workload)")
-        for col in ("conc.", "ok", "fail", "out tok/s", "req/s", "TTFT mean", "TPOT mean",
-                    "ITL p95", "E2EL p50", "E2EL p95", "E2EL p99"):
-            t.add_column(col, justify="right")
-        for lv in b.serving.levels:
-            m = lv.metrics
-            t.add_row(str(lv.concurrency or lv.request_rate), str(m.completed), str(m.failed),
-                      _f(m.output_throughput, ".1f"), _f(m.request_throughput),
-                      _f(m.ttft and m.ttft.mean, ".3f"), _f(m.tpot and m.tpot.mean, ".4f"),
-                      _f(m.itl and m.itl.p95, ".4f"), _f(m.e2el and m.e2el.p50),
-                      _f(m.e2el and m.e2el.p95), _f(m.e2el and m.e2el.p99))
-        out.print(t)
+        print_serving(b.serving, out)
     if b.capacity:
-        c = b.capacity
-        out.print(f"[bold]capacity[/]: {c.max_concurrency_meeting_slo} concurrent agents meet P95 "
-                  f"E2EL <= {c.slo_p95_e2el_s:g} s on the {c.workload.get('name')} workload "
-                  f"(max_tokens {c.workload.get('max_tokens', c.workload.get('output_tokens'))}); "
-                  f"levels tested: " + ", ".join(
-                      f"{lv.concurrency}{'✓' if lv.passed else '✗'}" for lv in c.levels))
+        print_capacity(b.capacity, out)
     if b.roofline:
-        r = b.roofline
-        out.print(f"roofline: {r.decode_tokens_per_s:.1f} tok/s single-stream decode = "
-                  f"{r.fraction:.0%} of the {r.bound_tokens_per_s:.0f} tok/s bound "
-                  f"({r.bandwidth_gbps:.1f} GB/s {r.bandwidth_source} / "
-                  f"{r.weight_bytes / 1e6:.0f} MB per token): {r.verdict}")
+        print_roofline(b.roofline, out)
+    if verdict:
+        print_verdict(verdict, out)

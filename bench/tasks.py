@@ -2,18 +2,27 @@
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
-from rich.table import Table
 
 from bench import runner
 from bench.compare import compare as compare_runs
 from bench.compare import comparison_table, regressions, table_title
-from bench.report import Baseline, load_baseline, now_stamp, write_baseline
-from bench.summary import print_summary
+from bench.environment import capture_environment
+from bench.loadgen import Endpoint
+from bench.metrics import Slo
+from bench.remote import RemoteRun, run_remote
+from bench.report import Baseline, Serving, ServingLevel, load_baseline, now_stamp, write_baseline
+from bench.serving import run_rate
+from bench.summary import print_summary, print_verdict
+from bench.verdict import judge_target
+from bench.workloads import make_workload
 from dgxready.cli import out, user_errors
+from dgxready.progress import new_table
+from dgxready.settings import load_settings
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -56,8 +65,6 @@ def hw(c, profile="generic"):
 @user_errors
 def micro(c, repetitions=10, io_mib=1024, net_peer=""):
     """STREAM memory bandwidth, storage I/O on the model store, TCP to loopback and peers."""
-    from dgxready.settings import load_settings
-
     peers = tuple(p for p in net_peer.split(",") if p)
     runner.micro(load_settings().models_dir, out, int(repetitions), int(io_mib) << 20, peers)
 
@@ -82,12 +89,6 @@ def _save(partial: Baseline) -> Path:
 def serve(c, url=None, concurrency="1,2,4,8,16", rate=None, burstiness=1.0, num_requests=None,
           workload="synthetic", max_tokens=128, slo_p95_e2e=6.0):
     """Streaming load against an endpoint; vLLM-defined TTFT/TPOT/ITL/E2EL and goodput."""
-    from bench.loadgen import Endpoint
-    from bench.metrics import Slo
-    from bench.report import Serving, ServingLevel
-    from bench.serving import run_rate
-    from bench.workloads import make_workload
-
     _sigterm_as_interrupt()
     levels = _ints(concurrency)
     slo = Slo(e2el_p95_s=float(slo_p95_e2e))
@@ -98,10 +99,8 @@ def serve(c, url=None, concurrency="1,2,4,8,16", rate=None, burstiness=1.0, num_
             results = [run_rate(ep, make_workload(workload, max_tokens=int(max_tokens)), float(rate),
                                 float(burstiness), n, None, 2, slo)]
         else:
-            results = runner.sweep(ep, workload, list(levels), int(max_tokens), slo)
+            results = runner.sweep(ep, workload, list(levels), int(max_tokens), slo, out)
     hw_ = runner.hardware("generic")
-    from bench.environment import capture_environment
-
     b = Baseline(created_at=now_stamp(), host=hw_.host.hostname, environment=capture_environment(),
                  hardware=hw_, serving=Serving(
                      url=tgt.url, model=tgt.model, backend=tgt.backend, started_server=tgt.started,
@@ -122,12 +121,8 @@ def serve(c, url=None, concurrency="1,2,4,8,16", rate=None, burstiness=1.0, num_
 @user_errors
 def capacity(c, slo_p95_e2e=6.0, workload="agents", url=None, max_tokens=128, limit=32):
     """Largest concurrency whose P95 E2E latency meets the SLO: double, then bisect."""
-    from bench.environment import capture_environment
-
     _sigterm_as_interrupt()
     with runner.target(url, int(limit), 2048, out) as tgt:
-        from bench.loadgen import Endpoint
-
         result = runner.capacity(Endpoint(tgt.url, tgt.model), workload, float(slo_p95_e2e),
                                  int(max_tokens), int(limit), out)
     hw_ = runner.hardware("generic")
@@ -144,43 +139,70 @@ def capacity(c, slo_p95_e2e=6.0, workload="agents", url=None, max_tokens=128, li
     "concurrency": "serving sweep levels, comma-separated",
     "workload": "capacity-search workload: agents or synthetic",
     "slo_p95_e2e": "SLO: P95 end-to-end latency in seconds",
+    "target_agents": "how many concurrent agents the SLO must hold for (the verdict's target)",
+    "slo_exit": "exit 0 when the target agents meet the SLO, 1 when not (for CI); needs the capacity search",
     "max_tokens": "output tokens per request",
-    "limit": "largest concurrency the capacity search tries",
+    "limit": "largest concurrency the capacity search tries (at least --target-agents)",
     "output_dir": "write the JSON and plots here (default bench/baselines/<host>/)",
     "skip_micro": "skip the microbenchmarks",
-    "skip_capacity": "skip the capacity search",
+    "skip_capacity": "skip the capacity search (and so the SLO verdict)",
     "remote_dir": "with --host: the toolkit's checkout on that host",
     "net_peer": "HOST:PORT running `python -m bench.net --serve`, comma-separated (e.g. other hosts)",
     "ssh_config": "with --host: an ssh_config file to read instead of ~/.ssh/config",
 })
 @user_errors
 def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", workload="agents",
-         slo_p95_e2e=6.0, max_tokens=128, limit=32, output_dir=None, skip_micro=False,
-         skip_capacity=False, remote_dir="~/dgxready", ssh_config=None, net_peer=""):
-    """Everything: hardware, microbenchmarks, serving sweep, capacity, roofline; JSON + plots."""
+         slo_p95_e2e=6.0, target_agents=10, slo_exit=False, max_tokens=128, limit=32, output_dir=None,
+         skip_micro=False, skip_capacity=False, remote_dir="~/dgxready", ssh_config=None, net_peer=""):
+    """Everything: hardware, microbenchmarks, serving sweep, capacity, roofline, SLO verdict; JSON + plots."""
+    check_verdict_options(int(target_agents), int(limit), skip_capacity, slo_exit)
     if host:
-        from bench.remote import RemoteRun, run_remote
-
         forwarded = ["--profile", profile, "--concurrency", concurrency, "--workload", workload,
                      "--slo-p95-e2e", str(slo_p95_e2e), "--max-tokens", str(max_tokens),
                      "--limit", str(limit)]
         forwarded += ["--skip-micro"] * bool(skip_micro) + ["--skip-capacity"] * bool(skip_capacity)
-        path = run_remote(RemoteRun(host, remote_dir, tuple(forwarded), ssh_config,
-                                    Path(output_dir) if output_dir else None), out)
-        print_summary(load_baseline(path), out)
-        out.print(f"wrote {path}")
-        return
-    _sigterm_as_interrupt()
-    opts = runner.AllOptions(
-        url=url, profile=profile, levels=_ints(concurrency), capacity_workload=workload,
-        slo_p95_e2e_s=float(slo_p95_e2e), max_tokens=int(max_tokens), capacity_limit=int(limit),
-        output_dir=Path(output_dir) if output_dir else None, skip_micro=skip_micro,
-        skip_capacity=skip_capacity, net_peers=tuple(p for p in net_peer.split(",") if p))
-    path, baseline = runner.run_all(opts, out)
+        baseline = fetched_run(RemoteRun(host, remote_dir, tuple(forwarded), ssh_config,
+                                         Path(output_dir) if output_dir else None))
+    else:
+        _sigterm_as_interrupt()
+        baseline = local_run(runner.AllOptions(
+            url=url, profile=profile, levels=_ints(concurrency), capacity_workload=workload,
+            slo_p95_e2e_s=float(slo_p95_e2e), max_tokens=int(max_tokens), capacity_limit=int(limit),
+            output_dir=Path(output_dir) if output_dir else None, skip_micro=skip_micro,
+            skip_capacity=skip_capacity, net_peers=tuple(p for p in net_peer.split(",") if p)))
+    if baseline.capacity:
+        verdict = judge_target(baseline.capacity, int(target_agents))
+        print_verdict(verdict, out)
+        if slo_exit and not verdict.met:
+            raise Exit(code=verdict.exit_code)
+
+
+def fetched_run(run: RemoteRun) -> Baseline:
+    """bench.all on another host; its output streams as it runs, its summary is printed here."""
+    path = run_remote(run, out)
+    baseline = load_baseline(path)
     print_summary(baseline, out)
     out.print(f"wrote {path}")
+    return baseline
+
+
+def local_run(opts: runner.AllOptions) -> Baseline:
+    """bench.all here; each part is printed as it is measured."""
+    path, baseline = runner.run_all(opts, out)
     for p in baseline.plots:
         out.print(f"plot {p}")
+    out.print(f"wrote {path}")
+    return baseline
+
+
+def check_verdict_options(target_agents: int, limit: int, skip_capacity: bool, slo_exit: bool) -> None:
+    if target_agents < 1:
+        raise Exit(f"error: --target-agents {target_agents}: give at least 1", 1)
+    if slo_exit and skip_capacity:
+        raise Exit("error: --slo-exit needs the capacity search; drop --skip-capacity", 1)
+    if not skip_capacity and limit < target_agents:
+        raise Exit(f"error: --limit {limit} is below --target-agents {target_agents}: the capacity "
+                   f"search could never reach the target", 1)
 
 
 @task(help={"before": "baseline JSON to compare from", "after": "baseline JSON to compare to",
@@ -190,7 +212,7 @@ def compare(c, before, after, threshold=0.10):
     """Verdict per metric between two baselines (improved, regressed, unchanged, inconclusive);
     exit 1 on a regression: significant and beyond the threshold."""
     rows = compare_runs(load_baseline(Path(before)), load_baseline(Path(after)), float(threshold))
-    out.print(comparison_table(rows, Table(title=table_title(before, after, float(threshold)))))
+    out.print(comparison_table(rows, new_table(out, table_title(before, after, float(threshold)))))
     bad = regressions(rows)
     if bad:
         raise Exit(f"{len(bad)} regression(s): significant and beyond {float(threshold):.0%}", code=1)
@@ -208,8 +230,6 @@ def validate(c, path):
 @user_errors
 def accuracy(c, only=None):
     """Compare the kit with mbw, fio and llama-server's own counters; exit 1 if out of bounds."""
-    import sys
-
     names = [only] if only else ["memory", "storage", "serving"]
     failed = []
     for name in names:

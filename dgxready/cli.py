@@ -4,11 +4,11 @@ from __future__ import annotations
 import functools
 
 from invoke.exceptions import Exit
-from rich.console import Console
 
 from dgxready.errors import DgxReadyError
+from dgxready.progress import make_console
 
-out = Console()
+out = make_console()
 
 
 def user_errors(fn):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dgxready.errors import DgxReadyError
 from dgxready.files import atomic_write_json
-from dgxready.progress import console, step_progress
+from dgxready.progress import console, elapsed_text, step_progress
 from dgxready.settings import Settings, load_settings
 
 TARGETS = ("llama-server", "llama-quantize", "llama-bench")
@@ -31,6 +31,7 @@ BASE_FLAGS = (
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
 )
+CMAKE_PERCENT = re.compile(r"\[\s*(\d+)%\]")
 
 
 class BuildError(DgxReadyError):
@@ -230,19 +231,31 @@ def build_llamacpp(settings: Settings | None = None, force: bool = False) -> Lla
     log.write_text("")
     jobs = settings.llamacpp.jobs or os.cpu_count() or 2
     console.print(f"building llama.cpp ({spec.key}) with {jobs} jobs; log: {log}")
-    run_logged(["cmake", "-S", str(src), "-B", str(build_dir), *spec.cmake_flags()], log)
     with step_progress() as progress:
-        task = progress.add_task("llama.cpp build", total=100)
+        progress.add_task("llama.cpp configure (cmake)", total=None)
+        run_logged(["cmake", "-S", str(src), "-B", str(build_dir), *spec.cmake_flags()], log)
+    compile_with_progress(["cmake", "--build", str(build_dir), "--target", *TARGETS, "-j", str(jobs)],
+                          log)
+    seconds = time.monotonic() - started
+    console.print(f"built llama.cpp in {elapsed_text(seconds)}")
+    return install_build(root, spec, build_dir, vendored_commit(sdist, version), seconds)
+
+
+def compile_with_progress(cmd: list[str], log: Path, label: str = "llama.cpp build") -> None:
+    """Run `cmake --build`, showing its `[ NN%]` lines as a percentage. Each target restarts
+    cmake's count, so the percentage only ever rises, and stays below 100 until the end."""
+    with step_progress(percent=True) as progress:
+        task = progress.add_task(label, total=100)
+        highest = 0
 
         def on_line(line: str) -> None:
-            m = re.match(r"\[\s*(\d+)%\]", line)
-            if m:
-                progress.update(task, completed=int(m.group(1)))
+            nonlocal highest
+            if m := CMAKE_PERCENT.match(line):
+                highest = max(highest, min(int(m.group(1)), 99))
+                progress.update(task, completed=highest)
 
-        run_logged(["cmake", "--build", str(build_dir), "--target", *TARGETS, "-j", str(jobs)],
-                   log, on_line)
-    return install_build(root, spec, build_dir, vendored_commit(sdist, version),
-                         time.monotonic() - started)
+        run_logged(cmd, log, on_line)
+        progress.update(task, completed=100)
 
 
 def install_build(root: Path, spec: BuildSpec, build_dir: Path, commit: str | None,

@@ -1,0 +1,70 @@
+"""The question the kit answers: does this host serve the target number of agents within the SLO?"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from bench.labels import workload_label
+from bench.serving import CapacityResult
+
+TUNING_HINT = ("runbooks/serving.md, row 'P95 latency above the SLO'; the levers, sized by "
+               "`invoke model.plan NAME --agents N`: a quantized format (`invoke model.quantize`), "
+               "fewer concurrent agents, shorter outputs (`--max-tokens`, the roles' max_tokens)")
+
+Outcome = Literal["met", "not met", "undecided"]
+
+
+@dataclass(frozen=True)
+class SloVerdict:
+    """`capacity_low`..`capacity_high` is the range of agent counts the measurement cannot tell
+    apart (both equal to `capacity` for a search without confidence bounds)."""
+    target_agents: int
+    slo_p95_e2el_s: float
+    capacity: int
+    capacity_low: int
+    capacity_high: int
+    workload: str
+
+    @property
+    def outcome(self) -> Outcome:
+        if self.capacity_low >= self.target_agents:
+            return "met"
+        if self.capacity_high < self.target_agents:
+            return "not met"
+        return "undecided"
+
+    @property
+    def met(self) -> bool:
+        return self.outcome == "met"
+
+    @property
+    def exit_code(self) -> int:
+        """For CI: only an SLO met with confidence passes."""
+        return 0 if self.met else 1
+
+    @property
+    def capacity_text(self) -> str:
+        if self.capacity_low == self.capacity_high:
+            return f"{self.capacity}"
+        return f"{self.capacity} (range {self.capacity_low}-{self.capacity_high})"
+
+    @property
+    def headline(self) -> str:
+        measured = (f"{self.capacity_text} concurrent agents meet P95 E2EL <= {self.slo_p95_e2el_s:g} s "
+                    f"({self.workload})")
+        if self.outcome == "met":
+            return f"The {self.target_agents}-agent SLO is met on this host: {measured}"
+        if self.outcome == "not met":
+            return f"The {self.target_agents}-agent SLO is not met on this host: only {measured}"
+        return (f"The {self.target_agents}-agent SLO is undecided on this host: {measured}, and "
+                f"{self.target_agents} lies within what the measurement cannot tell apart")
+
+
+def judge_target(capacity: CapacityResult, target_agents: int) -> SloVerdict:
+    point = capacity.max_concurrency_meeting_slo
+    return SloVerdict(
+        target_agents=target_agents, slo_p95_e2el_s=capacity.slo_p95_e2el_s, capacity=point,
+        capacity_low=point if capacity.capacity_low is None else capacity.capacity_low,
+        capacity_high=point if capacity.capacity_high is None else capacity.capacity_high,
+        workload=workload_label(capacity.workload),
+    )
