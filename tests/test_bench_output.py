@@ -17,6 +17,7 @@ from rich.console import Console
 
 from bench import plots
 from bench.metrics import RequestRecord
+from bench.report import load_baseline
 from bench.serving import CapacityResult, LevelResult, judge, level_from
 from bench.summary import level_line, print_verdict
 from bench.tasks import check_verdict_options
@@ -209,27 +210,16 @@ def test_a_piped_run_prints_each_part_in_measured_order_whole_and_exits_with_the
 
 
 @pytest.mark.server
-def test_a_piped_bench_run_prints_parts_in_measured_order_and_never_goes_30_s_silent(
+def test_a_piped_bench_run_against_llama_server_prints_parts_in_order_and_never_goes_30_s_silent(
         isolated, llama_build, tmp_path):
-    out_dir = tmp_path / "out"
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "invoke", "bench.all", "--skip-micro", "--concurrency", "1,2",
-         "--max-tokens", "16", "--limit", "2", "--target-agents", "2", "--slo-exit",
-         "--output-dir", str(out_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "80"})
-    lines = [(time.monotonic() - started, line.rstrip("\n")) for line in proc.stdout]
-    rc = proc.wait()
+    rc, lines = piped_bench_all(["--skip-micro", "--concurrency", "1", "--max-tokens", "8", "--limit", "2",
+                                 "--target-agents", "2", "--slo-exit", "--output-dir", str(tmp_path)])
     text = "\n".join(line for _, line in lines)
-    times = [0.0] + [t for t, _ in lines] + [time.monotonic() - started]
-    assert max(b - a for a, b in zip(times, times[1:], strict=False)) < 30, text
-    order = ["profile generic", "started llamacpp", "serving sweep", "  c=1 ", "| conc. |",
-             "capacity search", "capacity: ", "wrote ", "SLO "]
-    positions = [text.find(marker) for marker in order]
-    assert -1 not in positions and positions == sorted(positions), text
+    assert longest_silence_s(lines) < 30, text
+    assert in_order(text, ["profile generic", "started llamacpp", "serving sweep", "  c=1 ", "| conc. |",
+                           "capacity search", "capacity: ", "wrote ", "agent SLO is "]), text
     assert "…" not in text
-    baseline = json.loads(next(out_dir.glob("*.json")).read_text())
-    assert baseline["environment"]["llama_cpp_build"] == llama_build.spec.key
-    met = baseline["capacity"]["max_concurrency_meeting_slo"] >= 2
-    assert rc == (0 if met else 1) and ("SLO is met" if met else "SLO is not met") in text
+    baseline = load_baseline(next(tmp_path.glob("*.json")))
+    assert baseline.environment.llama_cpp_build == llama_build.spec.key
+    verdict = judge_target(baseline.capacity, 2)
+    assert rc == verdict.exit_code and verdict.headline in text
