@@ -384,9 +384,15 @@ def test_role_rate_limit_answers_429_with_retry_after(backend, tmp_path):
     try:
         key = limited.key("ux-researcher")  # 30 requests per minute
         started = time.monotonic()
-        codes = [httpx.post(f"{limited.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                            json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}, timeout=60)
-                 for _ in range(40)]
+
+        async def burst():
+            # All at once, so the bucket has no time to refill however slow the box is.
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=40)) as client:
+                return await asyncio.gather(*(client.post(
+                    f"{limited.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                    json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}) for _ in range(40)))
+
+        codes = asyncio.run(burst())
         refilled = (time.monotonic() - started) * 30 / 60
         served = [c for c in codes if c.status_code == 200]
         limited_out = [c for c in codes if c.status_code == 429]
