@@ -55,9 +55,11 @@ def _concurrency_axis(ax: Axes, levels: list[int], label: str = "concurrent requ
 
 
 def _log_time_axis(ax: Axes) -> None:
-    """Log scale labelled 0.05, 0.1, 0.2, 0.5, 1, ... rather than powers of ten."""
+    """Log scale labelled 0.05, 0.1, 0.2, 0.5, 1, ... rather than powers of ten; only the decades
+    when the data span more than three of them, so that the labels do not overlap."""
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    low, high = ax.get_xlim()
+    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5) if high / low <= 1e3 else (1,)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
 
@@ -157,10 +159,12 @@ def capacity_search_plot(result: CapacityResult, run: RunLabel) -> Figure:
         confidence = f" ({result.confidence:.0%} confidence)" if result.confidence else ""
         ax.axvspan(result.capacity_low, result.capacity_high, color="green", alpha=0.12,
                    label=f"range {result.capacity_low}-{result.capacity_high}{confidence}")
-    tested = sorted({lv.concurrency for lv in measured})
-    ax.set_xticks(tested, [str(c) for c in tested])
+    ticks = sorted({lv.concurrency for lv in measured} | {result.max_concurrency_meeting_slo})
+    ax.set_xticks(ticks, [str(c) for c in ticks])
+    ax.set_xlim(min(ticks) - 0.5, max(ticks) + 0.5)
     ax.set(xlabel="concurrent agents (#n: order tested)", ylabel="P95 E2E latency (s)")
-    ax.set_ylim(bottom=0)
+    highest = max([lv.p95_e2el_s for lv in measured] + [result.slo_p95_e2el_s])
+    ax.set_ylim(0, highest * 1.12)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _titled(fig, "Capacity search: double, then bisect", run.subtitle(result.workload))

@@ -54,6 +54,9 @@ class SloVerdict:
                     f"({self.workload})")
         if self.outcome == "met":
             return f"The {self.target_agents}-agent SLO is met on this host: {measured}"
+        if self.outcome == "not met" and self.capacity_high == 0:
+            return (f"The {self.target_agents}-agent SLO is not met on this host: not even one agent "
+                    f"meets P95 E2EL <= {self.slo_p95_e2el_s:g} s ({self.workload})")
         if self.outcome == "not met":
             return f"The {self.target_agents}-agent SLO is not met on this host: only {measured}"
         return (f"The {self.target_agents}-agent SLO is undecided on this host: {measured}, and "

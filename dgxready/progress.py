@@ -1,5 +1,6 @@
 """The shared consoles and progress displays: rich bars on a terminal; in a log or a pipe, whole
-lines (no 80-column cut) and a plain progress line per task at least every PLAIN_INTERVAL_S."""
+lines (no 80-column cut) and a plain progress line per task at least every PLAIN_INTERVAL_S
+(DGXREADY_PROGRESS_INTERVAL_S, default 10 s)."""
 from __future__ import annotations
 
 import os

@@ -58,6 +58,12 @@ def test_a_capacity_below_the_target_is_told_as_not_met_with_the_levers_to_pull(
     assert "runbooks/serving.md" in text and "model.plan" in text and "quantiz" in text
 
 
+def test_a_host_where_no_level_meets_the_slo_says_not_even_one_agent_does():
+    verdict = judge_target(fake_capacity(0, (1,)), target_agents=10)
+    assert verdict.headline == ("The 10-agent SLO is not met on this host: not even one agent meets "
+                                "P95 E2EL <= 6 s (agents workload, max_tokens 128)")
+
+
 def test_a_capacity_at_the_target_meets_it():
     verdict = judge_target(fake_capacity(10, (1, 2, 4, 8, 16, 12, 10, 11)), target_agents=10)
     assert verdict.met and verdict.exit_code == 0
