@@ -72,7 +72,7 @@ def _ecdf(ax: Axes, values: list[float], label: str) -> None:
 def latency_vs_concurrency(levels: list[LevelResult], workload: dict, slo_s: float | None,
                            capacity: CapacityResult | None, run: RunLabel) -> Figure:
     pts = [lv for lv in levels if lv.metrics.e2el and lv.concurrency]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     xs = [lv.concurrency for lv in pts]
     for p in ("p50", "p90", "p95", "p99"):
         ax.plot(xs, [getattr(lv.metrics.e2el, p) for lv in pts], marker="o", label=f"E2EL {p}")
@@ -86,7 +86,7 @@ def latency_vs_concurrency(levels: list[LevelResult], workload: dict, slo_s: flo
     _concurrency_axis(ax, xs)
     ax.set_ylabel("seconds")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     _titled(fig, f"Latency vs concurrency ({workload.get('name', '?')} workload)", run.subtitle(workload))
     return fig
 

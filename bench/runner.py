@@ -85,10 +85,11 @@ def micro(store_dir: Path, out: Console, stream_reps: int = 10, io_bytes: int = 
     targets = [parse_peer(p) for p in peers]
     with step_progress() as progress:
         task = progress.add_task("microbenchmarks", total=3 + len(targets))
+        progress.update(task, description="microbenchmarks (STREAM memory bandwidth)")
         stream = run_stream(last_level_cache(), repetitions=stream_reps)
-        progress.advance(task)
+        progress.update(task, advance=1, description="microbenchmarks (storage I/O)")
         storage = run_storage(store_dir, size=io_bytes)
-        progress.advance(task)
+        progress.update(task, advance=1, description="microbenchmarks (network)")
         nets = [loopback()]
         progress.advance(task)
         for host, port in targets:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from bench.labels import workload_label
+from bench.labels import agents_meet, workload_label
 from bench.metrics import ServingMetrics
 from bench.report import Baseline, Hardware, Micro, Serving
 from bench.roofline import Roofline
@@ -84,7 +84,7 @@ def capacity_range_text(c: CapacityResult) -> str:
 
 
 def print_capacity(c: CapacityResult, out: Console) -> None:
-    out.print(f"[bold]capacity[/]: {c.max_concurrency_meeting_slo} concurrent agents meet P95 "
+    out.print(f"[bold]capacity[/]: {agents_meet(c.max_concurrency_meeting_slo)} P95 "
               f"E2EL <= {c.slo_p95_e2el_s:g} s ({workload_label(c.workload)}){capacity_range_text(c)}; "
               f"levels tested: " + ", ".join(
                   f"{lv.concurrency}{'✓' if lv.passed else '✗'}" for lv in c.levels))

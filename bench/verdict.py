@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from bench.labels import workload_label
+from bench.labels import agents_meet, workload_label
 from bench.serving import CapacityResult
 
 TUNING_HINT = ("runbooks/serving.md, row 'P95 latency above the SLO'; the levers, sized by "
@@ -50,7 +50,7 @@ class SloVerdict:
 
     @property
     def headline(self) -> str:
-        measured = (f"{self.capacity_text} concurrent agents meet P95 E2EL <= {self.slo_p95_e2el_s:g} s "
+        measured = (f"{agents_meet(self.capacity_text)} P95 E2EL <= {self.slo_p95_e2el_s:g} s "
                     f"({self.workload})")
         if self.outcome == "met":
             return f"The {self.target_agents}-agent SLO is met on this host: {measured}"
