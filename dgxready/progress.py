@@ -3,10 +3,11 @@ lines (no 80-column cut) and a plain progress line per task at least every PLAIN
 (DGXREADY_PROGRESS_INTERVAL_S, default 10 s)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,3 +175,15 @@ def step_progress(percent: bool = False, transient: bool = False) -> AnyProgress
         console=console,
         transient=transient,
     )
+
+
+@contextlib.contextmanager
+def waiting(description: str) -> Iterator[None]:
+    """A spinner on a terminal; in a log, a line saying it still waits at least every interval."""
+    if console.is_terminal:
+        with console.status(description):
+            yield
+        return
+    with PlainProgress(console, count_text, PLAIN_INTERVAL_S) as progress:
+        progress.add_task(description, total=None)
+        yield

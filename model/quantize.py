@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dgxready.errors import DgxReadyError
 from dgxready.files import sha256_file
-from dgxready.progress import console
+from dgxready.progress import waiting
 from dgxready.settings import Settings, load_settings
 from model.catalog import FileSpec, ModelFormat, load_catalog
 from model.llamacpp_build import require_binary
@@ -49,7 +49,7 @@ def quantize(model: str, qtype: str, source_fmt: str | None = None,
     if src.spec.quantization and src.spec.quantization.upper() not in ("F16", "BF16", "F32"):
         cmd.append("--allow-requantize")
     cmd += [str(src_path), str(tmp), qtype]
-    with console.status(f"llama-quantize {src.name} -> {qtype}"):
+    with waiting(f"llama-quantize {src.name} -> {qtype}"):
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)

@@ -13,7 +13,7 @@ import httpx
 
 from dgxready.errors import DgxReadyError
 from dgxready.files import atomic_write_json
-from dgxready.progress import console
+from dgxready.progress import console, waiting
 from dgxready.settings import Settings, load_settings
 from model.backend import BackendChoice, choose_backend
 from model.catalog import Catalog, ModelEntry, load_catalog
@@ -187,7 +187,7 @@ def serve(req: ServeRequest, settings: Settings | None = None) -> ServerState:
     proc = launch(cmd, log)
     timeout = settings.serve.startup_timeout_s * (8 if choice.backend == "vllm" else 1)
     try:
-        with console.status(f"waiting for {choice.backend} on {host}:{port}"):
+        with waiting(f"waiting for {choice.backend} on {host}:{port}"):
             wait_ready(proc, f"http://{host}:{port}", log, timeout)
         state = ServerState(req.model, resolved.name, choice.backend, choice.reason, proc.pid,
                             proc_start_time(proc.pid), host, port, plan.agents, str(log), cmd,

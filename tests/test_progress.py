@@ -14,6 +14,7 @@ import time
 
 from rich.console import Console
 
+from dgxready import progress
 from dgxready.progress import PlainProgress, count_text, new_table, percent_text
 from dgxready.settings import REPO_ROOT
 
@@ -142,3 +143,13 @@ def test_the_heartbeat_thread_ends_with_its_progress():
     with PlainProgress(out, count_text, interval_s=0.05) as progress:
         progress.add_task("x", total=1)
     assert threading.active_count() == before
+
+
+def test_waiting_in_a_log_says_it_still_waits(monkeypatch, capsys):
+    quiet = progress.make_console(stderr=True)
+    monkeypatch.setattr(progress, "console", quiet)
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.2)
+    with progress.waiting("waiting for llamacpp on 127.0.0.1:1"):
+        time.sleep(0.7)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("waiting for llamacpp")]
+    assert len(lines) >= 2 and lines[0].endswith(")")
