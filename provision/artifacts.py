@@ -52,7 +52,7 @@ def model_files(model: str, engine: str, settings: Settings) -> ModelFiles:
     store = store_for(settings)
     files = tuple(ModelFile(store.file_path(model, result.fmt, f), f.name, f.sha256) for f in spec.files)
     entry = store.file_path(model, result.fmt, spec.entry_file)
-    return ModelFiles(model, result.fmt, engine, files, spec.entry_file.name, spec,
+    return ModelFiles(model, result.fmt, files, spec,
                       kv_shape(entry, catalog.model(model).architecture))
 
 

@@ -225,7 +225,7 @@ def model_formats(tmp_path: Path, *engines: str) -> dict[str, modelfiles.ModelFi
         fmt = fmt or next(iter(entry.formats))
         spec = entry.formats[fmt]
         files = tuple(modelfiles.ModelFile(tmp_path / f.name, f.name, f.sha256) for f in spec.files)
-        out[eng] = modelfiles.ModelFiles(model, fmt, eng, files, spec.entry_file.name, spec,
+        out[eng] = modelfiles.ModelFiles(model, fmt, files, spec,
                                          shape_from_catalog(entry.architecture))
     return out
 

@@ -118,7 +118,7 @@ def provision_engine_argvs() -> list[tuple[str, list[str]]]:
         names = ["config.json"] + (["tokenizer.model.v3"] if mistral else [])
         spec = ModelFormat(engine="vllm", quantization="fp8",
                            files=[FileSpec(name=n, size=1, sha256="0" * 64) for n in names])
-        fmt = ModelFiles("some-model", "fp8", "vllm", (), "", spec,
+        fmt = ModelFiles("some-model", "fp8", (), spec,
                          KvShape(32, 8, 128, 32768, "test"))
         for install in ("container", "venv"):
             # A venv exposed beyond loopback is refused (no key file option in vLLM 0.10).

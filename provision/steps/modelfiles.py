@@ -24,11 +24,13 @@ class ModelFiles:
     is pointed at (the GGUF, or the directory of a vLLM format)."""
     model: str
     fmt: str
-    engine: str
     files: tuple[ModelFile, ...]
-    entry_rel: str
     spec: ModelFormat
     shape: KvShape
+
+    @property
+    def entry_rel(self) -> str:
+        return self.spec.entry_file.name
 
     def remote_dir(self, prefix: str) -> str:
         return f"{prefix}/models/{self.model}/{self.fmt}"
