@@ -130,16 +130,10 @@ def start_service(host: Host, spec: ServiceSpec) -> str:
         host.sh(f"systemctl daemon-reload && systemctl enable {unit} && systemctl restart {unit}")
         return "systemd unit enabled"
     env = ["env", *(f"{k}={val}" for k, val in spec.environment.items())] if spec.environment else []
-    drop = []
-    if spec.user:
-        user = q(spec.user)
-        # setpriv execs in place (runuser would fork), so the pidfile names the service itself.
-        drop = ["setpriv", "--reuid", spec.user, "--regid", "$GID", "--init-groups", "--"]
-        gid = f"GID=$(id -g {user}); "
-    else:
-        gid = ""
-    cmd = " ".join(q(a) if a != "$GID" else '"$GID"' for a in (*drop, *env, *spec.argv))
-    host.sh(f"{gid}setsid {cmd} > {q(log_path(host, spec.unit))} 2>&1 < /dev/null & "
+    # setpriv execs in place (runuser would fork), so the pidfile names the service itself.
+    drop = (f"setpriv --reuid {q(spec.user)} --regid \"$(id -g {q(spec.user)})\" --init-groups -- "
+            if spec.user else "")
+    host.sh(f"setsid {drop}{q(*env, *spec.argv)} > {q(log_path(host, spec.unit))} 2>&1 < /dev/null & "
             f"echo $! > {q(pidfile(host, spec.unit))}")
     return "PID 1 is not systemd: unit installed, runs as a supervised process with a pidfile"
 

@@ -16,6 +16,7 @@ from provision.facts import (
     NvidiaSmi,
     PythonDistributions,
     Sha256s,
+    SystemdIsInit,
     UserExists,
 )
 from provision.steps.base import InstallPackages, apt_install, sha256_text, upload_file, upload_text
@@ -98,7 +99,7 @@ class UserAndSsh(Step):
             host.sh(f"if test -f {q(backup)}; then mv -f {q(backup)} {q(SSHD_CONF)}; "
                     f"else rm -f {q(SSHD_CONF)}; fi")
             raise StepFailed(f"{host.name}: sshd -t rejected the hardening; restored the old file")
-        if host.ok("test \"$(cat /proc/1/comm)\" = systemd"):
+        if host.fact(SystemdIsInit()):
             host.sh("systemctl reload ssh || systemctl reload sshd")
             return "sshd reloaded"
         return "no systemd: sshd reads it at its next start"
