@@ -39,7 +39,7 @@ def running_model(name: str | None = None, *, parallel: int | None = None, ctx_p
     spec = resolve_format(catalog, store_for(settings), name, result.fmt).spec
     state = serve(ServeRequest(model=name, fmt=result.fmt, backend=backend, port=port or free_port(),
                                parallel=parallel, ctx_per_slot=ctx_per_slot, extra_args=extra_args), settings)
-    console.print(f"started {state.backend} for {name} at {state.base_url} ({state.reason})")
+    console.print(f"started {state.backend} for {name} at {state.base_url}")
     try:
         yield RunningModel(state, spec.weight_bytes)
     finally:
