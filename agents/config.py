@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dgxready.config import load_yaml
 from dgxready.errors import ConfigError
@@ -45,6 +45,11 @@ class MuxConfig(BaseModel):
     deadline_s: float = Field(300.0, gt=0, description="default time a request may wait and run")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     history_turns: int = Field(8, ge=0, description="earlier turns of a session sent to the model")
+    session_max_turns: int = Field(100, ge=1, description="turns a session keeps; the oldest are pruned")
+    session_max_bytes: int = Field(1 << 20, ge=1024, description="bytes of messages a session keeps "
+                                                                 "(its newest turn always)")
+    retention_days: float = Field(30.0, gt=0, description="audit log, task board, idempotency records "
+                                                          "and sessions idle longer are pruned")
     health_interval_s: float = Field(2.0, gt=0)
     cooldown_s: float = Field(10.0, gt=0)
     rate_limits: bool = Field(True, description="enforce each role's requests_per_minute")
@@ -52,6 +57,13 @@ class MuxConfig(BaseModel):
     keys_file: Path | None = None
     shell_allowlist: list[str] = Field(default_factory=lambda: ["echo", "date", "uname", "wc",
                                                                 "ls", "true"])
+
+    @model_validator(mode="after")
+    def sessions_keep_the_history_sent(self) -> MuxConfig:
+        if self.session_max_turns < self.history_turns:
+            raise ValueError(f"session_max_turns ({self.session_max_turns}) is below history_turns "
+                             f"({self.history_turns}): a session would not keep the turns it sends")
+        return self
 
 
 class AgentIdentity(BaseModel):

@@ -41,11 +41,10 @@ def build_prompt(mux: Mux, turn: Turn) -> list[dict]:
     system = [m for m in turn.messages if is_instruction(m)] or [
         {"role": "system", "content": turn.role.system_prompt()}]
     rest = [m for m in turn.messages if not is_instruction(m)]
-    history: list[dict] = []
-    if turn.session:
-        keep = mux.config.history_turns * 2
-        stored = mux.store.session(turn.ident.name, turn.session).history
-        history = stored[-keep:] if keep else []
+    keep = mux.config.history_turns
+    # A tool-calling client's turn can hold many messages: at most 2 per turn are sent.
+    history = mux.store.recent_history(turn.ident.name, turn.session, keep)[-2 * keep:] \
+        if turn.session and keep else []
     return system + history + rest
 
 

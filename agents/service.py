@@ -15,8 +15,8 @@ import uvicorn
 from agents.config import MuxConfig, load_config, load_keys
 from agents.mux import create_mux
 from agents.server import create_app
-from agents.state import StateStore
-from dgxready.roles import load_roles
+from agents.state import StateLimits, StateStore
+from dgxready.roles import Role, load_roles
 from dgxready.settings import load_settings
 
 DEFAULT_CONFIG = Path(__file__).with_name("multiplexer.yaml")
@@ -30,10 +30,16 @@ def default_db_path() -> Path:
     return load_settings().state_dir / "multiplexer.db"
 
 
-def build_app(config: MuxConfig):
-    roles = load_roles()
+def state_limits(config: MuxConfig) -> StateLimits:
+    return StateLimits(session_max_turns=config.session_max_turns,
+                       session_max_bytes=config.session_max_bytes, retention_days=config.retention_days)
+
+
+def build_app(config: MuxConfig, roles: dict[str, Role] | None = None):
+    """The app for `config`, with the role files' roles unless `roles` are given."""
+    roles = roles or load_roles()
     keys = load_keys(config.keys_file or default_keys_path(), set(roles))
-    store = StateStore(config.state_db or default_db_path())
+    store = StateStore(config.state_db or default_db_path(), state_limits(config))
     return create_app(create_mux(config, roles, keys, store))
 
 
@@ -58,8 +64,8 @@ class BackgroundMux:
         self.thread.join(timeout=10)
 
 
-def start_background(config: MuxConfig) -> BackgroundMux:
-    app = build_app(config)
+def start_background(config: MuxConfig, roles: dict[str, Role] | None = None) -> BackgroundMux:
+    app = build_app(config, roles)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                            access_log=False, lifespan="on"))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)

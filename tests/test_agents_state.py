@@ -1,0 +1,235 @@
+"""The multiplexer's state store: per-turn session rows, their bounds, retention, the first
+schema's migration and the database's file mode (no server needed)."""
+import json
+import os
+import sqlite3
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from agents.config import BackendConfig, MuxConfig
+from agents.state import DAY_S, StateLimits, StateStore
+
+TURN = [{"role": "user", "content": "u" * 100}, {"role": "assistant", "content": "a" * 100}]
+UNBOUNDED = StateLimits(session_max_turns=100_000, session_max_bytes=1 << 30)
+
+
+def vm_steps(store: StateStore, action) -> int:
+    """SQLite virtual-machine instructions `action` executes: work done, independent of timing."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    store._db.set_progress_handler(count, 1)
+    try:
+        action()
+    finally:
+        store._db.set_progress_handler(None, 1)
+    return steps
+
+
+def columns_read(store: StateStore, action) -> set[tuple[str, str]]:
+    read: set[tuple[str, str]] = set()
+
+    def note(code, table, column, *_):
+        if code == sqlite3.SQLITE_READ:
+            read.add((table, column))
+        return sqlite3.SQLITE_OK
+
+    store._db.set_authorizer(note)
+    try:
+        action()
+    finally:
+        store._db.set_authorizer(None)
+    return read
+
+
+def turn(n: int) -> list[dict]:
+    return [{"role": "user", "content": f"turn {n}"}, {"role": "assistant", "content": f"answer {n}"}]
+
+
+def test_a_turn_costs_the_same_at_the_thousandth_turn_as_at_the_second(tmp_path):
+    store = StateStore(tmp_path / "s.db", UNBOUNDED)
+    store.append_turn("dev", "short", TURN)
+    store.append_turn("dev", "long", TURN)
+    for _ in range(998):
+        store.append_turn("dev", "long", TURN)
+    short = vm_steps(store, lambda: store.append_turn("dev", "short", TURN))
+    long = vm_steps(store, lambda: store.append_turn("dev", "long", TURN))
+    assert long == short
+    assert store.session("dev", "long").turns == 1000
+
+
+class JsonTally:
+    """Stands in for the store's json module and counts the characters it parses and writes."""
+
+    def __init__(self):
+        self.parsed = self.written = 0
+
+    def loads(self, text):
+        self.parsed += len(text)
+        return json.loads(text)
+
+    def dumps(self, value):
+        text = json.dumps(value)
+        self.written += len(text)
+        return text
+
+
+def test_a_turn_serialises_only_its_own_messages_however_long_the_session(tmp_path, monkeypatch):
+    store = StateStore(tmp_path / "s.db", UNBOUNDED)
+    for _ in range(500):
+        store.append_turn("dev", "long", TURN)
+    tally = JsonTally()
+    monkeypatch.setattr("agents.state.json", tally)
+    store.append_turn("dev", "long", TURN)
+    assert (tally.parsed, tally.written) == (0, len(json.dumps(TURN)))
+
+
+def test_appending_a_turn_never_reads_the_stored_turns_messages(tmp_path):
+    store = StateStore(tmp_path / "s.db", StateLimits(session_max_turns=5))
+    for n in range(5):
+        store.append_turn("dev", "s", turn(n))
+    pruning = columns_read(store, lambda: store.append_turn("dev", "s", turn(5)))
+    assert ("session_turns", "messages") not in pruning
+    assert store.session("dev", "s").kept_turns == 5
+
+
+def test_the_prompts_history_reads_only_the_last_turns_asked_for(tmp_path):
+    store = StateStore(tmp_path / "s.db", UNBOUNDED)
+    for n in range(500):
+        store.append_turn("dev", "long", turn(n))
+        if n < 8:
+            store.append_turn("dev", "short", turn(n))
+    assert store.recent_history("dev", "long", 2) == turn(498) + turn(499)
+    assert store.recent_history("dev", "long", 0) == []
+    short = vm_steps(store, lambda: store.recent_history("dev", "short", 8))
+    long = vm_steps(store, lambda: store.recent_history("dev", "long", 8))
+    assert long == short, "reading 8 turns of 500 costs what reading a session of 8 does"
+
+
+def test_a_session_keeps_its_newest_turns_within_the_turn_bound(tmp_path):
+    store = StateStore(tmp_path / "s.db", StateLimits(session_max_turns=3))
+    for n in range(7):
+        assert store.append_turn("dev", "s", turn(n)) == n + 1
+    view = store.session("dev", "s")
+    assert view.turns == 7 and view.kept_turns == 3
+    assert view.history == turn(4) + turn(5) + turn(6)
+
+
+def test_a_session_keeps_its_newest_turns_within_the_byte_bound_and_always_the_last(tmp_path):
+    one_turn = len(json.dumps(TURN).encode())
+    store = StateStore(tmp_path / "s.db", StateLimits(session_max_bytes=one_turn * 2 + 10))
+    for _ in range(5):
+        store.append_turn("dev", "s", TURN)
+    assert store.session("dev", "s").kept_turns == 2
+    huge = [{"role": "user", "content": "h" * one_turn * 4}, {"role": "assistant", "content": "ok"}]
+    store.append_turn("dev", "s", huge)
+    view = store.session("dev", "s")
+    assert view.kept_turns == 1 and view.history == huge and view.turns == 6
+
+
+def test_sessions_are_kept_per_agent_and_session(tmp_path):
+    store = StateStore(tmp_path / "s.db")
+    store.append_turn("dev", "s", turn(1))
+    store.append_turn("qa", "s", turn(2))
+    store.append_turn("dev", "t", turn(3))
+    assert store.session("dev", "s").history == turn(1)
+    assert store.session("qa", "s").history == turn(2)
+    assert store.session("dev", "nothing").turns == 0
+
+
+FIRST_SCHEMA = """
+CREATE TABLE sessions (
+  agent TEXT NOT NULL, session TEXT NOT NULL, history TEXT NOT NULL DEFAULT '[]',
+  turns INTEGER NOT NULL DEFAULT 0, updated REAL NOT NULL, PRIMARY KEY (agent, session));
+CREATE TABLE audit (
+  id INTEGER PRIMARY KEY, ts REAL NOT NULL, agent TEXT NOT NULL, session TEXT, tool TEXT NOT NULL,
+  outcome TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE taskboard (id INTEGER PRIMARY KEY, ts REAL NOT NULL, agent TEXT NOT NULL, item TEXT NOT NULL);
+"""
+
+
+def test_a_database_from_the_first_schema_opens_with_its_sessions_as_turns(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(FIRST_SCHEMA)
+        db.execute("INSERT INTO sessions VALUES(?,?,?,?,?)",
+                   ("dev", "s", json.dumps(turn(0) + turn(1) + turn(2)), 3, time.time()))
+        db.execute("INSERT INTO taskboard(ts, agent, item) VALUES(?,?,?)", (time.time(), "dev", "kept"))
+    store = StateStore(path, StateLimits(session_max_turns=2))
+    view = store.session("dev", "s")
+    assert view.turns == 3 and view.history == turn(1) + turn(2)
+    assert store.append_turn("dev", "s", turn(3)) == 4
+    assert store.recent_history("dev", "s", 1) == turn(3)
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert "history" not in {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
+        assert db.execute("SELECT item FROM taskboard").fetchall() == [("kept",)]
+    assert StateStore(path).session("dev", "s").turns == 4
+
+
+def test_old_audit_taskboard_idempotency_and_idle_sessions_are_pruned_at_open(tmp_path):
+    path = tmp_path / "s.db"
+    store = StateStore(path)
+    store.append_turn("dev", "idle", turn(0))
+    store.append_turn("dev", "active", turn(0))
+    long_ago = time.time() - 31 * DAY_S
+    with store.tx() as db:
+        db.execute("INSERT INTO audit(ts, agent, session, tool, outcome, detail) VALUES(?,?,?,?,?,?)",
+                   (long_ago, "dev", None, "shell.run", "ok", "old"))
+        db.execute("INSERT INTO taskboard(ts, agent, item) VALUES(?,?,?)", (long_ago, "dev", "old"))
+        db.execute("INSERT INTO idempotency(key, result, ts) VALUES(?,?,?)", ("k", "{}", long_ago))
+        db.execute("UPDATE sessions SET updated=? WHERE session='idle'", (long_ago,))
+    store.audit("dev", None, "shell.run", "ok", "new")
+    store.close()
+    reopened = StateStore(path, StateLimits(retention_days=30))
+    assert [r[4] for r in reopened.audit_rows()] == ["new"]
+    with reopened.tx() as db:
+        assert db.execute("SELECT count(*) FROM taskboard").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM idempotency").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM session_turns WHERE session='idle'").fetchone() == (0,)
+    assert reopened.session("dev", "idle").turns == 0
+    assert reopened.session("dev", "active").turns == 1
+
+
+def test_retention_runs_on_writes_once_per_check_interval(tmp_path):
+    store = StateStore(tmp_path / "s.db", StateLimits(retention_days=1, retention_check_s=3600))
+    with store.tx() as db:
+        db.execute("INSERT INTO taskboard(ts, agent, item) VALUES(?,?,?)",
+                   (time.time() - 2 * DAY_S, "dev", "old"))
+    assert store.retention_due() is None, "checked at open, so not due again for an hour"
+    store._next_retention = 0.0
+    pruned = store.retention_due()
+    assert pruned is not None and pruned.taskboard == 1
+
+
+def test_the_database_and_its_wal_files_are_private_under_a_permissive_umask(tmp_path):
+    path = tmp_path / "state" / "mux.db"
+    old = os.umask(0)
+    try:
+        store = StateStore(path)
+        store.append_turn("dev", "s", TURN)
+        files = [path, tmp_path / "state" / "mux.db-wal", tmp_path / "state" / "mux.db-shm"]
+        assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o600 for p in files}
+        store.close()
+    finally:
+        os.umask(old)
+
+
+def test_an_existing_world_readable_database_is_made_private(tmp_path):
+    path = tmp_path / "mux.db"
+    StateStore(path).close()
+    path.chmod(0o644)
+    StateStore(path).close()
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_session_bound_below_the_history_sent_is_refused():
+    backends = [BackendConfig(name="b", url="http://127.0.0.1:1")]
+    with pytest.raises(ValidationError, match="session_max_turns \\(4\\) is below history_turns \\(8\\)"):
+        MuxConfig(backends=backends, history_turns=8, session_max_turns=4)
