@@ -6,7 +6,10 @@ capacity range, or, in older baselines, a lone figure. With samples on both side
 is tested with a two-sided Mann-Whitney U test (p-values Holm-adjusted over the whole table)
 and bounded by a 95% bootstrap interval of the relative change of the statistic compared. A
 host figure's interval is widened by a run-to-run allowance (see `with_run_allowance`): its
-samples come from one run, and a whole run can shift with what else the host is doing.
+samples come from one run, and a whole run can shift with what else the host is doing. A
+serving figure's interval is widened the same way by an assumed run-to-run spread (`run_spread`,
+the standard deviation of the log of a whole run's shift): its requests share their run's
+conditions, so they cannot show how far the next run may move.
 
 A metric is *unchanged* when it moved less than the threshold. Beyond the threshold, it has
 *regressed* (or *improved*) only when the change is significant (adjusted p below alpha, and
@@ -36,6 +39,9 @@ Z95 = 1.959964
 # room for a busier day (bench/benchmarks/compare_false_alarms.py).
 RUN_TO_SAMPLE_SPREAD = 2.0
 HOST_UNITS = ("repetitions", "windows", "rounds")
+# Three back-to-back bench.all runs on the busy 2-core VM: the log of a serving figure (E2EL, TTFT,
+# TPOT at c >= 2) moved between runs with a median standard deviation of 0.10 (0.02 to 0.24).
+SERVING_RUN_SPREAD = 0.10
 VERDICT_STYLE = {"regressed": "bold red", "improved": "green", "inconclusive": "yellow",
                  "unchanged": "dim"}
 
@@ -150,44 +156,55 @@ def log_spread(samples: tuple[float, ...]) -> float:
     return float(q3 - q1) / 1.349
 
 
-def with_run_allowance(interval: tuple[float, float], before: float, after: float, a: Figure,
-                       b: Figure) -> tuple[float, float]:
-    """Widen an interval of a host figure's relative change by what a whole run may shift: one
-    run's figure is assumed to move between runs RUN_TO_SAMPLE_SPREAD times as much as one of
-    its samples moves within a run, so the interval of the log ratio grows, in quadrature, by z
-    times that much of both spreads."""
-    if before <= 0 or after <= 0:
+def host_run_allowance(a: Figure, b: Figure) -> float:
+    """One run's host figure is assumed to move between runs RUN_TO_SAMPLE_SPREAD times as much
+    as one of its samples moves within the run."""
+    return Z95 * RUN_TO_SAMPLE_SPREAD * math.hypot(log_spread(a.samples), log_spread(b.samples))
+
+
+def serving_run_allowance(run_spread: float) -> float:
+    return Z95 * math.sqrt(2.0) * run_spread
+
+
+def with_run_allowance(interval: tuple[float, float], before: float, after: float,
+                       allowance: float) -> tuple[float, float]:
+    """Widen an interval of a relative change by what whole runs may shift: the interval of the
+    log ratio grows, in quadrature, by `allowance` (z times the spread of the log ratio of two
+    runs)."""
+    if before <= 0 or after <= 0 or interval[0] <= -1 or not math.isfinite(interval[1]):
         return interval
     centre = math.log(after / before)
-    allowance = Z95 * RUN_TO_SAMPLE_SPREAD * math.hypot(log_spread(a.samples), log_spread(b.samples))
     below = math.hypot(centre - math.log1p(interval[0]), allowance)
     above = math.hypot(math.log1p(interval[1]) - centre, allowance)
     return math.expm1(centre - below), math.expm1(centre + above)
 
 
-def _sample_evidence(a: Figure, b: Figure) -> Evidence:
+def _sample_evidence(a: Figure, b: Figure, run_spread: float) -> Evidence:
     test = mann_whitney(a.samples, b.samples)
     interval = bootstrap_relative_change(a.samples, b.samples, STATISTICS[a.statistic],
                                          seed=zlib.crc32(a.name.encode()))
     before, after = a.sampled_value, b.sampled_value
-    if a.unit in HOST_UNITS:
-        interval = with_run_allowance(interval, before, after, a, b)
+    allowance = host_run_allowance(a, b) if a.unit in HOST_UNITS else serving_run_allowance(run_spread)
+    interval = with_run_allowance(interval, before, after, allowance)
     return Evidence(before, after, f"{a.statistic} of {len(a.samples)} vs {len(b.samples)} {a.unit}",
                     interval, test.p_value)
 
 
-def _range_evidence(a: Figure, b: Figure) -> Evidence:
+def _range_evidence(a: Figure, b: Figure, run_spread: float) -> Evidence:
+    """A capacity range holds one run's sampling uncertainty; the whole run's shift widens it
+    as it does the latencies the capacity is read from."""
     (a_low, a_high), (b_low, b_high) = a.bounds, b.bounds
     least, most = relative_change(a_high, b_low), relative_change(a_low, b_high)
-    return Evidence(a.headline, b.headline, f"ranges {a_low}-{a_high} vs {b_low}-{b_high}",
-                    (min(least, most), max(least, most)))
+    interval = with_run_allowance((min(least, most), max(least, most)), a.headline, b.headline,
+                                  serving_run_allowance(run_spread))
+    return Evidence(a.headline, b.headline, f"ranges {a_low}-{a_high} vs {b_low}-{b_high}", interval)
 
 
-def evidence(a: Figure, b: Figure) -> Evidence:
+def evidence(a: Figure, b: Figure, run_spread: float = SERVING_RUN_SPREAD) -> Evidence:
     if len(a.samples) >= MIN_SAMPLES and len(b.samples) >= MIN_SAMPLES:
-        return _sample_evidence(a, b)
+        return _sample_evidence(a, b, run_spread)
     if a.bounds and b.bounds:
-        return _range_evidence(a, b)
+        return _range_evidence(a, b, run_spread)
     return Evidence(a.headline, b.headline, "single values")
 
 
@@ -211,10 +228,14 @@ def _significant(ev: Evidence, p_adjusted: float | None, alpha: float) -> bool:
     return p_adjusted is not None and p_adjusted < alpha and excludes_no_change
 
 
-def compare(a: Baseline, b: Baseline, threshold: float = 0.10, alpha: float = ALPHA) -> list[Comparison]:
+def compare(a: Baseline, b: Baseline, threshold: float = 0.10, alpha: float = ALPHA,
+            run_spread: float = SERVING_RUN_SPREAD) -> list[Comparison]:
+    """`run_spread`: how far a whole run's serving figures may shift from run to run (standard
+    deviation of the log); 0.10 as measured on a busy shared VM, a few hundredths on a
+    dedicated host."""
     fa, fb = figures(a), figures(b)
     names = [name for name in fa if name in fb]
-    found = [evidence(fa[name], fb[name]) for name in names]
+    found = [evidence(fa[name], fb[name], run_spread) for name in names]
     tested = [i for i, ev in enumerate(found) if ev.p_value is not None]
     adjusted = dict(zip(tested, holm([found[i].p_value for i in tested]), strict=True))
     rows = []

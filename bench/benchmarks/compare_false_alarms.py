@@ -12,11 +12,12 @@ printed beside it for reference.
 Bars: a false-alarm rate of at most 5% of comparisons (any metric), and, on a quiet host, a
 planted 30% change detected in at least 90% of comparisons in STREAM, storage and serving E2EL.
 
-Last run (2-core VM, load average 7-11 from other work; --pairs 100, real: 11 runs of the host
-benchmarks, 55 pairs). False alarms, any metric: busy VM 4.0%, quiet host 2.0%, real runs 3.6%
-(the old threshold-only rule: 100%, 98%, 95%). Planted 30%: quiet host 100% of comparisons
-(STREAM 100%, storage 94%, net 44%, E2EL 89%, TTFT 68%, TPOT 87%, capacity 24%); busy VM 90%,
-carried by the serving latencies (E2EL 85%), host figures there too noisy (STREAM 16%)."""
+Last run (2-core VM, --pairs 100, real: 3 back-to-back bench.all runs, 3 pairs; the serving run
+spread is each noise model's own, as a user passes --run-spread). False alarms, any metric: busy
+VM 10% (stream 4%, each serving family 3-4%, capacity 1%), quiet host 1%, real runs 0 of 3 (the
+old threshold-only rule: 100%, 98%, 100%). Planted 30%: quiet host 100% of comparisons (STREAM
+100%, storage 94%, net 44%, E2EL 81%, TTFT 63%, TPOT 71%, capacity 24%); busy VM 54%: one run
+against one run cannot tell a 30% change from a run shift of 0.10 there."""
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,10 @@ def synthetic_tallies(noise: Noise, pairs: int, change: float, threshold: float,
     unchanged, planted = Tally(), Tally()
     for _ in range(pairs):
         before = synthetic_baseline(rng, noise)
-        unchanged.add(compare(before, synthetic_baseline(rng, noise), threshold), threshold)
-        planted.add(compare(before, synthetic_baseline(rng, noise, worse_by=change), threshold), threshold)
+        spread = noise.latency.run
+        unchanged.add(compare(before, synthetic_baseline(rng, noise), threshold, run_spread=spread), threshold)
+        planted.add(compare(before, synthetic_baseline(rng, noise, worse_by=change), threshold,
+                            run_spread=spread), threshold)
     return unchanged, planted
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bench.compare import SERVING_RUN_SPREAD
 from bench.environment import Environment
 from bench.hw import Check, HostFacts
 from bench.metrics import RequestRecord
@@ -44,7 +45,8 @@ class Noise:
 # Host spreads measured on the 2-core development VM while other work moved its load average
 # between 2 and 11 (eleven back-to-back runs of STREAM, storage and loopback: the spread of the
 # log of each sample within a run, and of the runs' medians beyond what that explains). The
-# serving spreads are assumptions: 20% request to request, and a 5% shift of a whole run.
+# serving spreads: 20% request to request (assumed), and a whole run's shift of 0.10 (the median
+# over three back-to-back bench.all runs, bench.compare's SERVING_RUN_SPREAD).
 # Requests per level are bench.runner's.
 NOISE_BUSY_2CORE_VM = Noise(
     stream=Spread(run=0.37, sample=0.30),
@@ -52,7 +54,7 @@ NOISE_BUSY_2CORE_VM = Noise(
     net_gbps=Spread(run=0.25, sample=0.43),
     rtt_modes_us=(8.0, 12.0, 65.0),
     rtt_mode_weights=(0.4, 0.45, 0.15),
-    latency=Spread(run=0.05, sample=0.20),
+    latency=Spread(run=SERVING_RUN_SPREAD, sample=0.20),
     sweep_requests=SWEEP_REQUESTS,
 )
 
