@@ -9,8 +9,8 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 
 from bench import runner
-from bench.compare import compare as compare_runs
 from bench.compare import SERVING_RUN_SPREAD, comparison_table, regressions, table_title
+from bench.compare import compare as compare_runs
 from bench.environment import capture_environment
 from bench.loadgen import Endpoint
 from bench.metrics import Slo
