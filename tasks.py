@@ -6,6 +6,7 @@ from bench import tasks as bench_tasks
 from dgxready.cli import out, user_errors
 from model import tasks as model_tasks
 from model.quickstart import quickstart as run_quickstart
+from monitoring import tasks as monitoring_tasks
 from provision import tasks as provision_tasks
 
 
@@ -21,4 +22,5 @@ ns.add_collection(model_tasks.ns)
 ns.add_collection(bench_tasks.ns)
 ns.add_collection(agents_tasks.ns)
 ns.add_collection(provision_tasks.ns)
+ns.add_collection(monitoring_tasks.ns)
 ns.add_task(quickstart)

@@ -1,0 +1,58 @@
+"""Invoke tasks for the local monitoring stack: thin shells over monitoring.stack."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from invoke import Collection, task
+from rich.table import Table
+
+from dgxready.cli import out, user_errors
+from monitoring.settings import load_monitoring_settings
+from monitoring.stack import MonitoringStack, stack_status, start_stack, stop_stack
+
+
+def print_urls(stack: MonitoringStack) -> None:
+    for name, url in stack.urls().items():
+        out.print(f"{name:<14} {url}")
+    out.print(f"alerts are logged to {stack.paths.alert_log}; files under {stack.paths.root}")
+
+
+@task(help={"config": "monitoring YAML overriding thresholds and intervals (default: built-in defaults, "
+                      "or $DGXREADY_MONITORING_CONFIG)"})
+@user_errors
+def up(c, config=None):
+    """Start Prometheus, Alertmanager, node_exporter, the exporter and the alert webhook; print the URLs."""
+    stack = start_stack(monitoring=load_monitoring_settings(Path(config) if config else None))
+    engines = ", ".join(e.url for e in stack.targets.engines) or "none recorded"
+    out.print(f"[green]monitoring up[/]: engines {engines}; multiplexer {stack.targets.mux_url or 'none'}")
+    print_urls(stack)
+
+
+@task
+@user_errors
+def down(c):
+    """Stop the monitoring stack that monitoring.up started."""
+    stack = stop_stack()
+    out.print("stopped the monitoring stack" if stack else "no monitoring stack was recorded")
+
+
+@task
+@user_errors
+def status(c):
+    """Show the monitoring stack's processes: running, and answering."""
+    rows = stack_status()
+    if not rows:
+        out.print("no monitoring stack is recorded; start one with `invoke monitoring.up`")
+        return
+    table = Table(title="monitoring stack")
+    for col in ("process", "url", "pid", "state", "log"):
+        table.add_column(col)
+    for row in rows:
+        state = "ready" if row.ready else ("running, not answering" if row.running else "dead")
+        table.add_row(row.process.name, row.process.url, str(row.process.pid), state, row.process.log_path)
+    out.print(table)
+
+
+ns = Collection("monitoring")
+for t in (up, down, status):
+    ns.add_task(t)
