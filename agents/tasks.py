@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 from invoke import Collection, task
+from rich.markup import escape
 from rich.table import Table
 
 from agents.config import BackendConfig, MuxConfig, load_config, load_keys, write_keys
@@ -118,8 +119,10 @@ def run(c, scenario="feature-cycle", agents=10, url=None, keys_file=None, max_to
         table.add_row(str(r.stage), r.agent, f"{r.latency_s:.2f}", f"{r.ttft_s or 0:.2f}",
                       str(r.completion_tokens), tools, r.error or "")
     out.print(table)
+    for failure in result.failures:
+        out.print(f"[red]hand-off failed[/]: {escape(str(failure))}")
     out.print(f"transcript: {out_path}")
-    if any(r.error for r in result.records):
+    if not result.ok:
         raise SystemExit(1)
 
 

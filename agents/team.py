@@ -1,10 +1,14 @@
 """The team runner: role agents run a feature development cycle through the multiplexer, each
 in its own session, concurrently within a stage: PM spec -> architects -> developers -> QA ->
-UX -> platform. Artefacts pass through the shared workspace tool; the transcript is saved."""
+UX -> platform. Each step reads the documents the steps before it handed off, writes its own
+and announces it on the task board; a hand-off that is denied or empty fails the run, named by
+stage, agent and tool, and the stages after it do not run. Documents live under runs/<run id>/
+in the shared workspace; the transcript is saved."""
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,15 +19,44 @@ from agents.config import AgentIdentity
 from dgxready.errors import DgxReadyError
 from dgxready.files import atomic_write_text
 
-STAGES = ("product-manager", ("architect-nusy", "architect-systems"), "developer", "qa-specialist",
-          "ux-researcher", "platform-engineer")
-READS = {"product-manager": [], "architect-nusy": ["spec.md"], "architect-systems": ["spec.md"],
-         "developer": ["spec.md", "design-systems.md"], "qa-specialist": ["spec.md", "code.md"],
-         "ux-researcher": ["spec.md"], "platform-engineer": ["design-systems.md", "test-plan.md"]}
-WRITES = {"product-manager": "spec.md", "architect-nusy": "design-nusy.md",
-          "architect-systems": "design-systems.md", "developer": "code.md",
-          "qa-specialist": "test-plan.md", "ux-researcher": "ux-review.md",
-          "platform-engineer": "rollout.md"}
+
+@dataclass(frozen=True)
+class Step:
+    """What one role does in the cycle: the documents it reads, the one it writes."""
+    role: str
+    reads: tuple[str, ...]
+    writes: str
+
+    @property
+    def tools(self) -> set[str]:
+        return {"workspace.write", "taskboard.append"} | ({"workspace.read"} if self.reads else set())
+
+
+CYCLE: tuple[tuple[Step, ...], ...] = (
+    (Step("product-manager", (), "spec.md"),),
+    (Step("architect-nusy", ("spec.md",), "design-nusy.md"),
+     Step("architect-systems", ("spec.md",), "design-systems.md")),
+    (Step("developer", ("spec.md", "design-systems.md", "design-nusy.md"), "code.md"),),
+    (Step("qa-specialist", ("spec.md", "code.md"), "test-plan.md"),),
+    (Step("ux-researcher", ("spec.md", "code.md"), "ux-review.md"),),
+    (Step("platform-engineer", ("design-systems.md", "test-plan.md", "ux-review.md"), "rollout.md"),),
+)
+STEPS = {step.role: step for stage in CYCLE for step in stage}
+CONTEXT_CHARS = 1500
+
+
+@dataclass(frozen=True)
+class HandoffFailure:
+    stage: int
+    role: str
+    agent: str
+    tool: str
+    path: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        target = f" {self.path}" if self.path else ""
+        return f"stage {self.stage} {self.role} ({self.agent}): {self.tool}{target}: {self.reason}"
 
 
 @dataclass
@@ -39,6 +72,10 @@ class AgentRecord:
     tool_calls: dict[str, str] = field(default_factory=dict)
     output: str = ""
     error: str | None = None
+    failures: list[HandoffFailure] = field(default_factory=list)
+
+    def fail(self, tool: str, path: str | None, reason: str) -> None:
+        self.failures.append(HandoffFailure(self.stage, self.role, self.agent, tool, path, reason))
 
 
 @dataclass
@@ -55,6 +92,26 @@ class TeamRun:
         lat = sorted(r.latency_s for r in self.records if not r.error)
         return lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))] if lat else float("nan")
 
+    @property
+    def failures(self) -> list[HandoffFailure]:
+        return [f for r in self.records for f in r.failures]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not any(r.error for r in self.records)
+
+
+@dataclass(frozen=True)
+class Cycle:
+    """One run's shared settings: where its documents live and what each agent is asked."""
+    url: str
+    run_id: str
+    feature: str
+    max_tokens: int
+
+    def path(self, document: str) -> str:
+        return f"runs/{self.run_id}/{document}"
+
 
 async def tool(client: httpx.AsyncClient, url: str, key: str, session: str, name: str, args: dict) -> dict:
     r = await client.post(f"{url}/v1/tools/call", json={"tool": name, "args": args, "session": session},
@@ -62,20 +119,32 @@ async def tool(client: httpx.AsyncClient, url: str, key: str, session: str, name
     return r.json()
 
 
-async def one_agent(client, url, ident: AgentIdentity, rec: AgentRecord, feature: str,
-                    max_tokens: int) -> None:
+def refusal(got: dict) -> str:
+    return f"{got.get('outcome', '?')}: {got.get('error') or 'no reason given'}"
+
+
+async def read_handoffs(client, cycle: Cycle, ident: AgentIdentity, rec: AgentRecord, step: Step) -> list[str]:
     context = []
-    for path in READS[ident.role]:
-        got = await tool(client, url, ident.key, rec.session, "workspace.read", {"path": path})
-        rec.tool_calls[f"read {path}"] = got.get("outcome", "?")
-        if got.get("ok") and got["result"]["content"]:
-            context.append(f"--- {path} ---\n{got['result']['content'][:1500]}")
-    prompt = f"{feature}\n\n" + "\n\n".join(context) + "\n\nDo your part now."
+    for document in step.reads:
+        path = cycle.path(document)
+        got = await tool(client, cycle.url, ident.key, rec.session, "workspace.read", {"path": path})
+        rec.tool_calls[f"read {document}"] = got.get("outcome", "?")
+        content = (got.get("result") or {}).get("content", "") if got.get("ok") else ""
+        if not got.get("ok"):
+            rec.fail("workspace.read", path, refusal(got))
+        elif not content.strip():
+            rec.fail("workspace.read", path, "empty: nothing was handed off")
+        else:
+            context.append(f"--- {document} ---\n{content[:CONTEXT_CHARS]}")
+    return context
+
+
+async def ask_model(client, cycle: Cycle, ident: AgentIdentity, rec: AgentRecord, prompt: str) -> None:
     started = time.perf_counter()
     body = {"model": "default", "messages": [{"role": "user", "content": prompt}], "stream": True,
-            "max_tokens": max_tokens}
+            "max_tokens": cycle.max_tokens}
     text = []
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
+    async with client.stream("POST", f"{cycle.url}/v1/chat/completions", json=body,
                              headers={"Authorization": f"Bearer {ident.key}", "X-Session-Id": rec.session}
                              ) as resp:
         if resp.status_code != 200:
@@ -97,27 +166,48 @@ async def one_agent(client, url, ident: AgentIdentity, rec: AgentRecord, feature
                 rec.completion_tokens = chunk["usage"]["completion_tokens"]
     rec.latency_s = time.perf_counter() - started
     rec.output = "".join(text)
-    out = WRITES[ident.role]
-    res = await tool(client, url, ident.key, rec.session, "workspace.write",
-                     {"path": out, "append": f"\n## {ident.name}\n{rec.output}\n"})
-    rec.tool_calls[f"write {out}"] = res.get("outcome", "?")
-    res = await tool(client, url, ident.key, rec.session, "taskboard.append",
-                     {"item": f"{ident.name} finished {out}"})
+
+
+async def hand_off(client, cycle: Cycle, ident: AgentIdentity, rec: AgentRecord, step: Step) -> None:
+    path = cycle.path(step.writes)
+    if not rec.output.strip():
+        rec.fail("workspace.write", path, "the model wrote nothing to hand off")
+        return
+    res = await tool(client, cycle.url, ident.key, rec.session, "workspace.write",
+                     {"path": path, "append": f"\n## {ident.name}\n{rec.output}\n"})
+    rec.tool_calls[f"write {step.writes}"] = res.get("outcome", "?")
+    if not res.get("ok"):
+        rec.fail("workspace.write", path, refusal(res))
+        return
+    res = await tool(client, cycle.url, ident.key, rec.session, "taskboard.append",
+                     {"item": f"{ident.name} finished {path}"})
     rec.tool_calls["taskboard"] = res.get("outcome", "?")
+    if not res.get("ok"):
+        rec.fail("taskboard.append", None, refusal(res))
 
 
-async def run_cycle(url: str, team: list[AgentIdentity], feature: str, max_tokens: int,
-                    run_id: str) -> list[AgentRecord]:
+async def one_agent(client, cycle: Cycle, ident: AgentIdentity, rec: AgentRecord) -> None:
+    step = STEPS[ident.role]
+    context = await read_handoffs(client, cycle, ident, rec, step)
+    prompt = f"{cycle.feature}\n\n" + "\n\n".join(context) + "\n\nDo your part now."
+    await ask_model(client, cycle, ident, rec, prompt)
+    if rec.error is None:
+        await hand_off(client, cycle, ident, rec, step)
+
+
+async def run_cycle(cycle: Cycle, team: list[AgentIdentity]) -> list[AgentRecord]:
+    """The stages in order, each stage's agents at once; stops after a stage that failed."""
     records: list[AgentRecord] = []
     limits = httpx.Limits(max_connections=len(team) * 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        for stage_no, stage in enumerate(STAGES):
-            roles = stage if isinstance(stage, tuple) else (stage,)
+        for stage_no, stage in enumerate(CYCLE, start=1):
+            roles = {step.role for step in stage}
             members = [a for a in team if a.role in roles]
-            batch = [AgentRecord(a.name, a.role, f"{run_id}-{a.name}", stage_no) for a in members]
-            await asyncio.gather(*(one_agent(client, url, a, r, feature, max_tokens)
-                                   for a, r in zip(members, batch, strict=True)))
+            batch = [AgentRecord(a.name, a.role, f"{cycle.run_id}-{a.name}", stage_no) for a in members]
+            await asyncio.gather(*(one_agent(client, cycle, a, r) for a, r in zip(members, batch, strict=True)))
             records += batch
+            if any(r.failures or r.error for r in batch):
+                break
     return records
 
 
@@ -125,9 +215,12 @@ def run_team(url: str, team: list[AgentIdentity], out_path: Path, feature: str, 
              scenario: str = "feature-cycle") -> TeamRun:
     if scenario != "feature-cycle":
         raise DgxReadyError(f"--scenario {scenario!r}: only feature-cycle exists")
-    run_id = time.strftime("%Y%m%dT%H%M%S")
+    started_at = time.strftime("%Y%m%dT%H%M%S")
+    cycle = Cycle(url, f"{started_at}-{secrets.token_hex(3)}", feature, max_tokens)
     started = time.perf_counter()
-    records = asyncio.run(run_cycle(url, team, feature, max_tokens, run_id))
-    run = TeamRun(scenario, feature, len(team), run_id, time.perf_counter() - started, records)
-    atomic_write_text(out_path, json.dumps(asdict(run) | {"p95_latency_s": run.p95_latency_s}, indent=2))
+    records = asyncio.run(run_cycle(cycle, team))
+    run = TeamRun(scenario, feature, len(team), cycle.run_id, time.perf_counter() - started, records)
+    atomic_write_text(out_path, json.dumps(asdict(run) | {"p95_latency_s": run.p95_latency_s,
+                                                          "failures": [str(f) for f in run.failures]},
+                                           indent=2))
     return run
