@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import platform
 import subprocess
 import sys
 import types
@@ -89,12 +90,76 @@ def test_gb10_memory_falls_back_to_meminfo_and_profile_passes(monkeypatch):
     assert all(c.passed for c in checks), checks
 
 
-def test_bench_hw_exit_codes_on_this_machine():
-    generic = subprocess.run([sys.executable, "-m", "invoke", "bench.hw"], capture_output=True, text=True)
-    assert generic.returncode == 0 and "no NVIDIA GPU" in generic.stdout
-    spark = subprocess.run([sys.executable, "-m", "invoke", "bench.hw", "--profile", "dgx-spark"],
-                           capture_output=True, text=True)
+NO_GPU_NVML = """
+class NVMLError(Exception):
+    pass
+
+
+def nvmlInit():
+    raise NVMLError("Driver Not Loaded")
+"""
+
+GB10_NVML = """
+class NVMLError(Exception):
+    pass
+
+
+class NVMLError_NotSupported(NVMLError):
+    def __str__(self):
+        return "Not Supported"
+
+
+def unsupported(*a):
+    raise NVMLError_NotSupported()
+
+
+NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0
+nvmlInit = nvmlShutdown = lambda: None
+nvmlDeviceGetCount = lambda: 1
+nvmlDeviceGetHandleByIndex = lambda i: i
+nvmlDeviceGetName = lambda h: b"NVIDIA GB10"
+nvmlDeviceGetCudaComputeCapability = lambda h: (12, 1)
+nvmlSystemGetDriverVersion = lambda: "580.95.05"
+nvmlSystemGetCudaDriverVersion = lambda: 13000
+nvmlDeviceGetMemoryInfo = nvmlDeviceGetEnforcedPowerLimit = unsupported
+nvmlDeviceGetMaxClockInfo = lambda h, k: 3003
+nvmlDeviceGetTemperature = lambda h, k: 47
+"""
+
+
+def bench_hw(tmp_path, nvml: str, *flags: str) -> subprocess.CompletedProcess:
+    """`invoke bench.hw` with a simulated NVML (a pynvml module ahead of the real one on the
+    path), so that the result is the same on a laptop and on a DGX."""
+    fake = tmp_path / "fake-nvml"
+    fake.mkdir(exist_ok=True)
+    (fake / "pynvml.py").write_text(nvml)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(fake), *sys.path])}
+    return subprocess.run([sys.executable, "-m", "invoke", "bench.hw", *flags], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_bench_hw_on_a_host_without_a_gpu_passes_generic_and_fails_dgx_spark(tmp_path):
+    generic = bench_hw(tmp_path, NO_GPU_NVML)
+    assert generic.returncode == 0, generic.stdout + generic.stderr
+    assert "no NVIDIA GPU (NVML found none)" in generic.stdout and "GpuReport" not in generic.stdout
+    assert f"architecture='{platform.machine()}'" in generic.stdout
+    assert f"logical_cpus={os.cpu_count()}" in generic.stdout
+    assert "PASS generic profile" in generic.stdout
+    spark = bench_hw(tmp_path, NO_GPU_NVML, "--profile", "dgx-spark")
     assert spark.returncode == 1 and "FAIL GPU is GB10: no GPU" in spark.stdout
+
+
+def test_bench_hw_on_a_gb10_host_reports_the_gpu_from_nvml(tmp_path):
+    generic = bench_hw(tmp_path, GB10_NVML)
+    assert generic.returncode == 0, generic.stdout + generic.stderr
+    assert "name='NVIDIA GB10'" in generic.stdout and "unified_memory=True" in generic.stdout
+    assert "no NVIDIA GPU" not in generic.stdout
+    spark = bench_hw(tmp_path, GB10_NVML, "--profile", "dgx-spark")
+    assert "PASS GPU is GB10: NVIDIA GB10" in spark.stdout
+    assert "PASS compute capability 12.1" in spark.stdout and "PASS CUDA driver >= 13" in spark.stdout
+    host = hw.host_facts()
+    spark_host = host.architecture == "aarch64" and 100 <= host.memory_total_bytes / 1024**3 <= 136
+    assert spark.returncode == (0 if spark_host else 1), spark.stdout
 
 
 def test_invalid_baselines_name_the_json_path(tmp_path):
