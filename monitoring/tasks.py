@@ -7,6 +7,9 @@ from invoke import Collection, task
 from rich.table import Table
 
 from dgxready.cli import out, user_errors
+from dgxready.errors import DgxReadyError
+from monitoring.prometheus.rule_tests import write_rule_files
+from monitoring.promtool import check_rules, test_rules
 from monitoring.settings import load_monitoring_settings
 from monitoring.stack import MonitoringStack, stack_status, start_stack, stop_stack
 
@@ -53,6 +56,21 @@ def status(c):
     out.print(table)
 
 
+@task(help={"output": "folder for rules.yml and rules_test.yml (default monitoring/prometheus)",
+            "config": "monitoring YAML whose thresholds the rules use"})
+@user_errors
+def rules(c, output=None, config=None):
+    """Write the Prometheus rule file and its promtool test suite, then check and test them."""
+    settings = load_monitoring_settings(Path(config) if config else None)
+    folder = Path(output) if output else Path(__file__).parent / "prometheus"
+    files = write_rule_files(folder, settings.alerts, settings.runbook_base_url)
+    for result in (check_rules(files.rules), test_rules(files.tests)):
+        out.print(result.describe(), markup=False, highlight=False)
+        if not result.ok:
+            raise DgxReadyError(f"{result.command[-1]} did not pass")
+    out.print(f"wrote {files.rules} and {files.tests}")
+
+
 ns = Collection("monitoring")
-for t in (up, down, status):
+for t in (up, down, status, rules):
     ns.add_task(t)
