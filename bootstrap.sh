@@ -27,6 +27,11 @@ if [ "${1:-}" = nox ]; then
   command -v zstd >/dev/null || missing+=(zstd)
   # The storage step's tests build arrays of loop devices (they skip where the kernel has no md).
   command -v mdadm >/dev/null || missing+=(mdadm)
+  # The monitoring tests run real Prometheus, Alertmanager and node_exporter (started by the tests,
+  # never as system services).
+  command -v prometheus >/dev/null || missing+=(prometheus)
+  command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
+  command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo=(); elif command -v sudo >/dev/null; then sudo=(sudo); else
