@@ -32,6 +32,8 @@ if [ "${1:-}" = nox ]; then
   command -v prometheus >/dev/null || missing+=(prometheus)
   command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
   command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
+  # The multiplexer runs shell.run's commands in a bubblewrap sandbox.
+  command -v bwrap >/dev/null || missing+=(bubblewrap)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo=(); elif command -v sudo >/dev/null; then sudo=(sudo); else

@@ -6,11 +6,12 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from agents.sandbox import DEFAULT_SHELL_ALLOWLIST, check_pattern, refuse_bare_program
 from dgxready.config import load_yaml
 from dgxready.errors import ConfigError
 from dgxready.files import atomic_write_text
@@ -36,6 +37,9 @@ class BackendConfig(BaseModel):
                               f"{self.api_key_file}") from None
 
 
+ShellPattern = Annotated[list[str], BeforeValidator(refuse_bare_program), AfterValidator(check_pattern)]
+
+
 class MuxConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: str = "127.0.0.1"
@@ -55,14 +59,29 @@ class MuxConfig(BaseModel):
     rate_limits: bool = Field(True, description="enforce each role's requests_per_minute")
     state_db: Path | None = Field(None, description="SQLite file for sessions and tools")
     keys_file: Path | None = None
-    shell_allowlist: list[str] = Field(default_factory=lambda: ["echo", "date", "uname", "wc",
-                                                                "ls", "true"])
+    shell_allowlist: list[ShellPattern] = Field(
+        default_factory=lambda: [list(p) for p in DEFAULT_SHELL_ALLOWLIST],
+        description="argv patterns shell.run may run (pattern language: agents/sandbox.py)")
+    shell_timeout_s: float = Field(5.0, gt=0, le=300, description="wall time of one shell.run")
+    shell_output_bytes: int = Field(64 * 1024, ge=1024, le=16 << 20, description="stdout and stderr "
+                                    "of one shell.run together, beyond which it is stopped")
+    idempotency_window_s: float = Field(60.0, ge=0, description="a call repeated this soon without an "
+                                                                "Idempotency-Key is a retry, applied once")
+    idempotency_retention_s: float = Field(86400.0, gt=0, description="how long an Idempotency-Key "
+                                                                      "is remembered")
 
     @model_validator(mode="after")
     def sessions_keep_the_history_sent(self) -> MuxConfig:
         if self.session_max_turns < self.history_turns:
             raise ValueError(f"session_max_turns ({self.session_max_turns}) is below history_turns "
                              f"({self.history_turns}): a session would not keep the turns it sends")
+        return self
+
+    @model_validator(mode="after")
+    def idempotency_records_outlive_the_window(self) -> MuxConfig:
+        if self.idempotency_retention_s < self.idempotency_window_s:
+            raise ValueError(f"idempotency_retention_s ({self.idempotency_retention_s:g}) is below "
+                             f"idempotency_window_s ({self.idempotency_window_s:g})")
         return self
 
 

@@ -15,7 +15,7 @@ from agents.config import AgentIdentity, MuxConfig, key_digest
 from agents.metrics import MuxMetrics
 from agents.scheduler import FairScheduler
 from agents.state import StateStore
-from agents.tools import ToolRegistry
+from agents.tools import ToolRegistry, ToolSettings
 from dgxready.roles import Role
 
 
@@ -90,6 +90,6 @@ def create_mux(config: MuxConfig, roles: dict[str, Role], keys: dict[str, AgentI
                store: StateStore) -> Mux:
     metrics = MuxMetrics()
     pool = BackendPool.of(config.backends, config.cooldown_s)
-    tools = ToolRegistry(store, config.shell_allowlist,
+    tools = ToolRegistry(store, ToolSettings.from_config(config),
                          on_outcome=lambda c, o: metrics.tool_calls.labels(c.agent, c.tool, o).inc())
     return Mux(config, roles, keys, store, metrics, pool, FairScheduler(pool, config.queue_max), tools)

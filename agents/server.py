@@ -146,7 +146,8 @@ async def tool_call(request: Request) -> Response:
         session = session_of(request.headers.get("x-session-id"), data)
     except ApiError as err:
         return err.response()
-    result = await asyncio.to_thread(mux.tools.call, ToolCall(ident.name, role, session, tool, args))
+    key = request.headers.get("idempotency-key", data.get("idempotency_key"))
+    result = await asyncio.to_thread(mux.tools.call, ToolCall(ident.name, role, session, tool, args, key))
     status = 200 if result.ok else (403 if result.outcome == "denied" else 409)
     return JSONResponse({"ok": result.ok, "outcome": result.outcome, "result": result.result,
                          "error": result.error, "replayed": result.replayed}, status_code=status)

@@ -1,22 +1,37 @@
 """Tools the agents may call through the multiplexer, with per-role permissions, an audit log,
-idempotency keys (session + tool + hash of the arguments) and leases with fencing tokens."""
+idempotency keys and leases with fencing tokens.
+
+A mutating call is applied once per idempotency key: the client's own (the Idempotency-Key
+header), kept for `idempotency_retention_s`, or without one a hash of agent, session, tool and
+arguments, which only catches retries within `idempotency_window_s`. A leased path takes no
+mutation but its holder's; shell.run runs in the sandbox of agents.sandbox."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import posixpath
 import re
-import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from agents.config import MuxConfig
+from agents.sandbox import (
+    DEFAULT_SHELL_ALLOWLIST,
+    MAX_ARGS,
+    ArgvMatch,
+    ArgvPattern,
+    Sandbox,
+    SandboxError,
+    SandboxLimits,
+    is_workspace_path,
+)
 from agents.state import StateStore
 from dgxready.roles import Role
 
-PATH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,200}$")
-MUTATING = {"workspace.write", "taskboard.append", "shell.run"}
+MUTATING = {"workspace.write", "taskboard.append"}
+IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 
 
 class ToolError(Exception):
@@ -30,6 +45,7 @@ class ToolCall:
     session: str | None
     tool: str
     args: dict
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,27 +66,99 @@ class NoKnowledge:
         return []
 
 
-def idempotency_key(call: ToolCall) -> str:
+def default_patterns() -> tuple[ArgvPattern, ...]:
+    return tuple(ArgvPattern.parse(words) for words in DEFAULT_SHELL_ALLOWLIST)
+
+
+@dataclass(frozen=True)
+class ToolSettings:
+    shell_allowlist: tuple[ArgvPattern, ...] = field(default_factory=default_patterns)
+    sandbox: SandboxLimits = SandboxLimits()
+    lease_ttl_s: float = 30.0
+    idempotency_window_s: float = 60.0
+    idempotency_retention_s: float = 86400.0
+    prune_every: int = 100
+    clock: Callable[[], float] = time.time
+
+    @classmethod
+    def from_config(cls, config: MuxConfig) -> ToolSettings:
+        return cls(shell_allowlist=tuple(ArgvPattern.parse(words) for words in config.shell_allowlist),
+                   sandbox=SandboxLimits(wall_s=config.shell_timeout_s,
+                                         output_bytes=config.shell_output_bytes),
+                   idempotency_window_s=config.idempotency_window_s,
+                   idempotency_retention_s=config.idempotency_retention_s)
+
+    def key_lifetime_s(self, explicit: bool) -> float:
+        return self.idempotency_retention_s if explicit else self.idempotency_window_s
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    digest: str
+    call: str
+    explicit: bool
+
+
+def _sha(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def idempotency_key(call: ToolCall) -> IdempotencyKey | None:
+    """The client's key when it gave one; else, within a session, the call itself."""
     canonical = json.dumps(call.args, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{call.agent}\0{call.session}\0{call.tool}\0{canonical}".encode()).hexdigest()
+    fingerprint = _sha(call.tool, canonical)
+    if call.idempotency_key is not None:
+        if not isinstance(call.idempotency_key, str) or not IDEMPOTENCY_KEY_RE.match(call.idempotency_key):
+            raise ToolError("idempotency key: use 1 to 200 of letters, digits and ._:-")
+        return IdempotencyKey(_sha("explicit", call.agent, call.idempotency_key), fingerprint, True)
+    if call.session is None:
+        return None
+    return IdempotencyKey(_sha("window", call.agent, call.session, fingerprint), fingerprint, False)
 
 
 def _path(args: dict) -> str:
     path = args.get("path")
-    if not isinstance(path, str) or not PATH_RE.match(path) or ".." in path.split("/"):
+    if not isinstance(path, str) or not is_workspace_path(path):
         raise ToolError(f"path {path!r}: use letters, digits, ._-/ and no '..'")
     return path
 
 
+def _argv(args: dict) -> list[str]:
+    argv = args.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise ToolError("argv must be a non-empty list of strings")
+    if len(argv) > MAX_ARGS or any("\0" in a for a in argv):
+        raise ToolError(f"argv: at most {MAX_ARGS} arguments, none with a NUL byte")
+    return argv
+
+
+def allowed_match(patterns: Sequence[ArgvPattern], argv: list[str]) -> ArgvMatch:
+    if not any(p.program == argv[0] for p in patterns):
+        raise ToolError(f"command {argv[0]!r} is not allowlisted")
+    for pattern in patterns:
+        match = pattern.match(argv)
+        if match is not None:
+            return match
+    raise ToolError(f"argv {json.dumps(argv)[:200]} matches no shell_allowlist pattern for {argv[0]!r}")
+
+
+@dataclass(frozen=True)
+class Lease:
+    holder: str
+    token: int
+    expires: float
+
+
 class ToolRegistry:
-    def __init__(self, store: StateStore, shell_allowlist: list[str],
+    def __init__(self, store: StateStore, settings: ToolSettings | None = None,
                  knowledge: KnowledgeBackend | None = None,
-                 on_outcome: Callable[[ToolCall, str], None] | None = None, lease_ttl_s: float = 30.0):
+                 on_outcome: Callable[[ToolCall, str], None] | None = None):
         self.store = store
-        self.shell_allowlist = set(shell_allowlist)
+        self.settings = settings or ToolSettings()
+        self.sandbox = Sandbox(self.settings.sandbox)
         self.knowledge = knowledge or NoKnowledge()
         self.on_outcome = on_outcome or (lambda call, outcome: None)
-        self.lease_ttl_s = lease_ttl_s
+        self._recorded = 0
         self.tools: dict[str, Callable[[ToolCall], dict]] = {
             "workspace.read": self._read, "workspace.write": self._write,
             "taskboard.append": self._append, "shell.run": self._shell,
@@ -90,28 +178,39 @@ class ToolRegistry:
         denied = self.permitted(call)
         if denied:
             return self._finish(call, ToolResult(False, "denied", error=denied))
-        # A leased read is safe to repeat (the same holder just gets a fresh token), so only
-        # the mutating tools are deduplicated.
-        key = idempotency_key(call) if call.tool in MUTATING and call.session else None
-        # Database tools check, apply and record in one transaction, so a retry applies once;
-        # shell.run runs outside it so that a slow command does not hold the store.
-        atomic = key is not None and call.tool != "shell.run"
         try:
-            with self.store.tx() if atomic else contextlib.nullcontext():
-                if key:
-                    with self.store.tx() as db:
-                        row = db.execute("SELECT result FROM idempotency WHERE key=?", (key,)).fetchone()
-                    if row:
-                        return self._finish(call, ToolResult(True, "replayed", json.loads(row[0]),
-                                                             replayed=True))
-                result = self.tools[call.tool](call)
-                if key:
-                    with self.store.tx() as db:
-                        db.execute("INSERT OR IGNORE INTO idempotency(key, result, ts) VALUES(?,?,?)",
-                                   (key, json.dumps(result), time.time()))
+            # Reads, leased reads (the holder just gets a fresh token), queries and the sandboxed
+            # shell change nothing, so only the mutating tools are deduplicated.
+            if call.tool not in MUTATING:
+                return self._finish(call, ToolResult(True, "ok", self.tools[call.tool](call)))
+            result, replayed = self._apply_once(call)
         except ToolError as exc:
             return self._finish(call, ToolResult(False, "error", error=str(exc)))
-        return self._finish(call, ToolResult(True, "ok", result))
+        return self._finish(call, ToolResult(True, "replayed" if replayed else "ok", result,
+                                             replayed=replayed))
+
+    def _apply_once(self, call: ToolCall) -> tuple[dict, bool]:
+        """Check, apply and record in one transaction, so a retry applies once."""
+        key = idempotency_key(call)
+        if key is None:
+            return self.tools[call.tool](call), False
+        now = self.settings.clock()
+        with self.store.tx() as db:
+            row = db.execute("SELECT result, ts FROM idempotency WHERE key=?", (key.digest,)).fetchone()
+            if row and now - row[1] < self.settings.key_lifetime_s(key.explicit):
+                record = json.loads(row[0])
+                if record.get("call") != key.call:
+                    raise ToolError(f"idempotency key {call.idempotency_key!r} was used for a different "
+                                    "call; use a new key for a new call")
+                return record["result"], True
+            result = self.tools[call.tool](call)
+            db.execute("INSERT OR REPLACE INTO idempotency(key, result, ts) VALUES(?,?,?)",
+                       (key.digest, json.dumps({"call": key.call, "result": result}), now))
+            self._recorded += 1
+            if self._recorded % self.settings.prune_every == 0:
+                db.execute("DELETE FROM idempotency WHERE ts < ?",
+                           (now - self.settings.idempotency_retention_s,))
+        return result, False
 
     def _finish(self, call: ToolCall, res: ToolResult) -> ToolResult:
         detail = json.dumps(call.args)[:500] if res.ok else (res.error or "")
@@ -131,49 +230,62 @@ class ToolRegistry:
                 out["token"] = self._lease(db, path, self._holder(call))
         return out
 
+    def _current_lease(self, db, resource: str) -> Lease | None:
+        row = db.execute("SELECT holder, token, expires FROM leases WHERE resource=?", (resource,)).fetchone()
+        return Lease(*row) if row else None
+
+    def _refuse_if_leased_by_another(self, db, resource: str, holder: str) -> None:
+        lease = self._current_lease(db, resource)
+        now = self.settings.clock()
+        if lease and lease.holder != holder and lease.expires > now:
+            raise ToolError(f"{resource}: leased by another agent for {lease.expires - now:.1f} s more; "
+                            "try again when its write lands or the lease ends")
+
     def _lease(self, db, resource: str, holder: str) -> int:
-        now = time.time()
-        lease = db.execute("SELECT holder, expires FROM leases WHERE resource=?", (resource,)).fetchone()
-        if lease and lease[0] != holder and lease[1] > now:
-            raise ToolError(f"{resource}: leased by another agent for {lease[1] - now:.1f} s more")
+        self._refuse_if_leased_by_another(db, resource, holder)
         fence = db.execute("SELECT last_token FROM fences WHERE resource=?", (resource,)).fetchone()
         token = (fence[0] if fence else 0) + 1
         db.execute("INSERT INTO fences(resource, last_token) VALUES(?,?) ON CONFLICT(resource) "
                    "DO UPDATE SET last_token=excluded.last_token", (resource, token))
         db.execute("INSERT INTO leases(resource, holder, token, expires) VALUES(?,?,?,?) "
                    "ON CONFLICT(resource) DO UPDATE SET holder=excluded.holder, token=excluded.token, "
-                   "expires=excluded.expires", (resource, holder, token, now + self.lease_ttl_s))
+                   "expires=excluded.expires",
+                   (resource, holder, token, self.settings.clock() + self.settings.lease_ttl_s))
         return token
 
     def _write(self, call: ToolCall) -> dict:
         path = _path(call.args)
         append = call.args.get("append")
-        content = call.args.get("content")
         with self.store.tx() as db:
             row = db.execute("SELECT content, version, token FROM workspace WHERE path=?", (path,)).fetchone()
             current, version, last_token = row if row else ("", 0, 0)
             if append is not None:
                 if not isinstance(append, str):
                     raise ToolError("append must be a string")
+                self._refuse_if_leased_by_another(db, path, self._holder(call))
                 new, token = current + append, last_token
             else:
-                if not isinstance(content, str):
-                    raise ToolError("give content (with the token from a leased read) or append")
-                token = call.args.get("token")
-                lease = db.execute("SELECT holder, token, expires FROM leases WHERE resource=?",
-                                   (path,)).fetchone()
-                if not isinstance(token, int) or lease is None:
-                    raise ToolError(f"{path}: writing needs a lease token from workspace.read(lease=true)")
-                if token < lease[1] or token <= last_token:
-                    raise ToolError(f"{path}: stale fencing token {token} (current {lease[1]})")
-                if lease[0] != self._holder(call) or lease[2] < time.time():
-                    raise ToolError(f"{path}: the lease for token {token} expired or moved")
-                new = content
-                db.execute("DELETE FROM leases WHERE resource=?", (path,))
+                new, token = self._fenced_content(db, call, path, last_token)
             db.execute("INSERT INTO workspace(path, content, version, token) VALUES(?,?,?,?) "
                        "ON CONFLICT(path) DO UPDATE SET content=excluded.content, version=excluded.version, "
                        "token=excluded.token", (path, new, version + 1, token))
         return {"path": path, "version": version + 1}
+
+    def _fenced_content(self, db, call: ToolCall, path: str, last_token: int) -> tuple[str, int]:
+        """The content of a whole-file write, once its token is the live lease's; ends the lease."""
+        content = call.args.get("content")
+        if not isinstance(content, str):
+            raise ToolError("give content (with the token from a leased read) or append")
+        token = call.args.get("token")
+        lease = self._current_lease(db, path)
+        if not isinstance(token, int) or lease is None:
+            raise ToolError(f"{path}: writing needs a lease token from workspace.read(lease=true)")
+        if token < lease.token or token <= last_token:
+            raise ToolError(f"{path}: stale fencing token {token} (current {lease.token})")
+        if lease.holder != self._holder(call) or lease.expires < self.settings.clock():
+            raise ToolError(f"{path}: the lease for token {token} expired or moved")
+        db.execute("DELETE FROM leases WHERE resource=?", (path,))
+        return content, token
 
     def _append(self, call: ToolCall) -> dict:
         item = call.args.get("item")
@@ -185,16 +297,30 @@ class ToolRegistry:
         return {"id": cur.lastrowid}
 
     def _shell(self, call: ToolCall) -> dict:
-        argv = call.args.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise ToolError("argv must be a non-empty list of strings")
-        if argv[0] not in self.shell_allowlist:
-            raise ToolError(f"command {argv[0]!r} is not allowlisted")
+        argv = _argv(call.args)
+        match = allowed_match(self.settings.shell_allowlist, argv)
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=5, shell=False)
-        except subprocess.TimeoutExpired:
-            raise ToolError(f"{argv[0]} timed out after 5 s") from None
-        return {"exit": proc.returncode, "stdout": proc.stdout[-4000:], "stderr": proc.stderr[-2000:]}
+            res = self.sandbox.run(argv, self._workspace_files(match))
+        except SandboxError as exc:
+            raise ToolError(f"shell.run: {exc}") from None
+        if res.timed_out:
+            raise ToolError(f"{argv[0]} ran past {self.settings.sandbox.wall_s:g} s and was stopped")
+        return {"exit": res.exit, "stdout": res.stdout, "stderr": res.stderr, "truncated": res.truncated}
+
+    def _workspace_files(self, match: ArgvMatch) -> dict[str, str]:
+        """The workspace files a command names (a named folder brings what is under it); all of
+        them for a command that takes paths but was given none, as `ls` lists the workspace."""
+        if not match.takes_paths:
+            return {}
+        with self.store.tx() as db:
+            if not match.paths:
+                return dict(db.execute("SELECT path, content FROM workspace").fetchall())
+            files: dict[str, str] = {}
+            for named in {posixpath.normpath(p) for p in match.paths}:
+                files.update(db.execute(
+                    "SELECT path, content FROM workspace WHERE path=? OR substr(path, 1, ?)=?",
+                    (named, len(named) + 1, named + "/")).fetchall())
+        return files
 
     def _knowledge(self, call: ToolCall) -> dict:
         text = call.args.get("query")

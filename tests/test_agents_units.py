@@ -8,8 +8,6 @@ from agents.backends import BackendPool
 from agents.config import BackendConfig, load_keys, team_roles, write_keys
 from agents.mux import SessionLocks
 from agents.scheduler import DeadlineExceeded, FairScheduler, QueueFull
-from agents.state import StateStore
-from agents.tools import ToolCall, ToolRegistry
 from dgxready.errors import ConfigError
 from dgxready.roles import ROLE_ORDER, ROLES_DIR, load_roles
 
@@ -73,25 +71,6 @@ def test_roles_and_keys_validate(tmp_path):
     assert (tmp_path / "keys.yaml").stat().st_mode & 0o777 == 0o600
     assert len(load_keys(tmp_path / "keys.yaml", set(roles))) == 10
     assert team_roles(7, ROLE_ORDER) == list(ROLE_ORDER)
-
-
-def test_workspace_paths_and_stale_fencing_tokens(tmp_path):
-    roles = load_roles()
-    reg = ToolRegistry(StateStore(tmp_path / "s.db"), ["echo"], lease_ttl_s=0.2)
-    dev = roles["developer"]
-    call = lambda agent, tool, args, session="s": reg.call(ToolCall(agent, dev, session, tool, args))  # noqa: E731
-    assert call("d1", "workspace.read", {"path": "../etc/passwd"}).error.startswith("path")
-    first = call("d1", "workspace.read", {"path": "doc", "lease": True}).result["token"]
-    assert not call("d2", "workspace.read", {"path": "doc", "lease": True}).ok
-    time.sleep(0.25)
-    second = call("d2", "workspace.read", {"path": "doc", "lease": True}).result["token"]
-    assert second > first
-    stale = call("d1", "workspace.write", {"path": "doc", "content": "old", "token": first})
-    assert not stale.ok and "stale fencing token" in stale.error
-    assert call("d2", "workspace.write", {"path": "doc", "content": "new", "token": second}).ok
-    assert call("d1", "workspace.read", {"path": "doc"}).result["content"] == "new"
-    audit = reg.store.audit_rows()
-    assert any(r[3] == "error" and "stale" in r[4] for r in audit)
 
 
 def test_a_waiter_that_gives_up_never_holds_a_slot():
