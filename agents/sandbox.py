@@ -241,11 +241,13 @@ def materialise(root: Path, files: Mapping[str, str], limit: int) -> None:
             continue
         # A workspace may hold both "a" and "a/b"; the one written second cannot exist on disk.
         try:
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         except (FileExistsError, NotADirectoryError, IsADirectoryError):
             continue
-        target.chmod(0o644)
+    # Readable by the sandbox's user whatever the multiplexer's umask.
+    for entry in root.rglob("*"):
+        entry.chmod(0o755 if entry.is_dir() else 0o644)
 
 
 class Sandbox:

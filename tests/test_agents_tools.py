@@ -169,8 +169,12 @@ def test_the_sandbox_sees_the_workspace_files_read_only_and_nothing_of_the_host(
     sandbox = Sandbox(LIMITS)
     listing = sandbox.run(["ls", "-A", "/"], {}).stdout.split()
     assert set(listing) <= {"bin", "dev", "lib", "lib64", "proc", "usr", "work"}, listing
-    counted = sandbox.run(["wc", "-l", "docs/a.md"], {"docs/a.md": "1\n2\n3\n"})
-    assert counted.stdout.split() == ["3", "docs/a.md"]
+    umask = os.umask(0o077)
+    try:
+        counted = sandbox.run(["wc", "-l", "docs/a.md"], {"docs/a.md": "1\n2\n3\n"})
+    finally:
+        os.umask(umask)
+    assert counted.stdout.split() == ["3", "docs/a.md"], counted
     write = sandbox.run(["sh", "-c", "echo x >> docs/a.md || echo x > new"], {"docs/a.md": "1\n"})
     assert write.exit != 0 and "cannot create new: Read-only file system" in write.stderr
     env = sandbox.run(["env"], {}).stdout.split()
