@@ -292,11 +292,14 @@ class Sandbox:
 
     def _spawn(self, argv: list[str]) -> SandboxResult:
         root = os.geteuid() == 0
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=SANDBOX_ENV, cwd="/",
-                                start_new_session=True, close_fds=True,
-                                user=SANDBOX_UID if root else None, group=SANDBOX_UID if root else None,
-                                extra_groups=[] if root else None)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=SANDBOX_ENV, cwd="/",
+                                    start_new_session=True, close_fds=True,
+                                    user=SANDBOX_UID if root else None, group=SANDBOX_UID if root else None,
+                                    extra_groups=[] if root else None)
+        except OSError as exc:
+            raise SandboxError(f"cannot start {argv[0]}: {exc.strerror}") from None
         with proc:
             try:
                 output, timed_out = self._collect(proc)

@@ -2,6 +2,7 @@
 leases that every mutation respects, and idempotency keys with a retry window and a retention."""
 import os
 import secrets
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -223,6 +224,24 @@ def test_shell_run_says_so_when_bubblewrap_is_missing_or_a_command_runs_too_long
     monkeypatch.setenv("PATH", str(tmp_path))
     missing = call("d1", "shell.run", {"argv": ["sleep", "1"]})
     assert not missing.ok and "bubblewrap (bwrap) is not on the multiplexer's PATH" in missing.error
+    hidden = tmp_path / "bin" / "bwrap"
+    hidden.parent.mkdir(mode=0o700)
+    hidden.write_text("#!/bin/sh\nexit 0\n")
+    hidden.chmod(0o700)
+    monkeypatch.setenv("PATH", f"{hidden.parent}:/usr/bin")
+    unreadable = caller(registry(tmp_path / "a", shell_allowlist=(ArgvPattern.parse(["true"]),)))
+    if os.geteuid() == 0:
+        assert unreadable("d1", "shell.run", {"argv": ["true"]}).error.startswith("shell.run: cannot start ")
+    with tempfile.TemporaryDirectory() as shared:
+        broken = Path(shared) / "bwrap"
+        broken.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+        broken.chmod(0o755)
+        Path(shared).chmod(0o755)
+        monkeypatch.setenv("PATH", f"{shared}:/usr/bin")
+        fresh = caller(registry(tmp_path / "b", shell_allowlist=(ArgvPattern.parse(["true"]),)))
+        refused = fresh("d1", "shell.run", {"argv": ["true"]})
+    assert refused.error == ("shell.run: bwrap cannot build a sandbox here (exit 1): "
+                             "bwrap: No permissions to create new namespace")
 
 
 def test_workspace_paths_and_stale_fencing_tokens(tmp_path):
