@@ -99,7 +99,8 @@ def serve(c, url=None, concurrency="1,2,4,8,16", rate=None, burstiness=1.0, num_
             results = [run_rate(ep, make_workload(workload, max_tokens=int(max_tokens)), float(rate),
                                 float(burstiness), n, None, 2, slo)]
         else:
-            results = runner.sweep(ep, workload, list(levels), int(max_tokens), slo, out)
+            results = runner.sweep(ep, workload, list(levels), int(max_tokens), slo, out,
+                                   stop_when_saturated=False)
     hw_ = runner.hardware("generic")
     b = Baseline(created_at=now_stamp(), host=hw_.host.hostname, environment=capture_environment(),
                  hardware=hw_, serving=Serving(
@@ -146,6 +147,7 @@ def capacity(c, slo_p95_e2e=6.0, workload="agents", url=None, max_tokens=128, li
     "output_dir": "write the JSON and plots here (default bench/baselines/<host>/)",
     "skip_micro": "skip the microbenchmarks",
     "skip_capacity": "skip the capacity search (and so the SLO verdict)",
+    "full_sweep": "measure every --concurrency level, even after one whose P95 E2EL is beyond twice the SLO",
     "remote_dir": "with --host: the toolkit's checkout on that host",
     "net_peer": "HOST:PORT running `python -m bench.net --serve`, comma-separated (e.g. other hosts)",
     "ssh_config": "with --host: an ssh_config file to read instead of ~/.ssh/config",
@@ -153,7 +155,8 @@ def capacity(c, slo_p95_e2e=6.0, workload="agents", url=None, max_tokens=128, li
 @user_errors
 def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", workload="agents",
          slo_p95_e2e=6.0, target_agents=10, slo_exit=False, max_tokens=128, limit=32, output_dir=None,
-         skip_micro=False, skip_capacity=False, remote_dir="~/dgxready", ssh_config=None, net_peer=""):
+         skip_micro=False, skip_capacity=False, remote_dir="~/dgxready", ssh_config=None, net_peer="",
+         full_sweep=False):
     """Everything: hardware, microbenchmarks, serving sweep, capacity, roofline, SLO verdict; JSON + plots."""
     check_verdict_options(int(target_agents), int(limit), skip_capacity, slo_exit)
     if host:
@@ -161,6 +164,7 @@ def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", wo
                      "--slo-p95-e2e", str(slo_p95_e2e), "--max-tokens", str(max_tokens),
                      "--limit", str(limit)]
         forwarded += ["--skip-micro"] * bool(skip_micro) + ["--skip-capacity"] * bool(skip_capacity)
+        forwarded += ["--full-sweep"] * bool(full_sweep)
         baseline = fetched_run(RemoteRun(host, remote_dir, tuple(forwarded), ssh_config,
                                          Path(output_dir) if output_dir else None))
     else:
@@ -169,7 +173,8 @@ def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", wo
             url=url, profile=profile, levels=_ints(concurrency), capacity_workload=workload,
             slo_p95_e2e_s=float(slo_p95_e2e), max_tokens=int(max_tokens), capacity_limit=int(limit),
             output_dir=Path(output_dir) if output_dir else None, skip_micro=skip_micro,
-            skip_capacity=skip_capacity, net_peers=tuple(p for p in net_peer.split(",") if p)))
+            skip_capacity=skip_capacity, net_peers=tuple(p for p in net_peer.split(",") if p),
+            full_sweep=bool(full_sweep)))
     if baseline.capacity:
         verdict = judge_target(baseline.capacity, int(target_agents))
         print_verdict(verdict, out)

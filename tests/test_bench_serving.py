@@ -16,7 +16,7 @@ import pytest
 
 from bench import runner
 from bench.loadgen import Endpoint, closed_loop, probe
-from bench.metrics import compute_metrics
+from bench.metrics import Slo, compute_metrics
 from bench.report import load_baseline
 from bench.workloads import make_workload
 from dgxready.errors import DgxReadyError
@@ -112,6 +112,17 @@ def test_a_server_killed_mid_run_counts_failures(isolated, llama_build):
     m = compute_metrics(records)
     assert m.failed >= 2 and m.completed + m.failed == 12
     assert set(m.errors) <= {"transport", "truncated", "empty"}
+
+
+def test_the_sweep_stops_after_a_level_beyond_twice_the_slo_unless_asked_for_every_level(served):
+    ep = Endpoint(served.base_url, probe(served.base_url))
+    console = runner.Console(record=True, width=200)
+    impossible = Slo(e2el_p95_s=0.001)
+    stopped = runner.sweep(ep, "synthetic", [1, 2, 4], 8, impossible, console, warmup=0)
+    assert [lv.concurrency for lv in stopped] == [1]
+    assert "c=2, 4 skipped" in console.export_text()
+    full = runner.sweep(ep, "synthetic", [1, 2], 8, impossible, console, warmup=0, stop_when_saturated=False)
+    assert [lv.concurrency for lv in full] == [1, 2]
 
 
 def test_bench_all_writes_a_valid_baseline_and_plots(isolated, llama_build, tmp_path):
