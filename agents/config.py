@@ -46,6 +46,11 @@ class MuxConfig(BaseModel):
     port: int = Field(8090, ge=0, le=65535)
     backends: list[BackendConfig] = Field(min_length=1)
     queue_max: int = Field(256, ge=1, description="queued requests beyond which new ones get 429")
+    queue_per_agent_max: int | None = Field(None, ge=1, description="queued requests of one agent beyond "
+                                            "which its new ones get 429 (default: max(4, queue_max // 4))")
+    client_tools_policy: Literal["drop", "refuse"] = Field(
+        "drop", description="a client-declared tool its role's client_tools do not allow: dropped from "
+                            "the request (named in x-dgxready-dropped-tools), or the request refused (400)")
     deadline_s: float = Field(300.0, gt=0, description="default time a request may wait and run")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     history_turns: int = Field(8, ge=0, description="earlier turns of a session sent to the model")

@@ -1,13 +1,49 @@
-"""Prometheus metrics of the multiplexer, named after LiteLLM's. No session ids in labels."""
+"""Prometheus metrics of the multiplexer, named after LiteLLM's. A label value comes only from a
+known set (agents of the keys file, roles, the multiplexer's tools, configured backends, the
+statuses the multiplexer itself names or an HTTP status) and is `unknown` otherwise, so no client
+can mint series; no session id is ever a label."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from functools import cache
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from dgxready.roles import TOOLS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 6, 8, 12, 20, 40, 80)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+UNKNOWN = "unknown"
+NO_BACKEND = "none"
+REQUEST_STATUSES = frozenset({"ok", "retried", "failed", "failed_midstream", "client_gone", "bad_answer"})
+HTTP_STATUS_RE = re.compile(r"^[1-5][0-9][0-9]$")
+CLIENT_TOOL_ACTIONS = frozenset({"dropped", "refused", "blocked"})
+
+
+@dataclass(frozen=True)
+class KnownLabels:
+    """The label values the metrics may carry."""
+    agents: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+    backends: frozenset[str] = frozenset()
+    tools: frozenset[str] = field(default_factory=lambda: frozenset(TOOLS))
+
+    def agent(self, name: str) -> str:
+        return name if name in self.agents else UNKNOWN
+
+    def role(self, name: str) -> str:
+        return name if name in self.roles else UNKNOWN
+
+    def backend(self, name: str) -> str:
+        return name if name in self.backends or name == NO_BACKEND else UNKNOWN
+
+    def tool(self, name: str) -> str:
+        return name if name in self.tools else UNKNOWN
+
+    @staticmethod
+    def status(status: str) -> str:
+        return status if status in REQUEST_STATUSES or HTTP_STATUS_RE.match(status) else UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -21,7 +57,8 @@ class AgentSeries:
 
 
 class MuxMetrics:
-    def __init__(self) -> None:
+    def __init__(self, known: KnownLabels | None = None) -> None:
+        self.known = known or KnownLabels()
         r = self.registry = CollectorRegistry()
         self.requests = Counter("dgxready_mux_requests", "Requests by agent, backend and status",
                                 ["agent", "backend", "status"], registry=r)
@@ -46,16 +83,30 @@ class MuxMetrics:
                               ["agent", "direction"], registry=r)
         self.tool_calls = Counter("dgxready_mux_tool_calls", "Tool calls by agent, tool and outcome",
                                   ["agent", "tool", "outcome"], registry=r)
+        self.client_tools = Counter("dgxready_mux_client_tools",
+                                    "Client-declared tools or model tool calls a role may not use, by "
+                                    "role and action (dropped, refused, blocked)", ["role", "action"],
+                                    registry=r)
 
+    # Cached by the raw names, which come from bounded sets too: identify() admits only known keys.
     @cache  # noqa: B019 - one MuxMetrics per process; agents and backends are a small fixed set
     def agent(self, name: str) -> AgentSeries:
+        name = self.known.agent(name)
         return AgentSeries(self.queue_wait.labels(name), self.ttft.labels(name), self.duration.labels(name),
                            self.tokens.labels(name, "prompt"), self.tokens.labels(name, "completion"))
 
     @cache  # noqa: B019
     def request(self, agent: str, backend: str, status: str) -> Counter:
-        return self.requests.labels(agent, backend, status)
+        k = self.known
+        return self.requests.labels(k.agent(agent), k.backend(backend), k.status(status))
 
     @cache  # noqa: B019
     def backend_inflight(self, backend: str) -> Gauge:
-        return self.inflight.labels(backend)
+        return self.inflight.labels(self.known.backend(backend))
+
+    def tool_call(self, agent: str, tool: str, outcome: str) -> Counter:
+        return self.tool_calls.labels(self.known.agent(agent), self.known.tool(tool), outcome)
+
+    def client_tool(self, role: str, action: str) -> Counter:
+        return self.client_tools.labels(self.known.role(role),
+                                        action if action in CLIENT_TOOL_ACTIONS else UNKNOWN)

@@ -12,7 +12,7 @@ import aiohttp
 from agents.asgi import ApiError
 from agents.backends import BackendPool
 from agents.config import AgentIdentity, MuxConfig, key_digest
-from agents.metrics import MuxMetrics
+from agents.metrics import KnownLabels, MuxMetrics
 from agents.scheduler import FairScheduler
 from agents.state import StateStore
 from agents.tools import ToolRegistry, ToolSettings
@@ -88,8 +88,10 @@ class Mux:
 
 def create_mux(config: MuxConfig, roles: dict[str, Role], keys: dict[str, AgentIdentity],
                store: StateStore) -> Mux:
-    metrics = MuxMetrics()
+    metrics = MuxMetrics(KnownLabels(agents=frozenset(i.name for i in keys.values()), roles=frozenset(roles),
+                                     backends=frozenset(b.name for b in config.backends)))
     pool = BackendPool.of(config.backends, config.cooldown_s)
     tools = ToolRegistry(store, ToolSettings.from_config(config),
-                         on_outcome=lambda c, o: metrics.tool_calls.labels(c.agent, c.tool, o).inc())
-    return Mux(config, roles, keys, store, metrics, pool, FairScheduler(pool, config.queue_max), tools)
+                         on_outcome=lambda c, o: metrics.tool_call(c.agent, c.tool, o).inc())
+    scheduler = FairScheduler(pool, config.queue_max, config.queue_per_agent_max)
+    return Mux(config, roles, keys, store, metrics, pool, scheduler, tools)

@@ -15,7 +15,8 @@ from agents.backends import Backend
 from agents.config import AgentIdentity, key_digest
 from agents.messages import is_instruction
 from agents.mux import Mux
-from agents.scheduler import DeadlineExceeded, Grant, NoBackend, QueueFull
+from agents.policy import StreamGuard, ToolScope, screen_answer
+from agents.scheduler import AgentQueueFull, DeadlineExceeded, Grant, NoBackend, QueueFull
 from dgxready.roles import Role
 
 MAX_RETRIES = 2
@@ -28,7 +29,8 @@ class BackendFailed(Exception):
 
 @dataclass
 class Turn:
-    """One validated chat request of one agent, in one session or none."""
+    """One validated chat request of one agent, in one session or none. `forward` holds the
+    client's fields that reach the backend as they are (agents.policy screened them)."""
     ident: AgentIdentity
     role: Role
     session: str | None
@@ -36,14 +38,26 @@ class Turn:
     data: dict
     deadline: float
     arrived: float
+    forward: dict
+    scope: ToolScope
+    max_tokens: int
+    dropped_tools: list[str] = field(default_factory=list)
     prompt: list[dict] = field(default_factory=list)
-    max_tokens: int = 0
     cost: float = 0.0
     streamed: int = 0
 
 
+def audit_client_tools(mux: Mux, turn: Turn, action: str, names: list[str]) -> None:
+    """Records tools a role may not use: dropped from or refusing a request, or blocked in an answer."""
+    for name in names:
+        mux.store.audit(turn.ident.name, turn.session, f"client:{name[:64]}", action,
+                        turn.scope.denial(name[:64]))
+    if names:
+        mux.metrics.client_tool(turn.role.name, action).inc(len(names))
+
+
 def backend_body(turn: Turn, backend: Backend, stream: bool) -> bytes:
-    body = {k: v for k, v in turn.data.items() if k not in ("messages", "session", "model")}
+    body = dict(turn.forward)
     body["messages"] = turn.prompt
     body["model"] = backend.model_id or turn.data.get("model") or "default"
     body["stream"] = stream
@@ -68,13 +82,37 @@ class Outcome:
 
 
 USAGE_MARK = re.compile(rb'"usage"|"finish_reason": ?"')
+TOOL_CALLS_MARK = b'"tool_calls"'
+
+
+def event_of(line: bytes) -> dict | None:
+    if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+        return None
+    try:
+        chunk = orjson.loads(line[5:])
+    except orjson.JSONDecodeError:
+        return None
+    return chunk if isinstance(chunk, dict) else None
+
+
+def screened_events(whole: bytes, guard: StreamGuard) -> bytes:
+    """The SSE lines with the tool calls the role may not make taken out."""
+    lines = whole.split(b"\n")
+    for i, line in enumerate(lines):
+        if TOOL_CALLS_MARK in line or guard.note_pending:
+            chunk = event_of(line)
+            if chunk is not None and guard.screen(chunk):
+                lines[i] = b"data: " + orjson.dumps(chunk)
+    return b"\n".join(lines)
 
 
 @dataclass
 class SseTally:
-    """Reads the backend's SSE bytes: passes on whole lines only, and parses the events that
-    matter (every delta when the text goes into a session's history, else usage and finish)."""
+    """Reads the backend's SSE bytes: passes on whole lines only, screens tool calls, and parses
+    the events that matter (every delta when the text goes into a session's history, else usage
+    and finish)."""
     keep_text: bool
+    guard: StreamGuard
     outcome: Outcome = field(default_factory=Outcome)
     pending: bytes = b""
     events: int = 0
@@ -89,21 +127,18 @@ class SseTally:
         whole, self.pending = buf[:cut], buf[cut:]
         if whole:
             self.events += whole.count(b"data:")
+            if TOOL_CALLS_MARK in whole or self.guard.note_pending:
+                whole = screened_events(whole, self.guard)
             if self.keep_text or USAGE_MARK.search(whole):
                 for line in whole.split(b"\n"):
                     self.parse(line)
         return whole
 
     def parse(self, line: bytes) -> None:
-        if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-            return
         if not self.keep_text and not USAGE_MARK.search(line):
             return
-        try:
-            chunk = orjson.loads(line[5:])
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(chunk, dict):
+        chunk = event_of(line)
+        if chunk is None:
             return
         out = self.outcome
         for choice in chunk.get("choices") or []:
@@ -119,6 +154,10 @@ async def acquire(mux: Mux, turn: Turn, retry: bool) -> Grant:
     try:
         grant = await mux.scheduler.acquire(turn.ident.name, turn.role.scheduling.weight,
                                             turn.role.scheduling.priority, turn.cost, turn.deadline, retry)
+    except AgentQueueFull:
+        m.rejections.labels("agent_queue_full").inc()
+        raise ApiError(429, f"{turn.ident.name} has {mux.scheduler.agent_queue_max} requests queued, "
+                            "its whole share of the queue", "rate_limit_error", {"Retry-After": "2"}) from None
     except QueueFull:
         m.rejections.labels("queue_full").inc()
         raise ApiError(429, "queue is full", "rate_limit_error", {"Retry-After": "2"}) from None
@@ -160,9 +199,12 @@ def timeout_of(turn: Turn) -> aiohttp.ClientTimeout:
 
 def answer_headers(turn: Turn, grant: Grant, sent: float) -> dict[str, str]:
     overhead_ms = (sent - turn.arrived - grant.queue_wait_s) * 1000
-    return {"x-dgxready-overhead-ms": f"{overhead_ms:.3f}",
-            "x-dgxready-queue-ms": f"{grant.queue_wait_s * 1000:.3f}",
-            "x-dgxready-backend": grant.backend.name}
+    headers = {"x-dgxready-overhead-ms": f"{overhead_ms:.3f}",
+               "x-dgxready-queue-ms": f"{grant.queue_wait_s * 1000:.3f}",
+               "x-dgxready-backend": grant.backend.name}
+    if turn.dropped_tools:
+        headers["x-dgxready-dropped-tools"] = ",".join(turn.dropped_tools)
+    return headers
 
 
 async def complete(mux: Mux, turn: Turn, send: Send) -> None:
@@ -193,6 +235,11 @@ async def complete(mux: Mux, turn: Turn, send: Send) -> None:
             mux.metrics.request(turn.ident.name, grant.backend.name, "bad_answer").inc()
             raise ApiError(502, f"backend {grant.backend.name} answered malformed JSON",
                            "backend_error") from None
+        if not isinstance(out, dict):
+            mux.metrics.request(turn.ident.name, grant.backend.name, "bad_answer").inc()
+            raise ApiError(502, f"backend {grant.backend.name} answered JSON that is not an object",
+                           "backend_error")
+        audit_client_tools(mux, turn, "blocked", screen_answer(out, turn.scope))
         usage = out.get("usage") or {}
         text = ((out.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
         finish(mux, turn, grant, Outcome(text, usage.get("prompt_tokens", 0),
@@ -252,7 +299,7 @@ async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
                 release(mux, grant, failed=False)
                 mux.metrics.request(turn.ident.name, grant.backend.name, str(resp.status)).inc()
                 raise ApiError(resp.status, content.decode(errors="replace")[:500], "backend_error")
-            tally = SseTally(keep_text=turn.session is not None)
+            tally = SseTally(turn.session is not None, StreamGuard(turn.scope))
             head = b""
             async for chunk in resp.content.iter_any():
                 head += tally.feed(chunk)
@@ -330,5 +377,6 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
         else:
             st.response.release()
         release(mux, st.grant, failed=failed)
+        audit_client_tools(mux, turn, "blocked", st.tally.guard.blocked)
         if not (failed or cancelled):
             finish(mux, turn, st.grant, st.tally.outcome, st.sent, st.first_byte)

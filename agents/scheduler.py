@@ -6,7 +6,10 @@ Each agent's counter grows by the tokens it is served divided by its weight; a f
 the backlogged agent with the smallest counter in the most urgent class. An agent is charged its
 prompt when a request is dispatched and its output as it is generated, then corrected by the real
 usage, so a deep queue of one agent is never paid for in advance. An agent that becomes backlogged is lifted
-to the smallest counter among the others, so idle time saves up no credit."""
+to the smallest counter among the others, so idle time saves up no credit.
+
+The queue is bounded twice: `queue_max` requests in all, and `agent_queue_max` for any one agent,
+so that one agent flooding the queue turns away only itself."""
 from __future__ import annotations
 
 import asyncio
@@ -20,6 +23,10 @@ from agents.backends import Backend, BackendPool
 
 class QueueFull(Exception):
     pass
+
+
+class AgentQueueFull(QueueFull):
+    """The agent has its whole share of the queue waiting; the queue itself may have room."""
 
 
 class DeadlineExceeded(Exception):
@@ -56,10 +63,17 @@ def waiting(queue: deque[Ticket]) -> bool:
     return bool(queue)
 
 
+def default_agent_queue_max(queue_max: int) -> int:
+    """A quarter of the queue, and never fewer than four requests."""
+    return max(4, queue_max // 4)
+
+
 class FairScheduler:
-    def __init__(self, pool: BackendPool, queue_max: int):
+    def __init__(self, pool: BackendPool, queue_max: int, agent_queue_max: int | None = None):
         self.pool = pool
         self.queue_max = queue_max
+        self.agent_queue_max = agent_queue_max or default_agent_queue_max(queue_max)
+        self.queued: dict[str, int] = {}
         self.queues: dict[str, deque[Ticket]] = {}
         self.counters: dict[str, float] = {}
         self.floor = 0.0
@@ -71,8 +85,8 @@ class FairScheduler:
                       deadline: float, retry: bool = False) -> Grant:
         if not self.pool.any_available():
             raise NoBackend()
-        if self.depth >= self.queue_max and not retry:
-            raise QueueFull()
+        if not retry:
+            self.check_room(agent)
         queue = self.queues.setdefault(agent, deque())
         if not waiting(queue):
             self.counters[agent] = max(self.counters.get(agent, 0.0), self.backlogged_floor())
@@ -80,6 +94,7 @@ class FairScheduler:
                         asyncio.get_running_loop().create_future(), time.monotonic())
         queue.append(ticket)
         self.depth += 1
+        self.queued[agent] = self.queued.get(agent, 0) + 1
         self.dispatch()
         if ticket.future.done():
             return Grant(ticket.future.result(), 0.0, ticket)
@@ -94,6 +109,16 @@ class FairScheduler:
             raise
         return Grant(backend, time.monotonic() - ticket.enqueued_at, ticket)
 
+    def check_room(self, agent: str) -> None:
+        if self.depth >= self.queue_max:
+            raise QueueFull()
+        if self.queued.get(agent, 0) >= self.agent_queue_max:
+            raise AgentQueueFull()
+
+    def dequeued(self, agent: str) -> None:
+        self.depth -= 1
+        self.queued[agent] -= 1
+
     def backlogged_floor(self) -> float:
         """The smallest counter among agents with a request waiting, else the last one served."""
         counters = [self.counters[a] for a, q in self.queues.items() if waiting(q)]
@@ -103,7 +128,7 @@ class FairScheduler:
         """A waiter gave up: drop its ticket, or hand back the slot it was granted meanwhile."""
         ticket.cancelled = True
         if not ticket.future.done():
-            self.depth -= 1
+            self.dequeued(ticket.agent)
             ticket.future.cancel()
         elif not ticket.future.cancelled():
             self.release(ticket.future.result())
@@ -139,7 +164,7 @@ class FairScheduler:
             if ticket is None:
                 return
             self.queues[ticket.agent].popleft()
-            self.depth -= 1
+            self.dequeued(ticket.agent)
             self.floor = self.counters[ticket.agent]
             self.counters[ticket.agent] += ticket.cost / ticket.weight
             backend.outstanding += 1

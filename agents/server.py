@@ -21,7 +21,8 @@ from agents.backends import Backend, health_loop
 from agents.config import AgentIdentity
 from agents.messages import estimate_tokens, is_instruction, valid_messages
 from agents.mux import Mux
-from agents.proxy import Turn, complete, open_stream, relay
+from agents.policy import ToolScope, screen_request
+from agents.proxy import Turn, audit_client_tools, complete, open_stream, relay
 from agents.tools import ToolCall
 from dgxready.roles import Role
 
@@ -48,13 +49,6 @@ def build_prompt(mux: Mux, turn: Turn) -> list[dict]:
     return system + history + rest
 
 
-def max_tokens_for(data: dict, role: Role) -> int:
-    """The client's max_tokens, capped by the role's."""
-    asked = data.get("max_tokens")
-    cap = role.sampling.max_tokens
-    return min(asked, cap) if isinstance(asked, int) and asked > 0 else cap
-
-
 def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[str, str], data: dict,
           arrived: float) -> Turn:
     messages = valid_messages(data)
@@ -70,8 +64,23 @@ def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[str, str], d
         deadline_s = math.nan
     if not (math.isfinite(deadline_s) and deadline_s > 0):
         raise ApiError(400, "x-deadline-s must be a positive number of seconds", "invalid_request_error")
-    return Turn(ident, role, session, messages, data, time.monotonic() + deadline_s, arrived,
-                max_tokens=max_tokens_for(data, role))
+    scope = ToolScope(role.name, tuple(role.client_tools))
+    screened = screen_request(data, role.sampling.max_tokens, scope)
+    turn = Turn(ident, role, session, messages, data, time.monotonic() + deadline_s, arrived,
+                screened.forward, scope, screened.max_tokens)
+    refuse_or_drop_tools(mux, turn, screened.denied_tools)
+    return turn
+
+
+def refuse_or_drop_tools(mux: Mux, turn: Turn, denied: list[str]) -> None:
+    if not denied:
+        return
+    if mux.config.client_tools_policy == "refuse":
+        audit_client_tools(mux, turn, "refused", denied)
+        reasons = "; ".join(turn.scope.denial(n) for n in denied)
+        raise ApiError(400, f"tools: {reasons}", "invalid_request_error")
+    audit_client_tools(mux, turn, "dropped", denied)
+    turn.dropped_tools = denied
 
 
 def prepare(mux: Mux, turn: Turn) -> None:

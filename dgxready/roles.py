@@ -3,7 +3,7 @@ multiplexer and by the benchmark's agents workload."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,6 +14,7 @@ from dgxready.settings import REPO_ROOT
 ROLES_DIR = REPO_ROOT / "agents" / "roles"
 ToolName = Literal["workspace.read", "workspace.write", "taskboard.append", "shell.run", "knowledge.query"]
 TOOLS: tuple[str, ...] = get_args(ToolName)
+ClientToolPattern = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:*?\[\]!-]{1,64}$")]
 ROLE_ORDER = ("product-manager", "architect-nusy", "architect-systems", "developer",
               "qa-specialist", "ux-researcher", "platform-engineer")
 
@@ -57,6 +58,9 @@ class Role(BaseModel):
     constraints: list[str] = Field(min_length=1)
     output_format: str
     tools: list[ToolName]
+    client_tools: list[ClientToolPattern] = Field(
+        default_factory=list, description="fnmatch patterns of the function tools a client may declare "
+                                          "and the model may call for this role (default: none)")
     sampling: Sampling = Sampling()
     scheduling: Scheduling = Scheduling()
     rate_limit: RateLimit = RateLimit()
