@@ -21,7 +21,8 @@ from provision.facts import (
 )
 from provision.steps.base import InstallPackages, apt_install, sha256_text, upload_file, upload_text
 
-BASE_PACKAGES = ("ca-certificates", "curl", "libgomp1", "python3-venv", "procps", "sudo")
+# bubblewrap: the multiplexer's shell.run sandbox.
+BASE_PACKAGES = ("ca-certificates", "curl", "libgomp1", "python3-venv", "procps", "sudo", "bubblewrap")
 SSL_PACKAGES = ("libssl3", "libssl3t64")
 SSHD_HARDENING = ("PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
                   "PermitRootLogin prohibit-password\nX11Forwarding no\n")
