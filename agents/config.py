@@ -57,8 +57,8 @@ class MuxConfig(BaseModel):
     session_max_turns: int = Field(100, ge=1, description="turns a session keeps; the oldest are pruned")
     session_max_bytes: int = Field(1 << 20, ge=1024, description="bytes of messages a session keeps "
                                                                  "(its newest turn always)")
-    retention_days: float = Field(30.0, gt=0, description="audit log, task board, idempotency records "
-                                                          "and sessions idle longer are pruned")
+    retention_days: float = Field(30.0, gt=0, description="audit rows, task-board items and sessions "
+                                                          "idle longer are pruned")
     health_interval_s: float = Field(2.0, gt=0)
     cooldown_s: float = Field(10.0, gt=0)
     rate_limits: bool = Field(True, description="enforce each role's requests_per_minute")

@@ -1,8 +1,8 @@
 """Durable state in one SQLite file (WAL, mode 600): sessions keyed by (agent, session) with one
 row per turn, the tool audit log, idempotency records, leases with fencing tokens, the workspace
 and the task board. Each turn commits in one transaction, so a crash between turns loses nothing.
-A session keeps its newest turns within a turn and byte bound; the audit log, the task board,
-idempotency records and idle sessions are pruned after a retention period."""
+A session keeps its newest turns within a turn and byte bound; the audit log, the task board
+and idle sessions are pruned after a retention period (idempotency records by agents.tools)."""
 from __future__ import annotations
 
 import json
@@ -65,7 +65,6 @@ class SessionState:
 class Pruned:
     audit: int
     taskboard: int
-    idempotency: int
     sessions: int
 
 
@@ -213,16 +212,14 @@ class StateStore:
         return self.prune_older_than(time.time() - self.limits.retention_days * DAY_S)
 
     def prune_older_than(self, cutoff: float) -> Pruned:
-        """Audit rows, task-board items and idempotency records written before `cutoff`, sessions
-        idle since before it."""
+        """Audit rows and task-board items written before `cutoff`, and sessions idle since."""
         with self.tx() as db:
             audit = db.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)).rowcount
             taskboard = db.execute("DELETE FROM taskboard WHERE ts < ?", (cutoff,)).rowcount
-            idempotency = db.execute("DELETE FROM idempotency WHERE ts < ?", (cutoff,)).rowcount
             db.execute("DELETE FROM session_turns WHERE (agent, session) IN "
                        "(SELECT agent, session FROM sessions WHERE updated < ?)", (cutoff,))
             sessions = db.execute("DELETE FROM sessions WHERE updated < ?", (cutoff,)).rowcount
-        return Pruned(audit, taskboard, idempotency, sessions)
+        return Pruned(audit, taskboard, sessions)
 
 
 class _Tx:

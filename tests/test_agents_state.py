@@ -173,7 +173,7 @@ def test_a_database_from_the_first_schema_opens_with_its_sessions_as_turns(tmp_p
     assert StateStore(path).session("dev", "s").turns == 4
 
 
-def test_old_audit_taskboard_idempotency_and_idle_sessions_are_pruned_at_open(tmp_path):
+def test_old_audit_rows_taskboard_items_and_idle_sessions_are_pruned_at_open(tmp_path):
     path = tmp_path / "s.db"
     store = StateStore(path)
     store.append_turn("dev", "idle", turn(0))
@@ -183,7 +183,6 @@ def test_old_audit_taskboard_idempotency_and_idle_sessions_are_pruned_at_open(tm
         db.execute("INSERT INTO audit(ts, agent, session, tool, outcome, detail) VALUES(?,?,?,?,?,?)",
                    (long_ago, "dev", None, "shell.run", "ok", "old"))
         db.execute("INSERT INTO taskboard(ts, agent, item) VALUES(?,?,?)", (long_ago, "dev", "old"))
-        db.execute("INSERT INTO idempotency(key, result, ts) VALUES(?,?,?)", ("k", "{}", long_ago))
         db.execute("UPDATE sessions SET updated=? WHERE session='idle'", (long_ago,))
     store.audit("dev", None, "shell.run", "ok", "new")
     store.close()
@@ -191,7 +190,6 @@ def test_old_audit_taskboard_idempotency_and_idle_sessions_are_pruned_at_open(tm
     assert [r[4] for r in reopened.audit_rows()] == ["new"]
     with reopened.tx() as db:
         assert db.execute("SELECT count(*) FROM taskboard").fetchone() == (0,)
-        assert db.execute("SELECT count(*) FROM idempotency").fetchone() == (0,)
         assert db.execute("SELECT count(*) FROM session_turns WHERE session='idle'").fetchone() == (0,)
     assert reopened.session("dev", "idle").turns == 0
     assert reopened.session("dev", "active").turns == 1
