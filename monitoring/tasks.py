@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 from invoke import Collection, task
 from rich.table import Table
 
@@ -12,6 +13,14 @@ from monitoring.prometheus.rule_tests import write_rule_files
 from monitoring.promtool import check_rules, test_rules
 from monitoring.settings import load_monitoring_settings
 from monitoring.stack import MonitoringStack, stack_status, start_stack, stop_stack
+
+
+def answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=2)
+    except httpx.HTTPError:
+        return False
+    return True
 
 
 def print_urls(stack: MonitoringStack) -> None:
@@ -26,8 +35,11 @@ def print_urls(stack: MonitoringStack) -> None:
 def up(c, config=None):
     """Start Prometheus, Alertmanager, node_exporter, the exporter and the alert webhook; print the URLs."""
     stack = start_stack(monitoring=load_monitoring_settings(Path(config) if config else None))
-    engines = ", ".join(e.url for e in stack.targets.engines) or "none recorded"
+    engines = ", ".join(e.url for e in stack.targets.engines) or "none recorded (start one with model.serve)"
     out.print(f"[green]monitoring up[/]: engines {engines}; multiplexer {stack.targets.mux_url or 'none'}")
+    if stack.targets.mux_url and not answers(f"{stack.targets.mux_url}/health"):
+        out.print(f"[yellow]the multiplexer at {stack.targets.mux_url} does not answer: its alerts will fire "
+                  "until it runs (or set mux_url: null in the monitoring YAML)")
     print_urls(stack)
 
 
