@@ -2,6 +2,7 @@
 from invoke import Collection, task
 
 from agents import tasks as agents_tasks
+from backup import tasks as backup_tasks
 from bench import tasks as bench_tasks
 from dgxready.cli import out, user_errors
 from model import tasks as model_tasks
@@ -23,4 +24,5 @@ ns.add_collection(bench_tasks.ns)
 ns.add_collection(agents_tasks.ns)
 ns.add_collection(provision_tasks.ns)
 ns.add_collection(monitoring_tasks.ns)
+ns.add_collection(backup_tasks.ns)
 ns.add_task(quickstart)

@@ -11,6 +11,9 @@ from dgxready.settings import REPO_ROOT
 
 LAYERS = ("dgxready", "model", "bench", "agents", "provision", "repro", "monitoring")
 RANK = {"dgxready": 0, "model": 1, "bench": 2, "agents": 3, "provision": 4, "repro": 5, "monitoring": 5}
+# backup stands on agents (its drill runs a multiplexer) and under provision (whose backup step sets it up).
+LAYERS += ("backup",)
+RANK["backup"] = RANK["agents"] + 0.5
 
 
 @dataclass(frozen=True)
