@@ -1,7 +1,8 @@
 """What the multiplexer lets a client ask for: length caps, one choice, no cache_salt of its own,
 a bounded share of the queue, the client-declared tools its role allows (in the request and in the
 model's answer), and metrics whose labels no client can multiply. The backends are the recording
-instant backend and a fake one that answers with tool calls; no model is needed."""
+instant backend and a fake one that answers with tool calls; one test checks the length cap
+against a real llama-server, which prefers its own n_predict to max_tokens."""
 import asyncio
 import json
 import re
@@ -21,6 +22,7 @@ from agents.scheduler import AgentQueueFull, FairScheduler, QueueFull
 from agents.state import StateStore
 from dgxready.roles import load_roles
 from tests.agents_helpers import start_mux
+from tests.conftest import module_server
 from tests.test_agents_forwarding import RecordingBackend, post
 
 SEARCH = {"type": "function", "function": {"name": "search_web", "parameters": {"type": "object"}}}
@@ -54,6 +56,27 @@ def test_every_length_field_is_capped_by_the_role_and_only_max_tokens_reaches_th
     assert first["max_tokens"] == cap and first["min_tokens"] == cap
     assert "max_completion_tokens" not in first and "n_predict" not in first
     assert second["max_tokens"] == 7  # the shortest length asked under any name
+
+
+@pytest.mark.server
+def test_a_real_llama_server_asked_for_more_under_its_own_name_stops_at_the_roles_cap(
+        tmp_path, tmp_path_factory, session_store, llama_build, monkeypatch):
+    roles = load_roles()
+    qa = roles["qa-specialist"]
+    short = qa.sampling.model_copy(update={"max_tokens": 16})
+    roles["qa-specialist"] = qa.model_copy(update={"sampling": short})
+    monkeypatch.setattr(agents.service, "load_roles", lambda: roles)
+    with module_server(tmp_path_factory, session_store, parallel=1, ctx=1024) as llama:
+        mux = start_mux(tmp_path, [("llama", llama.base_url, 1)], rate_limits=False)
+        try:
+            r = httpx.post(f"{mux.url}/v1/chat/completions", timeout=300,
+                           headers={"Authorization": f"Bearer {mux.key('qa-specialist')}"},
+                           json={"messages": [{"role": "system", "content": "Count."},
+                                              {"role": "user", "content": "1 2 3"}],
+                                 "n_predict": 64, "max_completion_tokens": 64, "ignore_eos": True})
+        finally:
+            mux.mux.stop()
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
 
 
 def test_several_choices_and_lengths_that_are_not_positive_integers_are_refused_naming_the_field(tmp_path):
