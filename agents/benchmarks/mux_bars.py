@@ -201,12 +201,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", "--part", dest="only", choices=(*PARTS, "all"), default="all",
                         help="measure only this part (default: all)")
     parser.add_argument("--round-s", type=float, default=6.0, help="length of each overhead round, seconds")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=int, default=4,
                         help="overhead rounds per side and stream count; the order of the sides alternates")
     parser.add_argument("--streams", default="1,16,64", help="overhead stream counts, comma-separated")
     parser.add_argument("--turns", type=int, default=1000,
                         help="session length whose turn cost is compared with the 10th turn's")
-    parser.add_argument("--turn-sessions", type=int, default=3, help="fresh sessions driven for the turn cost")
+    parser.add_argument("--turn-sessions", type=int, default=5, help="fresh sessions driven for the turn cost")
     parser.add_argument("--no-litellm", action="store_true",
                         help="leave LiteLLM's proxy out (else installed once under the cache, pinned)")
     parser.add_argument("--serving-requests", type=int, default=30, help="requests per serving run")

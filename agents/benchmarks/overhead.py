@@ -46,16 +46,19 @@ SIDE_NAMES = {DIRECT: "direct", BARE: "bare pass-through", MUX: "multiplexer, no
 MIN_CORES_FOR_LATENCY = 6
 WORKLOAD = SyntheticWorkload(input_words=(4, 8), output_tokens=(3, 3), system_prompt="Be brief.")
 LITELLM_START_S = 300.0
+# Where the turn-cost curve is sampled besides the two compared windows (context for the bar: a
+# session's kept turns are bounded, so pruning starts at session_max_turns).
+CURVE_TURNS = (10, 50, 100, 150, 200, 500)
 
 
 @dataclass(frozen=True)
 class Settings:
     streams: tuple[int, ...] = (1, 16, 64)
     round_s: float = 6.0
-    rounds: int = 2
+    rounds: int = 4
     warmup_s: float = 1.0
     turns: int = 1000
-    turn_sessions: int = 3
+    turn_sessions: int = 5
     turn_window: int = 5
     litellm: bool = True
 
@@ -130,6 +133,7 @@ class TurnCost:
     late_median_us: float
     early_mean_us: float
     late_mean_us: float
+    curve: tuple[tuple[int, float], ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -199,7 +203,7 @@ def start_litellm_side(tmp: Path, backend_url: str) -> tuple[subprocess.Popen, T
     master_key = f"sk-bench-{secrets.token_hex(16)}"
     proc = start_litellm(inst, backend_url, tmp, port, master_key)
     url = f"http://127.0.0.1:{port}"
-    print(f"starting LiteLLM {inst.version} (one worker); its first start compiles its modules", flush=True)
+    print(f"starting LiteLLM {inst.version} (one worker; its start takes over a minute on 2 cores)", flush=True)
     wait_http(f"{url}/health/liveliness", LITELLM_START_S, "LiteLLM")
     return proc, Target(LITELLM, url, master_key)
 
@@ -298,9 +302,18 @@ def turn_cost(sides: Sides, settings: Settings) -> TurnCost:
         per_turn.append(asyncio.run(session_turns(target, WORKLOAD, late[1], session, lambda: run_ns(pid),
                                                   progress)))
     costs = np.array(per_turn, dtype=float) / 1e3
-    e, lt = costs[:, early[0] - 1:early[1]].ravel(), costs[:, late[0] - 1:late[1]].ravel()
+    e, lt = window(costs, early), window(costs, late)
+    points = [t for t in CURVE_TURNS if t < settings.turns]
+    curve = tuple((t, float(np.median(window(costs, (t - w, t + w))))) for t in points)
+    curve += ((settings.turns, float(np.median(lt))),)
+    print("  median CPU per turn around turn " + ", ".join(f"{t}: {us:.0f} µs" for t, us in curve), flush=True)
     return TurnCost(settings.turn_sessions, late[1], early, late, float(np.median(e)), float(np.median(lt)),
-                    float(e.mean()), float(lt.mean()))
+                    float(e.mean()), float(lt.mean()), curve)
+
+
+def window(costs: np.ndarray, turns: tuple[int, int]) -> np.ndarray:
+    """Per-turn costs of turns first..last (1-based, inclusive), over all sessions."""
+    return costs[:, turns[0] - 1:turns[1]].ravel()
 
 
 def row_of(rows: list[Row], side: str, streams: int) -> Row | None:
