@@ -342,3 +342,31 @@ class MultiplexerChat(Fact[ChatReply]):
 
     def process(self, code: int, stdout: str) -> ChatReply:
         return ChatReply(code == 0 and bool(stdout.strip()), stdout.strip()[-300:])
+
+
+@dataclass(frozen=True)
+class UnitState:
+    enabled: bool
+    active: bool
+
+
+@dataclass(frozen=True)
+class SystemdUnits(Fact[dict[str, UnitState]]):
+    """Whether each named systemd unit is enabled and active; a unit systemd does not know is
+    neither. Read only where PID 1 is systemd."""
+    units: tuple[str, ...]
+
+    def command(self) -> str:
+        return (f"for u in {q(*self.units)}; do printf '%s|%s|%s\\n' \"$u\" "
+                "\"$(systemctl is-enabled \"$u\" 2>/dev/null || true)\" "
+                "\"$(systemctl is-active \"$u\" 2>/dev/null || true)\"; done")
+
+    def process(self, code: int, stdout: str) -> dict[str, UnitState]:
+        found = {u: UnitState(False, False) for u in self.units}
+        for line in _lines(stdout):
+            unit, _, rest = line.partition("|")
+            enabled, _, active = rest.partition("|")
+            if unit in found:
+                found[unit] = UnitState(enabled.strip() in ("enabled", "enabled-runtime"),
+                                        active.strip() == "active")
+        return found

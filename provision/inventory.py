@@ -76,6 +76,41 @@ class StorageVars(BaseModel):
         return self
 
 
+MONITORING_PORTS = ("prometheus_port", "alertmanager_port", "node_exporter_port", "exporter_port",
+                    "webhook_port", "dcgm_port")
+
+
+class MonitoringVars(BaseModel):
+    """The monitoring step: Prometheus, Alertmanager, node_exporter, the dgxready exporter and the alert
+    webhook as services on the host, bound to `bind`; Grafana, Loki and Alloy from Grafana's apt
+    repository when `grafana` is on."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool | None = Field(None, description="install the monitoring stack (default: on for the "
+                                                   "NVIDIA profiles, off for cpu-only)")
+    bind: str = Field("127.0.0.1", pattern=r"^[A-Za-z0-9.:_-]{1,253}$",
+                      description="address the monitoring services listen on")
+    prometheus_port: int = Field(9090, ge=1, le=65535)
+    alertmanager_port: int = Field(9093, ge=1, le=65535)
+    node_exporter_port: int = Field(9100, ge=1, le=65535)
+    exporter_port: int = Field(9401, ge=1, le=65535,
+                               description="the dgxready exporter (dcgm-exporter keeps 9400)")
+    webhook_port: int = Field(9095, ge=1, le=65535, description="the alert webhook Alertmanager posts to")
+    dcgm_port: int = Field(9400, ge=1, le=65535,
+                           description="dcgm-exporter on 127.0.0.1, scraped on NVIDIA hosts where it answers")
+    grafana: bool = Field(False, description="Grafana, Loki and Alloy from Grafana's apt repository "
+                                             "(needs systemd and the network to apt.grafana.com)")
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> MonitoringVars:
+        seen: dict[int, str] = {}
+        for name in MONITORING_PORTS:
+            port = getattr(self, name)
+            if port in seen:
+                raise ValueError(f"{name} {port} is also {seen[port]}")
+            seen[port] = name
+        return self
+
+
 class HostVars(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     profile: Profile = "cpu-only"
@@ -101,6 +136,7 @@ class HostVars(BaseModel):
         "auto", description="ship the controller's build (same arch), or build on the host")
     service_user: str = Field("dgxready", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
     storage: StorageVars = StorageVars()
+    monitoring: MonitoringVars = MonitoringVars()
 
     @field_validator("prefix")
     @classmethod

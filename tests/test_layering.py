@@ -1,6 +1,7 @@
-"""The repository's own packages form layers, dgxready < model < bench < agents < provision, with the
-entry points (repro, monitoring) on top: no module imports one of a higher layer, and no import
-loop joins modules. Imports under TYPE_CHECKING and inside functions count like any other."""
+"""The repository's own packages form layers, dgxready < model < bench < agents < monitoring < provision
+(whose monitoring step installs what monitoring/ generates), with the entry point repro on top: no
+module imports one of a higher layer, and no import loop joins modules. Imports under TYPE_CHECKING
+and inside functions count like any other."""
 from __future__ import annotations
 
 import ast
@@ -10,7 +11,7 @@ from pathlib import Path
 from dgxready.settings import REPO_ROOT
 
 LAYERS = ("dgxready", "model", "bench", "agents", "provision", "repro", "monitoring")
-RANK = {"dgxready": 0, "model": 1, "bench": 2, "agents": 3, "provision": 4, "repro": 5, "monitoring": 5}
+RANK = {"dgxready": 0, "model": 1, "bench": 2, "agents": 3, "monitoring": 4, "provision": 5, "repro": 5}
 # backup stands on agents (its drill runs a multiplexer) and under provision (whose backup step sets it up).
 LAYERS += ("backup",)
 RANK["backup"] = RANK["agents"] + 0.5

@@ -2,9 +2,11 @@
 artifacts."""
 from __future__ import annotations
 
+from monitoring.settings import load_monitoring_settings
 from provision.core import Step
 from provision.steps.engine import LlamaBuild, LlamaCpp, VllmImage
 from provision.steps.modelfiles import ModelFiles, ModelStep
+from provision.steps.monitoring import MonitoringStep
 from provision.steps.services import EngineService, MultiplexerService
 from provision.steps.storage import Storage
 from provision.steps.system import AppBundle, BasePackages, Docker, NvidiaDriver, PythonEnv, UserAndSsh
@@ -17,7 +19,8 @@ def all_steps(llama: LlamaBuild, formats: dict[str, ModelFiles], app: AppBundle,
     return [BasePackages(), UserAndSsh(), NvidiaDriver(), Docker(), PythonEnv(pins, app), storage_step(formats),
             llama_cpp, VllmImage(vllm_image), ModelStep(formats),
             EngineService(formats, vllm_image, llama_cpp.digests["llama-server"]),
-            MultiplexerService(formats, app.sha256), Validate()]
+            MultiplexerService(formats, app.sha256), Validate(),
+            MonitoringStep(formats, app.sha256, load_monitoring_settings())]
 
 
 def storage_step(formats: dict[str, ModelFiles]) -> Storage:
