@@ -15,6 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator  # noqa: E402
 
 from bench.labels import workload_label  # noqa: E402
+from bench.prediction import Prediction  # noqa: E402
 from bench.serving import CapacityResult, LevelResult  # noqa: E402
 
 RIGHT_AXIS_COLOUR = "dimgrey"
@@ -168,4 +169,32 @@ def capacity_search_plot(result: CapacityResult, run: RunLabel) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _titled(fig, "Capacity search: double, then bisect", run.subtitle(result.workload))
+    return fig
+
+
+def prediction_plot(pred: Prediction, created_at: str) -> Figure:
+    """The predicted P95 E2EL and output tok/s per concurrency, the SLO line, and the measured
+    levels the model was checked against, when there are any."""
+    fig, (lat, tps) = plt.subplots(1, 2, figsize=(11, 4.8))
+    xs = [lv.concurrency for lv in pred.levels]
+    lat.plot(xs, [lv.e2el_p95_s for lv in pred.levels], marker="o", label="predicted P95 E2EL")
+    lat.plot(xs, [lv.ttft_p95_s for lv in pred.levels], marker="x", ls="--", label="predicted P95 TTFT")
+    lat.axhline(pred.slo_p95_e2el_s, color="red", ls=":", label=f"SLO: P95 E2EL {pred.slo_p95_e2el_s:g} s")
+    tps.plot(xs, [lv.output_tokens_per_s for lv in pred.levels], marker="o", label="predicted output tok/s")
+    if pred.checks:
+        cx = [c.concurrency for c in pred.checks]
+        lat.scatter(cx, [c.measured_e2el_p95_s for c in pred.checks], color="black", zorder=3,
+                    label="measured P95 E2EL")
+        tps.scatter(cx, [c.measured_output_tokens_per_s for c in pred.checks], color="black", zorder=3,
+                    label="measured output tok/s")
+    lat.axvline(pred.target_agents, color="grey", ls="--", lw=0.8, label=f"target: {pred.target_agents} agents")
+    for ax, ylabel in ((lat, "seconds"), (tps, "output tokens/s, all agents")):
+        _concurrency_axis(ax, xs, "concurrent agents")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    subtitle = (f"{pred.profile} ({pred.engine}) · {pred.model.name}, KV {pred.kv_dtype} · "
+                f"{pred.workload.name} workload, outputs up to {pred.workload.output_p95:.0f} tokens · "
+                f"{created_at}")
+    _titled(fig, f"Predicted: capacity {pred.capacity} agents within P95 {pred.slo_p95_e2el_s:g} s", subtitle)
     return fig

@@ -17,6 +17,7 @@ from bench.labels import workload_label
 from bench.loadgen import Endpoint, probe
 from bench.metrics import Slo
 from bench.net import loopback, measure
+from bench.prediction import Prediction, write_prediction
 from bench.report import Baseline, Hardware, Micro, Serving, ServingLevel, now_stamp, write_baseline
 from bench.roofline import Roofline, roofline
 from bench.serving import CapacityResult, LevelResult, capacity_search, requests_for, run_level
@@ -181,6 +182,17 @@ def write_plots(run_dir: Path, serving: Serving, levels: list[LevelResult], cap:
         figures["capacity_search"] = plots.capacity_search_plot(cap, run)
     paths = [plots.save(fig, run_dir / f"{name}.png") for name, fig in figures.items()]
     return [str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p) for p in paths]
+
+
+def write_prediction_files(pred: Prediction, out_dir: Path | None) -> list[Path]:
+    """The prediction's JSON and its plot, named after the profile, model and time."""
+    created = now_stamp()
+    folder = out_dir or BASELINES / "predictions"
+    stem = safe_name(f"{pred.profile}-{pred.model.name}-{pred.workload.name}-"
+                     + created.replace(":", "").replace("-", ""))
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write_prediction(pred, folder / f"{stem}.json"),
+            plots.save(plots.prediction_plot(pred, created), folder / f"{stem}.png")]
 
 
 @dataclass(frozen=True)

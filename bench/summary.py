@@ -6,6 +6,7 @@ from rich.console import Console
 
 from bench.labels import agents_meet, workload_label
 from bench.metrics import ServingMetrics
+from bench.prediction import CHECK_BAR, Prediction
 from bench.report import Baseline, Hardware, Micro, Serving
 from bench.roofline import Roofline
 from bench.serving import CapacityLevel, CapacityResult, LevelResult
@@ -117,3 +118,49 @@ def print_summary(b: Baseline, out: Console, verdict: SloVerdict | None = None) 
         print_roofline(b.roofline, out)
     if verdict:
         print_verdict(verdict, out)
+
+
+def prediction_headline(p: Prediction) -> str:
+    where = f"{p.profile} ({p.engine}), {p.model.name}, {p.workload.name} workload"
+    if p.capacity == 0:
+        agents = "not even one agent meets"
+    else:
+        agents = f"{p.capacity} concurrent agent{'s' if p.capacity != 1 else ''} meet"
+    verdict = "met" if p.meets_target else "not met"
+    return (f"predicted on {where}: {agents} P95 E2EL <= {p.slo_p95_e2el_s:g} s; the {p.target_agents}-agent "
+            f"SLO is {verdict}; {p.target_agents} agents can have outputs up to {p.longest_output_tokens} "
+            f"tokens (the workload asks up to {p.workload.output_p95:.0f})")
+
+
+def print_prediction(p: Prediction, out: Console) -> None:
+    t = new_table(out, f"predicted per concurrency: {p.profile} ({p.engine}), {p.model.name}, KV {p.kv_dtype}")
+    for col in ("agents", "P95 E2EL s", "P95 TTFT s", "decode step ms", "bound", "output tok/s"):
+        t.add_column(col, justify="right")
+    for lv in p.levels:
+        t.add_row(str(lv.concurrency), f"{lv.e2el_p95_s:.2f}", f"{lv.ttft_p95_s:.2f}", f"{lv.step_s * 1e3:.1f}",
+                  lv.bound, f"{lv.output_tokens_per_s:.1f}")
+    out.print(t)
+    levers = new_table(out, f"levers for {p.target_agents} agents, ranked by predicted effect")
+    for col in ("lever", "what", "capacity", f"P95 E2EL at {p.target_agents}", "meets"):
+        levers.add_column(col, justify="left" if col in ("lever", "what") else "right")
+    for e in p.levers:
+        levers.add_row(e.name, e.description, str(e.capacity), f"{e.p95_e2el_at_target_s:.2f} s",
+                       "yes" if e.meets_target else "no")
+    out.print(levers)
+    if p.checks:
+        print_checks(p, out)
+    colour = "green" if p.meets_target else "red"
+    out.print(f"[bold {colour}]{prediction_headline(p)}[/]")
+
+
+def print_checks(p: Prediction, out: Console) -> None:
+    t = new_table(out, f"the model against levels it was not calibrated on (bar: within {CHECK_BAR:.0%})")
+    for col in ("agents", "workload", "P95 E2EL predicted", "measured", "error", "tok/s predicted", "measured",
+                "error", "within bar"):
+        t.add_column(col, justify="right")
+    for c in p.checks:
+        t.add_row(str(c.concurrency), c.workload, f"{c.predicted_e2el_p95_s:.2f}",
+                  f"{c.measured_e2el_p95_s:.2f}", f"{c.e2el_error:+.0%}",
+                  f"{c.predicted_output_tokens_per_s:.1f}", f"{c.measured_output_tokens_per_s:.1f}",
+                  f"{c.tokens_error:+.0%}", "yes" if c.within_bar else "no")
+    out.print(t)

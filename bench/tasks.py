@@ -14,15 +14,19 @@ from bench.compare import compare as compare_runs
 from bench.environment import capture_environment
 from bench.loadgen import Endpoint
 from bench.metrics import Slo
+from bench.predict import load_profiles
+from bench.prediction import PredictRequest, predict_from
 from bench.remote import RemoteRun, run_remote
 from bench.report import Baseline, Serving, ServingLevel, load_baseline, now_stamp, write_baseline
 from bench.serving import run_rate
-from bench.summary import print_summary, print_verdict
+from bench.summary import print_prediction, print_summary, print_verdict
 from bench.verdict import judge_target
 from bench.workloads import make_workload
 from dgxready.cli import out, user_errors
 from dgxready.progress import new_table
+from dgxready.roles import load_roles
 from dgxready.settings import load_settings
+from model.catalog import load_catalog
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -251,7 +255,34 @@ def accuracy(c, only=None):
         raise Exit(f"out of bounds or not runnable: {', '.join(failed)}", code=1)
 
 
+@task(help={
+    "profile": "hardware: dgx-spark, h100, h200 (bench/profiles.yaml) or measured (from --baseline)",
+    "model": "catalog model", "format": "its format (decides the engine unless --engine)",
+    "kv_dtype": "KV cache dtype: f16, bf16, fp8, q8_0 or q4_0",
+    "engine": "llamacpp or vllm (default: the format's engine; measured: the baseline's)",
+    "agents": "target number of concurrent agents", "workload": "agents (the role files) or synthetic",
+    "max_tokens": "cap on output tokens per request (the roles' own max_tokens apply below it)",
+    "slo_p95_e2e": "SLO: P95 end-to-end latency in seconds",
+    "think_s": "seconds an agent thinks between its answer and its next request",
+    "baseline": "a bench.all JSON: calibrates --profile measured, and its levels check the model",
+    "output_dir": "write the JSON and the plot here (default bench/baselines/predictions/)",
+})
+@user_errors
+def predict(c, profile="dgx-spark", model="mistral-7b-instruct-v0.3", format="fp8", kv_dtype="f16",
+            engine=None, agents=10, workload="agents", max_tokens=4096, slo_p95_e2e=6.0, think_s=0.0,
+            baseline=None, output_dir=None):
+    """Predict P95 latency, throughput and SLO capacity per concurrency from physics, with the levers."""
+    req = PredictRequest(profile, model, format, kv_dtype, workload, int(max_tokens), int(agents),
+                         float(slo_p95_e2e), engine, float(think_s))
+    measured = load_baseline(Path(baseline)) if baseline else None
+    pred = predict_from(req, load_catalog(), load_profiles(), list(load_roles().values()), measured,
+                        str(baseline or ""))
+    print_prediction(pred, out)
+    for path in runner.write_prediction_files(pred, Path(output_dir) if output_dir else None):
+        out.print(f"wrote {path}")
+
+
 ns = Collection("bench")
-for t in (hw, micro, serve, capacity, compare, validate, accuracy):
+for t in (hw, micro, serve, capacity, compare, validate, accuracy, predict):
     ns.add_task(t)
 ns.add_task(all_, name="all")

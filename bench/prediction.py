@@ -1,0 +1,222 @@
+"""bench.predict's document: the predicted curve, capacity, output-length limit and levers for a
+profile, model and workload, and (for `measured`) how the prediction fared against the levels it
+was not calibrated on. Validated on write against bench/schema/prediction-v1.schema.json, which
+is generated from these models."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from jsonschema import Draft202012Validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from bench.predict import (
+    EngineParams,
+    HardwareProfile,
+    LevelPrediction,
+    LeverEffect,
+    ModelShape,
+    Scenario,
+    WorkloadShape,
+    calibrate,
+    capacity,
+    longest_output,
+    model_shape,
+    predict_curve,
+    predict_level,
+    ranked_levers,
+    scaled_to_measured,
+    workload_shape,
+)
+from bench.report import Baseline
+from bench.serving import LevelResult
+from dgxready.errors import DgxReadyError
+from dgxready.files import atomic_write_text
+from dgxready.roles import Role
+from model.catalog import Catalog
+
+SCHEMA_ID = "dgxready-bench-prediction/1"
+SCHEMA_PATH = Path(__file__).with_name("schema") / "prediction-v1.schema.json"
+CHECK_BAR = 0.20
+CALIBRATION_LEVELS = (1, 2)
+
+
+@dataclass(frozen=True)
+class LevelCheck:
+    """A predicted level against the same level measured, as relative errors."""
+    concurrency: int
+    workload: str
+    predicted_e2el_p95_s: float
+    measured_e2el_p95_s: float
+    predicted_output_tokens_per_s: float
+    measured_output_tokens_per_s: float
+    e2el_error: float
+    tokens_error: float
+
+    @classmethod
+    def of(cls, concurrency: int, workload: str, predicted: LevelPrediction, e2el_p95_s: float,
+           tokens_per_s: float) -> LevelCheck:
+        return cls(concurrency, workload, predicted.e2el_p95_s, e2el_p95_s, predicted.output_tokens_per_s,
+                   tokens_per_s, predicted.e2el_p95_s / e2el_p95_s - 1,
+                   predicted.output_tokens_per_s / tokens_per_s - 1)
+
+    @property
+    def within_bar(self) -> bool:
+        return abs(self.e2el_error) <= CHECK_BAR and abs(self.tokens_error) <= CHECK_BAR
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    schema_id: str = Field(SCHEMA_ID, alias="schema")
+    profile: str
+    profile_source: str
+    engine: str
+    bandwidth_gbps: float
+    parameters: EngineParams
+    model: ModelShape
+    kv_dtype: str
+    workload: WorkloadShape
+    slo_p95_e2el_s: float
+    target_agents: int
+    levels: list[LevelPrediction]
+    capacity: int = Field(ge=0, description="largest number of agents whose predicted P95 E2EL meets the SLO")
+    longest_output_tokens: int = Field(ge=0, description="longest output the target agents can have "
+                                                         "under the SLO")
+    levers: list[LeverEffect]
+    checks: list[LevelCheck] = Field(default_factory=list, description="measured levels the calibration "
+                                                                       "did not use, against the model")
+
+    @property
+    def meets_target(self) -> bool:
+        return self.capacity >= self.target_agents
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    profile: str
+    model: str
+    fmt: str
+    kv_dtype: str
+    workload: str
+    max_tokens: int
+    agents: int
+    slo_s: float
+    engine: str | None = None
+    think_s: float = 0.0
+    levels: tuple[int, ...] = (1, 2, 4, 8, 10, 16, 20, 32)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where a prediction's constants come from."""
+    profile_source: str
+    engine: str
+    bandwidth_gbps: float
+    params: EngineParams
+    unified: bool
+
+
+def profile_setting(profile: HardwareProfile, engine: str) -> Setting:
+    if engine not in profile.engines:
+        raise DgxReadyError(f"profile has no parameters for engine {engine!r}; it has "
+                            + ", ".join(profile.engines))
+    return Setting(profile.source, engine, profile.bandwidth_gbps, profile.engines[engine],
+                   profile.unified_memory)
+
+
+def serving_level(baseline: Baseline, c: int) -> LevelResult | None:
+    for lv in baseline.serving.levels if baseline.serving else []:
+        if lv.concurrency == c:
+            return LevelResult(c, None, lv.num_requests, lv.warmup_requests, lv.metrics, lv.e2el_samples,
+                               lv.ttft_samples, [], lv.tpot_samples or [])
+    return None
+
+
+def measured_setting(baseline: Baseline, model: ModelShape, roles: list[Role], source: str) -> Setting:
+    """Calibrated on concurrency 1 and 2 of the baseline's sweep; STREAM gives the bandwidth."""
+    one, two = (serving_level(baseline, c) for c in CALIBRATION_LEVELS)
+    if not (one and two and baseline.serving):
+        raise DgxReadyError(f"{source}: --profile measured needs a sweep with concurrency 1 and 2")
+    if not baseline.micro.stream:
+        raise DgxReadyError(f"{source}: --profile measured needs the STREAM figures (a bench.all run "
+                            "without --skip-micro)")
+    bandwidth = baseline.micro.stream.best_op[1]
+    sweep = sweep_shape(baseline, roles, one)
+    params = calibrate(one, two, model, sweep, bandwidth, f"calibrated on concurrency 1 and 2 of {source} "
+                                                          f"({baseline.host}, {baseline.created_at})")
+    return Setting(f"measured on {baseline.host}: STREAM {bandwidth:.1f} GB/s", baseline.serving.backend
+                   or "llamacpp", bandwidth, params, False)
+
+
+def sweep_shape(baseline: Baseline, roles: list[Role], level: LevelResult) -> WorkloadShape:
+    workload = baseline.serving.workload
+    max_tokens = int(workload.get("max_tokens") or max(workload.get("output_tokens", [128])))
+    return scaled_to_measured(workload_shape(workload["name"], max_tokens, roles), level)
+
+
+def checks_against(baseline: Baseline, setting: Setting, model: ModelShape, roles: list[Role]
+                   ) -> list[LevelCheck]:
+    """Every sweep level beyond the calibration's, predicted with the sweep's own workload."""
+    one = serving_level(baseline, CALIBRATION_LEVELS[0])
+    if not (baseline.serving and one):
+        return []
+    shape = sweep_shape(baseline, roles, one)
+    sc = Scenario(setting.bandwidth_gbps, setting.params, model, shape)
+    out = []
+    for lv in baseline.serving.levels:
+        m = lv.metrics
+        if lv.concurrency in CALIBRATION_LEVELS or lv.concurrency is None or not m.e2el:
+            continue
+        out.append(LevelCheck.of(lv.concurrency, shape.name, predict_level(sc, lv.concurrency), m.e2el.p95,
+                                 m.output_throughput))
+    return out
+
+
+def predict(req: PredictRequest, setting: Setting, model: ModelShape, roles: list[Role],
+            checks: list[LevelCheck] | None = None) -> Prediction:
+    shape = workload_shape(req.workload, req.max_tokens, roles, req.think_s)
+    sc = Scenario(setting.bandwidth_gbps, setting.params, model, shape)
+    return Prediction(
+        profile=req.profile, profile_source=setting.profile_source, engine=setting.engine,
+        bandwidth_gbps=setting.bandwidth_gbps, parameters=setting.params, model=model, kv_dtype=req.kv_dtype,
+        workload=shape, slo_p95_e2el_s=req.slo_s, target_agents=req.agents,
+        levels=predict_curve(sc, sorted(set(req.levels) | {req.agents})),
+        capacity=capacity(sc, req.slo_s), longest_output_tokens=longest_output(sc, req.agents, req.slo_s),
+        levers=ranked_levers(sc, req.agents, req.slo_s, setting.unified), checks=checks or [])
+
+
+def predict_from(req: PredictRequest, catalog: Catalog, profiles: dict[str, HardwareProfile],
+                 roles: list[Role], baseline: Baseline | None = None, source: str = "") -> Prediction:
+    model = model_shape(catalog, req.model, req.fmt, req.kv_dtype)
+    if req.profile == "measured":
+        if baseline is None:
+            raise DgxReadyError("--profile measured needs --baseline FILE (a bench.all result)")
+        setting = measured_setting(baseline, model, roles, source)
+        return predict(req, setting, model, roles, checks_against(baseline, setting, model, roles))
+    if req.profile not in profiles:
+        raise DgxReadyError(f"--profile {req.profile!r}: choose measured or one of " + ", ".join(profiles))
+    engine = req.engine or catalog.format(req.model, req.fmt).engine
+    return predict(req, profile_setting(profiles[req.profile], engine), model, roles)
+
+
+def generated_schema() -> dict:
+    schema = Prediction.model_json_schema(by_alias=True)
+    schema["$id"] = SCHEMA_ID
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def write_prediction(pred: Prediction, path: Path) -> Path:
+    doc = json.loads(pred.model_dump_json(by_alias=True))
+    errors = list(Draft202012Validator(json.loads(SCHEMA_PATH.read_text())).iter_errors(doc))
+    if errors:
+        raise DgxReadyError("prediction does not match its schema:\n"
+                            + "\n".join(f"{e.json_path}: {e.message[:200]}" for e in errors[:20]))
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    SCHEMA_PATH.write_text(json.dumps(generated_schema(), indent=2, sort_keys=True) + "\n")
+    print(f"wrote {SCHEMA_PATH}")

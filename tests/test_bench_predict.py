@@ -1,0 +1,155 @@
+"""bench.predict: the published DGX Spark figures reproduced by one set of parameters per engine,
+the answer to the 10-agent question, calibration, the document and bad input."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from bench import runner
+from bench.metrics import RequestRecord
+from bench.predict import (
+    ModelShape,
+    Scenario,
+    WorkloadShape,
+    calibrate,
+    decode_step,
+    load_profiles,
+    predict_level,
+    prefill,
+)
+from bench.prediction import (
+    SCHEMA_PATH,
+    PredictRequest,
+    generated_schema,
+    predict_from,
+    serving_level,
+    write_prediction,
+)
+from bench.serving import level_from
+from dgxready.errors import DgxReadyError
+from dgxready.roles import load_roles
+from model.catalog import load_catalog
+
+PUBLISHED = yaml.safe_load((Path(__file__).parent / "fixtures" / "predict" / "published.yaml").read_text())
+PROFILES = load_profiles()
+CATALOG = load_catalog()
+ROLES = list(load_roles().values())
+
+
+def published_scenario(entry) -> Scenario:
+    m = entry["model"]
+    model = ModelShape(m["name"], float(m["params"]), float(m["weight_bytes"]),
+                       2 * m["layers"] * m["kv_heads"] * m["head_dim"], m["kv_dtype_bytes"])
+    ctx, out = entry["context_tokens"], entry["output_tokens"]
+    workload = WorkloadShape("published", ctx, ctx, 0, 0, out, out)
+    profile = PROFILES[entry["profile"]]
+    return Scenario(profile.bandwidth_gbps, profile.engines[entry["engine"]], model, workload)
+
+
+@pytest.mark.parametrize("entry", PUBLISHED, ids=[e["engine"] for e in PUBLISHED])
+def test_each_published_decode_rate_is_predicted_within_15_percent_by_one_parameter_set(entry):
+    sc = published_scenario(entry)
+    for batch, published in entry["decode_tokens_per_s"].items():
+        step, _bound = decode_step(sc, batch)
+        assert batch / step == pytest.approx(published, rel=0.15), f"batch {batch}"
+    prompt = entry["context_tokens"]
+    assert prompt / prefill(sc, prompt) == pytest.approx(entry["prefill_tokens_per_s"], rel=0.15)
+
+
+def spark_prediction(**changes):
+    req = PredictRequest("dgx-spark", "mistral-7b-instruct-v0.3", "fp8", "f16", "agents", 4096, 10, 6.0)
+    return predict_from(replace(req, **changes), CATALOG, PROFILES, ROLES)
+
+
+def test_the_spark_answer_says_how_long_ten_agents_outputs_may_be_and_which_levers_meet_the_slo():
+    pred = spark_prediction()
+    assert pred.engine == "vllm" and not pred.meets_target
+    # The physics in shared/reference/benchmarks.md: about 135 tokens at FP8 with eta 0.85; the
+    # LMSYS-fitted eta of 0.64 allows fewer.
+    assert 60 <= pred.longest_output_tokens <= 160
+    shorter = next(e for e in pred.levers if e.name == "shorter role outputs")
+    assert shorter.meets_target and shorter.capacity >= 10
+    assert pred.levers[0].meets_target and pred.levers[-1].name == "fewer agents"
+    assert all(a.e2el_p95_s <= b.e2el_p95_s for a, b in zip(pred.levels, pred.levels[1:], strict=False))
+
+
+def test_lighter_weights_faster_memory_and_shorter_outputs_never_predict_a_worse_capacity():
+    base = spark_prediction(max_tokens=96)
+    assert spark_prediction(max_tokens=96, fmt="gguf-q4_k_m", engine="vllm").capacity >= base.capacity
+    assert spark_prediction(max_tokens=96, profile="h200").capacity >= spark_prediction(
+        max_tokens=96, profile="h100").capacity
+    assert spark_prediction(max_tokens=48).capacity >= base.capacity
+    assert spark_prediction(max_tokens=96, kv_dtype="fp8").capacity >= base.capacity
+
+
+def simulated_level(sc: Scenario, c: int, rng) -> object:
+    """What an engine that follows the model would report: TTFT and per-token gaps from the model,
+    with 2% noise. Simulated, to test that calibration recovers the parameters."""
+    p = predict_level(sc, c)
+    w = sc.workload
+    pf = prefill(sc, w.prompt_mean)
+    ttft = pf + p.step_s
+    tpot = (p.e2el_mean_s - ttft) / (w.output_mean - 1)
+    records = []
+    for i in range(24):
+        t = ttft * rng.normal(1, 0.02)
+        e2el = t + tpot * (w.output_mean - 1) * rng.normal(1, 0.02)
+        records.append(RequestRecord(sent_at=i * e2el, prompt_tokens=int(w.prompt_mean),
+                                     output_tokens=int(w.output_mean), ttft=t, e2el=e2el, success=True,
+                                     finish_reason="length", ended_at=(i + 1) * e2el))
+    return level_from(records, c, None, 0, None)
+
+
+def test_calibration_on_concurrency_1_and_2_recovers_an_engine_that_follows_the_model():
+    truth = PROFILES["dgx-spark"].engines["llamacpp"].model_copy(update={"eta": 1.0, "prefix_cache": "none"})
+    model = ModelShape("m", 135e6, 98e6, 2 * 30 * 3 * 64, 2.0)
+    workload = WorkloadShape("synthetic", 200, 260, 0, 0, 112, 126)
+    engine = truth.model_copy(update={"decode_tflops": 0.02, "prefill_tflops": 0.05})
+    sc = Scenario(10.0, engine, model, workload)
+    rng = np.random.default_rng(0)
+    one, two = simulated_level(sc, 1, rng), simulated_level(sc, 2, rng)
+    fitted = calibrate(one, two, model, workload, 10.0, "simulated")
+    refit = replace(sc, engine=fitted)
+    for c in (4, 8, 16):
+        assert predict_level(refit, c).e2el_mean_s == pytest.approx(predict_level(sc, c).e2el_mean_s, rel=0.1)
+
+
+def test_the_prediction_document_is_schema_valid_and_the_committed_schema_is_current(tmp_path):
+    assert json.loads(SCHEMA_PATH.read_text()) == generated_schema()
+    json_path, png = runner.write_prediction_files(spark_prediction(), tmp_path)
+    doc = json.loads(json_path.read_text())
+    assert doc["schema"] == "dgxready-bench-prediction/1" and doc["capacity"] == 0
+    assert png.stat().st_size > 10_000
+    broken = spark_prediction().model_copy(update={"capacity": -1})
+    with pytest.raises(DgxReadyError, match="capacity.*minimum"):
+        write_prediction(broken, tmp_path / "broken.json")
+    assert not (tmp_path / "broken.json").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"profile": "dgx-station"}, "--profile 'dgx-station'"),
+    ({"model": "llama-70b"}, "unknown model 'llama-70b'"),
+    ({"fmt": "gguf-q2"}, "no format 'gguf-q2'"),
+    ({"kv_dtype": "int3"}, "--kv-dtype 'int3'"),
+    ({"profile": "measured"}, "needs --baseline"),
+    ({"workload": "chat"}, "--workload 'chat'"),
+])
+def test_bad_input_names_the_flag_or_the_catalog_entry(changes, message):
+    with pytest.raises((DgxReadyError, ValueError), match=message):
+        spark_prediction(**changes)
+
+
+def test_a_measured_profile_needs_concurrency_1_and_2_in_the_baseline():
+    from bench.benchmarks.noise import synthetic_baseline  # noqa: PLC0415 - a test-only builder
+    baseline = synthetic_baseline(np.random.default_rng(1))
+    assert serving_level(baseline, 1) is not None
+    no_two = baseline.model_copy(update={"serving": baseline.serving.model_copy(
+        update={"levels": [lv for lv in baseline.serving.levels if lv.concurrency != 2]})})
+    req = PredictRequest("measured", "smollm2-135m", "gguf-q4_1", "f16", "synthetic", 128, 10, 6.0)
+    with pytest.raises(DgxReadyError, match="concurrency 1 and 2"):
+        predict_from(req, CATALOG, PROFILES, ROLES, no_two, "old.json")
+    checked = predict_from(req, CATALOG, PROFILES, ROLES, baseline, "synthetic.json")
+    assert {c.concurrency for c in checked.checks} == {4, 8, 16}
