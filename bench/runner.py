@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -17,7 +17,8 @@ from bench.labels import workload_label
 from bench.loadgen import Endpoint, probe
 from bench.metrics import Slo
 from bench.net import loopback, measure
-from bench.prediction import Prediction, write_prediction
+from bench.predict import load_profiles
+from bench.prediction import Prediction, PredictRequest, predict_from, write_prediction
 from bench.report import Baseline, Hardware, Micro, Serving, ServingLevel, now_stamp, write_baseline
 from bench.roofline import Roofline, roofline
 from bench.serving import CapacityResult, LevelResult, capacity_search, requests_for, run_level
@@ -26,6 +27,7 @@ from bench.stream import run_stream
 from bench.summary import (
     capacity_level_line,
     level_line,
+    prediction_headline,
     print_capacity,
     print_hardware,
     print_micro,
@@ -35,7 +37,9 @@ from bench.summary import (
 from bench.workloads import Workload, make_workload
 from dgxready.errors import DgxReadyError
 from dgxready.progress import AnyProgress, step_progress
+from dgxready.roles import load_roles
 from dgxready.settings import REPO_ROOT, load_settings
+from model.catalog import load_catalog
 from model.running import running_model
 
 BASELINES = REPO_ROOT / "bench" / "baselines"
@@ -184,6 +188,16 @@ def write_plots(run_dir: Path, serving: Serving, levels: list[LevelResult], cap:
     return [str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p) for p in paths]
 
 
+SPARK_QUESTION = PredictRequest("dgx-spark", "mistral-7b-instruct-v0.3", "fp8", "f16", "agents", 128, 10, 6.0)
+
+
+def spark_prediction(opts: AllOptions) -> Prediction:
+    """The DGX Spark's predicted answer on the capacity search's own workload, SLO and target."""
+    req = replace(SPARK_QUESTION, workload=opts.capacity_workload, max_tokens=opts.max_tokens,
+                  slo_s=opts.slo_p95_e2e_s, agents=opts.target_agents)
+    return predict_from(req, load_catalog(), load_profiles(), list(load_roles().values()))
+
+
 def write_prediction_files(pred: Prediction, out_dir: Path | None) -> list[Path]:
     """The prediction's JSON and its plot, named after the profile, model and time."""
     created = now_stamp()
@@ -210,6 +224,7 @@ class AllOptions:
     skip_capacity: bool = False
     net_peers: tuple[str, ...] = ()
     full_sweep: bool = False
+    target_agents: int = 10
 
 
 def serving_doc(tgt: Target, workload: dict, levels: list[LevelResult]) -> Serving:
@@ -236,6 +251,7 @@ def run_all(opts: AllOptions, out: Console) -> tuple[Path, Baseline]:
             ep, opts.capacity_workload, opts.slo_p95_e2e_s, opts.max_tokens, opts.capacity_limit, out)
     if cap:
         print_capacity(cap, out)
+        out.print(prediction_headline(spark_prediction(opts)))
     roof = single_stream_roofline(levels, mic, tgt.weight_bytes)
     if roof:
         print_roofline(roof, out)

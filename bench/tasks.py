@@ -178,7 +178,7 @@ def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", wo
             slo_p95_e2e_s=float(slo_p95_e2e), max_tokens=int(max_tokens), capacity_limit=int(limit),
             output_dir=Path(output_dir) if output_dir else None, skip_micro=skip_micro,
             skip_capacity=skip_capacity, net_peers=tuple(p for p in net_peer.split(",") if p),
-            full_sweep=bool(full_sweep)))
+            full_sweep=bool(full_sweep), target_agents=int(target_agents)))
     if baseline.capacity:
         verdict = judge_target(baseline.capacity, int(target_agents))
         print_verdict(verdict, out)

@@ -29,6 +29,7 @@ from bench.prediction import (
     write_prediction,
 )
 from bench.serving import level_from
+from bench.summary import prediction_headline
 from dgxready.errors import DgxReadyError
 from dgxready.roles import load_roles
 from model.catalog import load_catalog
@@ -153,3 +154,11 @@ def test_a_measured_profile_needs_concurrency_1_and_2_in_the_baseline():
         predict_from(req, CATALOG, PROFILES, ROLES, no_two, "old.json")
     checked = predict_from(req, CATALOG, PROFILES, ROLES, baseline, "synthetic.json")
     assert {c.concurrency for c in checked.checks} == {4, 8, 16}
+
+
+def test_bench_all_asks_the_spark_the_capacity_searchs_own_question():
+    opts = runner.AllOptions(max_tokens=64, slo_p95_e2e_s=8.0, target_agents=12)
+    pred = runner.spark_prediction(opts)
+    assert (pred.profile, pred.workload.name, pred.workload.output_p95, pred.slo_p95_e2el_s,
+            pred.target_agents) == ("dgx-spark", "agents", 64, 8.0, 12)
+    assert "predicted on dgx-spark (vllm)" in prediction_headline(pred)
