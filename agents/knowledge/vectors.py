@@ -1,0 +1,194 @@
+"""The vector side of retrieval, kept in memory by each process and brought up to the store's
+version before every search: exact numpy search while the store is small, a usearch HNSW index
+(saved beside the database, by version, so a restart only applies what changed since) once the
+live chunks reach `ann_threshold`. Vectors are L2-normalised, so inner product is cosine."""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from usearch.index import Index
+
+from agents.knowledge.types import VectorBatch
+
+SAVED_RE = re.compile(r"^v(\d+)\.usearch$")
+
+
+@dataclass(frozen=True)
+class VectorSettings:
+    ann_threshold: int = 200_000
+    connectivity: int = 16
+    expansion_add: int = 128
+    expansion_search: int = 96
+    ann_dtype: str = "f16"
+    threads: int = 2
+    index_dir: Path | None = None
+
+
+def normalised(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=-1, keepdims=True)
+    return (rows / np.where(norms == 0, 1, norms)).astype(np.float32)
+
+
+def as_matrix(blobs: list[bytes], dim: int) -> np.ndarray:
+    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim)
+
+
+class ExactVectors:
+    """Rows in a growing float32 matrix; a removed row is swapped with the last one."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.matrix = np.zeros((0, dim), dtype=np.float32)
+        self.count = 0
+        self.row_of: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _reserve(self, extra: int) -> None:
+        needed = self.count + extra
+        if needed <= len(self.ids):
+            return
+        capacity = max(needed, 2 * len(self.ids), 1024)
+        ids = np.zeros(capacity, dtype=np.int64)
+        matrix = np.zeros((capacity, self.dim), dtype=np.float32)
+        ids[:self.count], matrix[:self.count] = self.ids[:self.count], self.matrix[:self.count]
+        self.ids, self.matrix = ids, matrix
+
+    def add(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        self._reserve(len(ids))
+        start = self.count
+        self.ids[start:start + len(ids)] = ids
+        self.matrix[start:start + len(ids)] = rows
+        self.row_of.update((int(i), start + n) for n, i in enumerate(ids))
+        self.count += len(ids)
+
+    def remove(self, ids: list[int]) -> None:
+        for chunk in ids:
+            row = self.row_of.pop(chunk, None)
+            if row is None:
+                continue
+            last = self.count - 1
+            if row != last:
+                moved = int(self.ids[last])
+                self.ids[row], self.matrix[row] = moved, self.matrix[last]
+                self.row_of[moved] = row
+            self.count = last
+
+    def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        if self.count == 0:
+            return []
+        scores = self.matrix[:self.count] @ query
+        k = min(k, self.count)
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top])]
+        return [(int(self.ids[i]), float(scores[i])) for i in top]
+
+
+class AnnVectors:
+    """A usearch HNSW index over the same rows, keyed by chunk id."""
+
+    def __init__(self, dim: int, settings: VectorSettings, index: Index | None = None):
+        self.settings = settings
+        self.index = index or Index(ndim=dim, metric="ip", dtype=settings.ann_dtype,
+                                    connectivity=settings.connectivity,
+                                    expansion_add=settings.expansion_add,
+                                    expansion_search=settings.expansion_search)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def add(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        if len(ids):
+            self.index.add(ids.astype(np.uint64), rows, threads=self.settings.threads)
+
+    def remove(self, ids: list[int]) -> None:
+        if ids:
+            self.index.remove(np.asarray(ids, dtype=np.uint64))
+
+    def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        if len(self.index) == 0:
+            return []
+        found = self.index.search(query, k)
+        return [(int(key), 1.0 - float(dist)) for key, dist in zip(found.keys, found.distances, strict=True)]
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.index.memory_usage)
+
+
+def saved_indexes(directory: Path | None) -> list[tuple[int, Path]]:
+    if directory is None or not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := SAVED_RE.match(p.name))]
+    return sorted(found)
+
+
+class VectorIndex:
+    """Exact search until `ann_threshold` live rows, then the ANN index; `version` says which
+    knowledge version the rows reflect."""
+
+    def __init__(self, dim: int, settings: VectorSettings | None = None):
+        self.dim = dim
+        self.settings = settings or VectorSettings()
+        self.version = 0
+        self.lock = threading.Lock()
+        self.rows: ExactVectors | AnnVectors = ExactVectors(dim)
+        self._load_saved()
+
+    @property
+    def mode(self) -> str:
+        return "ann" if isinstance(self.rows, AnnVectors) else "exact"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _load_saved(self) -> None:
+        saved = saved_indexes(self.settings.index_dir)
+        if not saved:
+            return
+        version, path = saved[-1]
+        index = Index.restore(str(path))
+        if index is None or index.ndim != self.dim:
+            return
+        index.expansion_search = self.settings.expansion_search
+        self.rows, self.version = AnnVectors(self.dim, self.settings, index), version
+
+    def apply(self, batch: VectorBatch) -> None:
+        """One page of changes; `batch.version` is the version they bring the rows up to."""
+        if batch.added_ids:
+            self.rows.add(np.asarray(batch.added_ids, dtype=np.int64), as_matrix(batch.added, self.dim))
+        self.rows.remove(batch.removed_ids)
+        self.version = batch.version
+        if self.mode == "exact" and len(self.rows) >= self.settings.ann_threshold:
+            self.rows = self.build_ann(self.rows)
+            self.save()
+
+    def build_ann(self, exact: ExactVectors) -> AnnVectors:
+        ann = AnnVectors(self.dim, self.settings)
+        ann.add(exact.ids[:exact.count], exact.matrix[:exact.count])
+        return ann
+
+    def save(self) -> Path | None:
+        """The ANN index under index_dir as v<version>.usearch (older files removed)."""
+        directory = self.settings.index_dir
+        if directory is None or not isinstance(self.rows, AnnVectors):
+            return None
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"v{self.version}.usearch"
+        temp = directory / f".{path.name}.{os.getpid()}.tmp"
+        self.rows.index.save(str(temp))
+        os.replace(temp, path)
+        for version, old in saved_indexes(directory):
+            if version < self.version:
+                old.unlink(missing_ok=True)
+        return path
+
+    def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        return self.rows.search(normalised(query.astype(np.float32)), k)
