@@ -9,6 +9,7 @@ from model import tasks as model_tasks
 from model.quickstart import quickstart as run_quickstart
 from monitoring import tasks as monitoring_tasks
 from provision import tasks as provision_tasks
+from repro import tasks as repro_tasks
 
 
 @task(help={"port": "port for the temporary server"})
@@ -26,3 +27,5 @@ ns.add_collection(provision_tasks.ns)
 ns.add_collection(monitoring_tasks.ns)
 ns.add_collection(backup_tasks.ns)
 ns.add_task(quickstart)
+ns.add_collection(repro_tasks.ns)
+ns.add_task(repro_tasks.gate)

@@ -5,6 +5,8 @@ every baseline holds; the other parts add what a reproduction needs besides (see
 on its own between two captures of one machine (the time, free memory, GPU temperature)."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import sys
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field
+from rich.console import Console
 
 from bench.environment import (
     Environment,
@@ -30,6 +33,8 @@ from bench.environment import (
 )
 from bench.hw import GpuReport, HostFacts, gpu_reports, host_facts
 from bench.report import now_stamp
+from dgxready.errors import DgxReadyError
+from dgxready.progress import make_console
 from dgxready.settings import Settings, load_settings
 from repro.documents import Doc, DocumentKind
 
@@ -135,3 +140,43 @@ def diff_documents(before: dict, after: dict) -> list[Difference]:
 def diff_files(before: Path, after: Path) -> list[Difference]:
     """Both files are checked against the schema first; an error names the file and the field."""
     return diff_documents(ENVIRONMENT.dump(ENVIRONMENT.load(before)), ENVIRONMENT.dump(ENVIRONMENT.load(after)))
+
+
+def print_differences(differences: list[Difference], before: Path, after: Path, out: Console) -> int:
+    """0 when the captures agree (volatile fields aside), 1 when they differ."""
+    if not differences:
+        out.print(f"{before} and {after}: no differences (ignoring {', '.join(VOLATILE_PATHS)})")
+        return 0
+    out.print(f"{len(differences)} difference(s), {before} -> {after}:")
+    for d in differences:
+        out.print(f"  {d}", markup=False, highlight=False)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Capture this machine's environment as JSON, or diff two.")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default: stdout)")
+    parser.add_argument("--diff", nargs=2, type=Path, metavar=("A", "B"),
+                        help="print what differs between two captures; exit 0 same, 1 different")
+    args = parser.parse_args(argv)
+    out = make_console()
+    try:
+        if args.diff:
+            return print_differences(diff_files(*args.diff), *args.diff, out)
+        emit(capture_document(), args.out, out)
+    except DgxReadyError as exc:
+        out.print(f"[red]error:[/] {exc}")
+        return 2
+    return 0
+
+
+def emit(doc: EnvironmentDoc, path: Path | None, out: Console) -> None:
+    if path is None:
+        sys.stdout.write(json.dumps(ENVIRONMENT.dump(doc), indent=2) + "\n")
+        return
+    ENVIRONMENT.write(doc, path)
+    out.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

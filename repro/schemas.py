@@ -3,9 +3,10 @@ models (tests/test_repro_env.py fails while a committed schema and its model dis
 from __future__ import annotations
 
 from repro.environment import ENVIRONMENT
+from repro.gate import GATE_STATUS
 from repro.run import RUN_RECORD
 
-KINDS = (ENVIRONMENT, RUN_RECORD)
+KINDS = (ENVIRONMENT, RUN_RECORD, GATE_STATUS)
 
 
 def main() -> None:
