@@ -1,4 +1,4 @@
-"""Nox sessions: `tests` (pytest), `smoke` (pull, serve, one chat, stop) and `lint` (ruff).
+"""Nox sessions: `tests` (pytest), `smoke` (pull, serve, one chat, stop; repro/run.sh), `lint` (ruff, hadolint).
 
 Each session installs the locked environment from uv.lock into its own virtualenv."""
 
@@ -7,6 +7,7 @@ import nox
 
 nox.options.default_venv_backend = "uv"
 nox.options.sessions = ["lint", "tests", "smoke"]
+DOCKERFILES = ("repro/docker/Dockerfile.cpu", "repro/docker/Dockerfile.cuda")
 
 
 def install_locked(session: nox.Session, *groups: str) -> None:
@@ -26,16 +27,19 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def smoke(session: nox.Session) -> None:
-    """Reproducibility smoke test: pull the default model, serve it, one openai SDK chat, stop."""
+    """Reproducibility smoke test: pull the default model, serve it, one openai SDK chat, stop; then
+    repro/run.sh: ten greedy answers whose hashes must equal the recorded reference's."""
     install_locked(session)
     session.run("python", "-m", "repro.smoke", *session.posargs)
+    session.run("bash", "repro/run.sh", external=True, env={"VIRTUAL_ENV": session.virtualenv.location})
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the whole tree."""
+    """ruff over the whole tree; hadolint over repro/docker's Dockerfiles."""
     install_locked(session, "dev")
     session.run("ruff", "check", ".")
+    session.run("hadolint", *DOCKERFILES)
 
 
 
