@@ -89,9 +89,11 @@ class Cell:
     failed: int = 0
     seconds: float = 0.0
     records: list = field(default_factory=list)
+    round_proxy_us: list[float] = field(default_factory=list)
 
     def add(self, rnd: Round, cpu: dict[str, float], streams: int) -> None:
         self.proxy_cpu_s += cpu.get("proxy", 0.0)
+        self.round_proxy_us.append(cpu.get("proxy", 0.0) / max(1, rnd.completed) * 1e6)
         self.backend_cpu_s += cpu["backend"]
         self.loadgen_cpu_s += cpu["loadgen"]
         self.completed += rnd.completed
@@ -119,6 +121,8 @@ class Row:
     proxy_cpu_vs_bare: float | None
     backend_cpu_us: float
     loadgen_cpu_us: float
+    rounds_proxy_cpu_us: tuple[float, ...] = ()
+    rounds_vs_bare: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -266,6 +270,15 @@ def run_rounds(sides: Sides, settings: Settings) -> dict[tuple[str, int], Cell]:
     return cells
 
 
+def round_figures(cell: Cell, bare: Cell | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-round proxy CPU per request, and its ratio to the bare proxy's in the same round (the two
+    ran back to back), to show the spread that the pooled figure hides."""
+    if cell.side == DIRECT:
+        return (), ()
+    pairs = zip(cell.round_proxy_us, bare.round_proxy_us, strict=True) if bare else ()
+    return tuple(cell.round_proxy_us), tuple(c / b for c, b in pairs if b)
+
+
 def table_rows(cells: dict[tuple[str, int], Cell]) -> list[Row]:
     rows = []
     for (side, streams), cell in cells.items():
@@ -277,7 +290,8 @@ def table_rows(cells: dict[tuple[str, int], Cell]) -> list[Row]:
         rows.append(Row(side, streams, cell.completed, cell.failed, cell.completed / cell.seconds,
                         m.e2el.p50 * 1e3 if ok else float("nan"), m.e2el.p99 * 1e3 if ok else float("nan"),
                         proxy_us, proxy_us / bare_us if proxy_us is not None and bare_us else None,
-                        cell.per_request_us(cell.backend_cpu_s), cell.per_request_us(cell.loadgen_cpu_s)))
+                        cell.per_request_us(cell.backend_cpu_s), cell.per_request_us(cell.loadgen_cpu_s),
+                        *round_figures(cell, bare)))
     return sorted(rows, key=lambda r: (r.streams, list(SIDE_NAMES).index(r.side)))
 
 
@@ -326,7 +340,8 @@ def ratio_bar(rows: list[Row], side: str, streams: int, bound: float) -> Bar | N
         return None
     return Bar(f"CPU/request, {SIDE_NAMES[side]} vs bare, {streams} stream{'s' * (streams > 1)}",
                row.proxy_cpu_vs_bare, bound, False,
-               f"{row.proxy_cpu_us:.0f} µs vs bare {bare.proxy_cpu_us:.0f} µs per request; "
+               f"{row.proxy_cpu_us:.0f} µs vs bare {bare.proxy_cpu_us:.0f} µs per request (rounds "
+               f"{min(row.rounds_vs_bare):.2f}–{max(row.rounds_vs_bare):.2f}x); "
                f"{row.req_per_s:.0f} vs {bare.req_per_s:.0f} req/s", PART)
 
 
