@@ -40,6 +40,25 @@ class BackendConfig(BaseModel):
 ShellPattern = Annotated[list[str], BeforeValidator(refuse_bare_program), AfterValidator(check_pattern)]
 
 
+class KnowledgeConfig(BaseModel):
+    """The shared knowledge store (agents.knowledge) behind kb.search, kb.add, onto.query, onto.assert."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = Field(True, description="serve the knowledge tools (off: they answer that no store exists)")
+    db: Path | None = Field(None, description="SQLite file of the store (default: knowledge.db beside "
+                                              "state_db)")
+    embeddings_url: str | None = Field(None, pattern=r"^https?://", description="an OpenAI-compatible "
+                                       "/v1/embeddings server (model.serve --embeddings); without one, "
+                                       "search is BM25 only")
+    embeddings_model: str = Field("default", description="model name sent to the embeddings server")
+    ann_threshold: int = Field(200_000, ge=1, description="live chunks from which an HNSW index (usearch) "
+                                                          "replaces exact search")
+    ann_expansion_search: int = Field(96, ge=8, le=4096, description="HNSW search breadth (recall vs time)")
+    max_document_bytes: int = Field(2 << 20, ge=1024, description="larger documents are refused")
+    max_chunk_chars: int = Field(1500, ge=200, le=20000, description="longest chunk; longer sections are cut")
+    max_turtle_bytes: int = Field(256 * 1024, ge=1024, description="larger onto.assert payloads are refused")
+    cache_entries: int = Field(1024, ge=0, description="answers kept per process, keyed by knowledge version")
+
+
 class MuxConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: str = "127.0.0.1"
@@ -74,6 +93,7 @@ class MuxConfig(BaseModel):
                                                                 "Idempotency-Key is a retry, applied once")
     idempotency_retention_s: float = Field(86400.0, gt=0, description="how long an Idempotency-Key "
                                                                       "is remembered")
+    knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
 
     @model_validator(mode="after")
     def sessions_keep_the_history_sent(self) -> MuxConfig:

@@ -19,6 +19,7 @@ NO_BACKEND = "none"
 REQUEST_STATUSES = frozenset({"ok", "retried", "failed", "failed_midstream", "client_gone", "bad_answer"})
 HTTP_STATUS_RE = re.compile(r"^[1-5][0-9][0-9]$")
 CLIENT_TOOL_ACTIONS = frozenset({"dropped", "refused", "blocked"})
+KNOWLEDGE_CACHE_EVENTS = frozenset({"hit", "miss", "invalidation"})
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,12 @@ class MuxMetrics:
                                     "Client-declared tools or model tool calls a role may not use, by "
                                     "role and action (dropped, refused, blocked)", ["role", "action"],
                                     registry=r)
+        self.knowledge_cache = Counter("dgxready_mux_knowledge_cache",
+                                       "Knowledge answers (search and SPARQL) from the versioned cache: hit, "
+                                       "miss, and invalidation (entries dropped when the version moved)",
+                                       ["event"], registry=r)
+        for event in sorted(KNOWLEDGE_CACHE_EVENTS):
+            self.knowledge_cache.labels(event)
 
     # Cached by the raw names, which come from bounded sets too: identify() admits only known keys.
     @cache  # noqa: B019 - one MuxMetrics per process; agents and backends are a small fixed set
@@ -106,6 +113,9 @@ class MuxMetrics:
 
     def tool_call(self, agent: str, tool: str, outcome: str) -> Counter:
         return self.tool_calls.labels(self.known.agent(agent), self.known.tool(tool), outcome)
+
+    def knowledge_cache_event(self, event: str, count: int) -> None:
+        self.knowledge_cache.labels(event if event in KNOWLEDGE_CACHE_EVENTS else UNKNOWN).inc(count)
 
     def client_tool(self, role: str, action: str) -> Counter:
         return self.client_tools.labels(self.known.role(role),

@@ -12,6 +12,8 @@ import aiohttp
 from agents.asgi import ApiError
 from agents.backends import BackendPool
 from agents.config import AgentIdentity, MuxConfig, key_digest
+from agents.knowledge.service import KnowledgeService
+from agents.knowledge.setup import open_knowledge
 from agents.metrics import KnownLabels, MuxMetrics
 from agents.scheduler import FairScheduler
 from agents.state import StateStore
@@ -74,6 +76,7 @@ class Mux:
     sessions: SessionLocks = field(default_factory=SessionLocks)
     known_keys: dict[str, AgentIdentity] = field(default_factory=dict)
     typical_output: dict[str, float] = field(default_factory=dict)
+    knowledge: KnowledgeService | None = None
 
     def identify(self, auth: str) -> tuple[AgentIdentity, Role]:
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
@@ -91,7 +94,8 @@ def create_mux(config: MuxConfig, roles: dict[str, Role], keys: dict[str, AgentI
     metrics = MuxMetrics(KnownLabels(agents=frozenset(i.name for i in keys.values()), roles=frozenset(roles),
                                      backends=frozenset(b.name for b in config.backends)))
     pool = BackendPool.of(config.backends, config.cooldown_s)
-    tools = ToolRegistry(store, ToolSettings.from_config(config),
+    knowledge = open_knowledge(config.knowledge, store.path, metrics.knowledge_cache_event)
+    tools = ToolRegistry(store, ToolSettings.from_config(config), knowledge=knowledge,
                          on_outcome=lambda c, o: metrics.tool_call(c.agent, c.tool, o).inc())
     scheduler = FairScheduler(pool, config.queue_max, config.queue_per_agent_max)
-    return Mux(config, roles, keys, store, metrics, pool, scheduler, tools)
+    return Mux(config, roles, keys, store, metrics, pool, scheduler, tools, knowledge=knowledge)

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from agents.asgi import ApiError, Receive, Send, header_map, json_object, read_body
 from agents.backends import Backend, health_loop
 from agents.config import AgentIdentity
+from agents.knowledge.notices import notice_messages
 from agents.messages import estimate_tokens, is_instruction, valid_messages
 from agents.mux import Mux
 from agents.policy import ToolScope, screen_request
@@ -46,7 +47,8 @@ def build_prompt(mux: Mux, turn: Turn) -> list[dict]:
     # A tool-calling client's turn can hold many messages: at most 2 per turn are sent.
     history = mux.store.recent_history(turn.ident.name, turn.session, keep)[-2 * keep:] \
         if turn.session and keep else []
-    return system + history + rest
+    notice = notice_messages(mux.knowledge, turn.ident.name, turn.role.name, turn.role.knowledge_notice_tokens)
+    return system + notice + history + rest
 
 
 def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[str, str], data: dict,

@@ -13,10 +13,11 @@ import posixpath
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import asdict, dataclass, field
 
 from agents.config import MuxConfig
+from agents.knowledge.service import KnowledgeService
+from agents.knowledge.types import TEAM_SCOPE, Author, KnowledgeError, SearchAnswer
 from agents.sandbox import (
     DEFAULT_SHELL_ALLOWLIST,
     MAX_ARGS,
@@ -31,6 +32,9 @@ from agents.state import StateStore
 from dgxready.roles import Role
 
 MUTATING = {"workspace.write", "taskboard.append"}
+# A role that may call the right-hand tool may call the left-hand name for it too.
+ALIASES = {"knowledge.query": "kb.search"}
+SEARCH_LIMIT_MAX = 20
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 
 
@@ -55,15 +59,6 @@ class ToolResult:
     result: dict | None = None
     error: str | None = None
     replayed: bool = False
-
-
-class KnowledgeBackend(Protocol):
-    def query(self, text: str, limit: int) -> list[dict]: ...
-
-
-class NoKnowledge:
-    def query(self, text: str, limit: int) -> list[dict]:
-        return []
 
 
 def default_patterns() -> tuple[ArgvPattern, ...]:
@@ -151,27 +146,29 @@ class Lease:
 
 class ToolRegistry:
     def __init__(self, store: StateStore, settings: ToolSettings | None = None,
-                 knowledge: KnowledgeBackend | None = None,
+                 knowledge: KnowledgeService | None = None,
                  on_outcome: Callable[[ToolCall, str], None] | None = None):
         self.store = store
         self.settings = settings or ToolSettings()
         self.sandbox = Sandbox(self.settings.sandbox)
-        self.knowledge = knowledge or NoKnowledge()
+        self.knowledge = knowledge
         self.on_outcome = on_outcome or (lambda call, outcome: None)
         self._recorded = 0
         self.tools: dict[str, Callable[[ToolCall], dict]] = {
             "workspace.read": self._read, "workspace.write": self._write,
             "taskboard.append": self._append, "shell.run": self._shell,
-            "knowledge.query": self._knowledge,
+            "knowledge.query": self._kb_search, "kb.search": self._kb_search, "kb.add": self._kb_add,
+            "onto.query": self._onto_query, "onto.assert": self._onto_assert,
         }
 
     def permitted(self, call: ToolCall) -> str | None:
         if call.tool not in self.tools:
             return f"unknown tool {call.tool!r}"
-        needed = {call.tool}
+        needed = {ALIASES.get(call.tool, call.tool)}
         if call.tool == "workspace.read" and call.args.get("lease"):
             needed.add("workspace.write")
-        missing = sorted(needed - set(call.role.tools))
+        granted = set(call.role.tools) | {ALIASES[t] for t in call.role.tools if t in ALIASES}
+        missing = sorted(needed - granted)
         return f"role {call.role.name} may not call {', '.join(missing)}" if missing else None
 
     def call(self, call: ToolCall) -> ToolResult:
@@ -322,9 +319,62 @@ class ToolRegistry:
                     (named, len(named) + 1, named + "/")).fetchall())
         return files
 
-    def _knowledge(self, call: ToolCall) -> dict:
+    def _service(self) -> KnowledgeService:
+        if self.knowledge is None:
+            raise ToolError("no knowledge store is configured (knowledge.enabled in the multiplexer config)")
+        return self.knowledge
+
+    def _kb_search(self, call: ToolCall) -> dict:
         text = call.args.get("query")
-        if not isinstance(text, str):
-            raise ToolError("query must be a string")
+        if not isinstance(text, str) or not text.strip():
+            raise ToolError("query must be a non-empty string")
         limit = call.args.get("limit", 5)
-        return {"results": self.knowledge.query(text, int(limit) if isinstance(limit, int) else 5)}
+        if not isinstance(limit, int) or not 1 <= limit <= SEARCH_LIMIT_MAX:
+            raise ToolError(f"limit must be an integer from 1 to {SEARCH_LIMIT_MAX}")
+        try:
+            answer = self._service().search(text, limit, call.role.name)
+        except KnowledgeError as exc:
+            raise ToolError(f"kb.search: {exc}") from None
+        return search_result(answer)
+
+    def _kb_add(self, call: ToolCall) -> dict:
+        source, text = call.args.get("source"), call.args.get("text")
+        if not isinstance(source, str) or not 1 <= len(source) <= 300 or not isinstance(text, str):
+            raise ToolError("give source (a name of 1 to 300 characters) and text (a string)")
+        scope = call.args.get("scope", "team")
+        if scope not in ("team", "role"):
+            raise ToolError("scope must be team (every agent) or role (agents of your role)")
+        scope = TEAM_SCOPE if scope == "team" else f"role:{call.role.name}"
+        try:
+            stored = self._service().add_text(text, source, Author(call.agent, call.role.name), scope)
+        except KnowledgeError as exc:
+            raise ToolError(f"kb.add: {exc}") from None
+        return asdict(stored)
+
+    def _onto_query(self, call: ToolCall) -> dict:
+        sparql = call.args.get("sparql")
+        reasoning = call.args.get("reasoning", True)
+        if not isinstance(sparql, str) or not isinstance(reasoning, bool):
+            raise ToolError("give sparql (a SELECT or ASK query) and optionally reasoning (true or false)")
+        try:
+            return asdict(self._service().onto_query(sparql, reasoning))
+        except KnowledgeError as exc:
+            raise ToolError(f"onto.query: {exc}") from None
+
+    def _onto_assert(self, call: ToolCall) -> dict:
+        turtle = call.args.get("turtle")
+        if not isinstance(turtle, str):
+            raise ToolError("turtle must be a string of Turtle triples")
+        try:
+            return asdict(self._service().onto_assert(turtle, Author(call.agent, call.role.name),
+                                                      f"onto.assert by {call.agent}"))
+        except KnowledgeError as exc:
+            raise ToolError(f"onto.assert: {exc}") from None
+
+
+def search_result(answer: SearchAnswer) -> dict:
+    """A search answer as the tool returns it: each hit with its citation and text."""
+    return {"version": answer.version, "cached": answer.cached, "retrieval": answer.vector_search,
+            "results": [asdict(hit.chunk) | {"citation": hit.citation, "score": round(hit.score, 5),
+                                             "text_rank": hit.text_rank, "vector_rank": hit.vector_rank}
+                        for hit in answer.hits]}

@@ -12,7 +12,8 @@ from dgxready.errors import ConfigError
 from dgxready.settings import REPO_ROOT
 
 ROLES_DIR = REPO_ROOT / "agents" / "roles"
-ToolName = Literal["workspace.read", "workspace.write", "taskboard.append", "shell.run", "knowledge.query"]
+ToolName = Literal["workspace.read", "workspace.write", "taskboard.append", "shell.run", "knowledge.query",
+                   "kb.search", "kb.add", "onto.query", "onto.assert"]
 TOOLS: tuple[str, ...] = get_args(ToolName)
 ClientToolPattern = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:*?\[\]!-]{1,64}$")]
 ROLE_ORDER = ("product-manager", "architect-nusy", "architect-systems", "developer",
@@ -61,6 +62,9 @@ class Role(BaseModel):
     client_tools: list[ClientToolPattern] = Field(
         default_factory=list, description="fnmatch patterns of the function tools a client may declare "
                                           "and the model may call for this role (default: none)")
+    knowledge_notice_tokens: int = Field(
+        0, ge=0, le=1024, description="subscribe to shared-knowledge change notices: the next turn's context "
+                                      "gets at most this many tokens of what changed (0: no notices)")
     sampling: Sampling = Sampling()
     scheduling: Scheduling = Scheduling()
     rate_limit: RateLimit = RateLimit()

@@ -28,8 +28,9 @@ class RunningModel:
 @contextlib.contextmanager
 def running_model(name: str | None = None, *, parallel: int | None = None, ctx_per_slot: int | None = None,
                   backend: str = "auto", port: int | None = None, extra_args: tuple[str, ...] = (),
-                  settings: Settings | None = None) -> Iterator[RunningModel]:
-    """Serve `name` (default: the catalog's default model) and stop it when the block ends."""
+                  settings: Settings | None = None, embeddings: bool = False) -> Iterator[RunningModel]:
+    """Serve `name` (default: the catalog's default model) and stop it when the block ends; with
+    `embeddings`, as an instance that answers /v1/embeddings only."""
     settings = settings or load_settings()
     catalog = load_catalog()
     name = name or catalog.default
@@ -38,7 +39,8 @@ def running_model(name: str | None = None, *, parallel: int | None = None, ctx_p
     result = pull(name, engine="vllm" if backend == "vllm" else "llamacpp", settings=settings)
     spec = resolve_format(catalog, store_for(settings), name, result.fmt).spec
     state = serve(ServeRequest(model=name, fmt=result.fmt, backend=backend, port=port or free_port(),
-                               parallel=parallel, ctx_per_slot=ctx_per_slot, extra_args=extra_args), settings)
+                               parallel=parallel, ctx_per_slot=ctx_per_slot, extra_args=extra_args,
+                               embeddings=embeddings), settings)
     console.print(f"started {state.backend} for {name} at {state.base_url}")
     try:
         yield RunningModel(state, spec.weight_bytes)

@@ -45,6 +45,10 @@ class ServeRequest:
     ctx_per_slot: int | None = None
     kv_dtype: str = "f16"
     extra_args: tuple[str, ...] = ()
+    embeddings: bool = False
+
+
+EMBEDDINGS_POOLING = "mean"
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class ServerState:
     log_path: str
     cmd: list[str]
     started_at: float
+    mode: str = "chat"
 
     @property
     def base_url(self) -> str:
@@ -108,6 +113,15 @@ def vllm_command(choice: BackendChoice, model_dir: str | Path, name: str, host: 
     return ["docker", "run", "--rm", "--gpus", "all", "--ipc=host",
             "-p", f"{host}:{port}:8000", "-v", f"{model_dir}:/model:ro", choice.vllm.location,
             "vllm", "serve", "/model", "--host", "0.0.0.0", "--port", "8000", *args, *extra]
+
+
+def embedding_flags(engine: str, ctx_per_slot: int) -> list[str]:
+    """A second instance for /v1/embeddings only: llama-server --embeddings with mean pooling (the
+    chat models here have none of their own) and a batch that holds a whole input; vLLM as a
+    pooling runner (an embedding model from the catalog)."""
+    if engine == "vllm":
+        return ["--runner", "pooling"]
+    return ["--embeddings", "--pooling", EMBEDDINGS_POOLING, "-b", str(ctx_per_slot), "-ub", str(ctx_per_slot)]
 
 
 def drop_page_cache() -> str:
@@ -174,14 +188,15 @@ def serve(req: ServeRequest, settings: Settings | None = None) -> ServerState:
     choice = settle_backend(req, choose_backend(req.backend, settings.serve.vllm_image), view)
     console.print(f"backend: [bold]{choice.backend}[/] ({choice.reason})")
     resolved, entry_path, plan = prepare(req, settings, choice, view)
+    flags = plan.engine_flags + (embedding_flags(choice.backend, plan.ctx) if req.embeddings else [])
     if choice.backend == "llamacpp":
         cmd = llamacpp_command(require_binary("llama-server", settings), entry_path, req.model,
-                               host, port, plan.engine_flags, req.extra_args)
+                               host, port, flags, req.extra_args)
     else:
         if plan.budget.kind == "unified":
             console.print(drop_page_cache())
         mistral_tok = any(f.name == "tokenizer.model.v3" for f in resolved.spec.files)
-        cmd = vllm_command(choice, entry_path.parent, req.model, host, port, plan.engine_flags,
+        cmd = vllm_command(choice, entry_path.parent, req.model, host, port, flags,
                            mistral_tok, req.extra_args)
     log = settings.state_dir / "logs" / f"{req.model}-{port}.log"
     proc = launch(cmd, log)
@@ -191,7 +206,7 @@ def serve(req: ServeRequest, settings: Settings | None = None) -> ServerState:
             wait_ready(proc, f"http://{host}:{port}", log, timeout)
         state = ServerState(req.model, resolved.name, choice.backend, choice.reason, proc.pid,
                             proc_start_time(proc.pid), host, port, plan.agents, str(log), cmd,
-                            time.time())
+                            time.time(), "embeddings" if req.embeddings else "chat")
         atomic_write_json(state_path(settings, port), asdict(state))
     except BaseException:
         # Ctrl-C while waiting: the server runs in its own process group and would outlive us

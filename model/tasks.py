@@ -128,15 +128,17 @@ def plan(c, name, agents=10, ctx=4096, kv_dtype="f16", format=None, backend="aut
     "ctx": "context per sequence, in tokens",
     "format": FORMAT_HELP,
     "kv_dtype": "KV cache dtype: f16, fp8 (vLLM), q8_0 or q4_0 (llama.cpp)",
+    "embeddings": "a second instance for /v1/embeddings only (llama-server --embeddings, vLLM pooling "
+                  "runner), for the agents' knowledge store",
 })
 @user_errors
 def serve(c, name, backend="auto", port=None, host=None, parallel=None, ctx=None, format=None,
-          kv_dtype="f16"):
+          kv_dtype="f16", embeddings=False):
     """Verify, plan and start the inference server; wait until /health and /v1/models answer."""
     state = serving.serve(serving.ServeRequest(
         model=name, fmt=format, backend=backend, host=host, port=int(port) if port else None,
         parallel=int(parallel) if parallel else None, ctx_per_slot=int(ctx) if ctx else None,
-        kv_dtype=kv_dtype,
+        kv_dtype=kv_dtype, embeddings=bool(embeddings),
     ))
     out.print(f"[green]serving[/] {state.model} ({state.fmt}) with {state.backend} at "
               f"{state.base_url}/v1 (pid {state.pid}, {state.parallel} slots, log {state.log_path})")

@@ -150,9 +150,13 @@ def test_every_roles_allowed_and_denied_tools(mux):
     roles = load_roles()
     args = {"workspace.read": {"path": "perm/x"}, "workspace.write": {"path": "perm/x", "append": "."},
             "taskboard.append": {"item": "perm"}, "shell.run": {"argv": ["echo", "ok"]},
-            "knowledge.query": {"query": "gpu"}}
+            "knowledge.query": {"query": "gpu"}, "kb.search": {"query": "gpu"},
+            "kb.add": {"source": "perm.md", "text": "# perm\nallowed"},
+            "onto.query": {"sparql": "ASK { ?s ?p ?o }"},
+            "onto.assert": {"turtle": "<urn:perm:a> <urn:perm:b> <urn:perm:c> ."}}
     for ident in mux.keys.agents[:7]:
         allowed = set(roles[ident.role].tools)
+        allowed |= {"knowledge.query"} if "kb.search" in allowed else set()
         for tool in TOOLS:
             r = httpx.post(f"{mux.url}/v1/tools/call", headers={"Authorization": f"Bearer {ident.key}"},
                            json={"tool": tool, "args": args[tool], "session": f"perm-{tool}"})
