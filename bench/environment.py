@@ -21,7 +21,7 @@ from model.store import FileState, ModelStore
 
 ENV_PREFIXES = ("TORCH", "NCCL", "CUDA", "CUBLAS", "CUDNN", "OMP_", "MKL_", "NVIDIA", "VLLM",
                 "LLAMA", "GGML", "DGXREADY", "HF_HUB_OFFLINE")
-SECRET_WORDS = ("secret", "token", "api", "access", "password", "key")
+SECRET_WORDS = ("secret", "token", "api", "access", "password", "key", "auth")
 PACKAGES = ("numpy", "httpx", "invoke", "fabric", "nvidia-ml-py", "huggingface-hub", "openai",
             "matplotlib", "pydantic", "torch", "vllm", "cupy")
 
