@@ -6,14 +6,28 @@ starts on: `\\` continuations joined, `#` comments dropped, split at `&&`, `||`,
 executable exists (on the given PATH, or as a file relative to the repository); `invoke` tasks and flags
 parse with Invoke's own parser against the repository's tasks.py; `nox` arguments and sessions pass
 `nox --list`; `python -m M` names an importable module and, where M uses argparse, its `--help` lists
-every flag used. Wrappers (`./bootstrap.sh`, `uv run`, `sudo`, `env`) are checked, then what they run.
+every flag used; a repository path among the arguments (`bench/profiles.yaml`, `bash repro/run.sh`)
+exists. Wrappers (`./bootstrap.sh`, `uv run`, `sudo`, `env`) are checked, then what they run.
 
-    python -m dgxready.mdcommands README.md runbooks/*.md
+Commands for another machine: a block whose first line is a comment `# on WHERE` (`# on the DGX`,
+`# on spark-1 and spark-2`) runs there, so a program missing here is accepted when it is one of
+HOST_PROGRAMS (nvidia-smi, ray, vllm, ...), with the flags HOST_FLAGS knows for its subcommand; any
+other missing program is still an error, and the rest of the check (invoke, paths) still applies.
+A host program in an unmarked block is an error that says to mark it.
+
+`CommandRunner` runs the commands that can run here as written: `invoke --help TASK`, `invoke --list`,
+the side-effect-free tasks in RUN_HERE_TASKS (in this process, through Invoke's own Program, with
+files a task would write sent to a scratch folder) and `promtool check`; never a command with a
+placeholder (`NAME`, `<file>`, `...`) or one for another machine.
+
+    python -m dgxready.mdcommands README.md runbooks/*.md [--run]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import io
 import itertools
 import os
 import re
@@ -21,6 +35,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +56,44 @@ SOURCING = {".", "source"}
 ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 HELP_FLAG = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
 TOOL_TIMEOUT_S = 120
+HOST_MARKER = re.compile(r"^#\s*on\s+(?P<where>\S.*?)\s*$")
+# Programs that run on the hosts the runbooks set up, not on the controller: accepted only in a block
+# marked `# on WHERE`. Each entry says where it comes from.
+HOST_PROGRAMS = {
+    "nvidia-smi": "the NVIDIA driver (DGX OS ships it)",
+    "dcgmi": "NVIDIA DCGM (datacenter-gpu-manager), optional on GB10",
+    "nvbandwidth": "NVIDIA's nvbandwidth, built from its sources",
+    "vllm": "vLLM, in the NGC image or a venv on the host",
+    "ray": "Ray, in the NGC vLLM image or the host's vLLM venv",
+    "ibdev2netdev": "the ConnectX driver tools (DGX OS ships them)",
+    "netplan": "Ubuntu's network configuration (DGX OS)",
+    "ethtool": "ethtool (Ubuntu)",
+    "iperf3": "iperf3 (Ubuntu package)",
+    "ping": "iputils-ping",
+    "hostnamectl": "systemd (DGX OS)",
+    "apt": "apt (DGX OS is Ubuntu)",
+}
+# The flags a host program's subcommand accepts, where a runbook uses them; from their documentation:
+# vLLM's `vllm serve --help` (docs.vllm.ai, serving/parallelism_scaling.md), Ray's `ray start --help`.
+HOST_FLAGS: dict[tuple[str, str], frozenset[str]] = {
+    ("vllm", "serve"): frozenset({
+        "--host", "--port", "--served-model-name", "--tensor-parallel-size", "-tp", "--pipeline-parallel-size",
+        "-pp", "--distributed-executor-backend", "--max-num-seqs", "--max-model-len", "--kv-cache-dtype",
+        "--gpu-memory-utilization", "--enable-prefix-caching", "--no-enable-prefix-caching",
+        "--scheduling-policy", "--tokenizer-mode", "--api-key", "--quantization", "--dtype",
+        "--speculative-config", "--enforce-eager"}),
+    ("ray", "start"): frozenset({
+        "--head", "--address", "--port", "--node-ip-address", "--num-gpus", "--num-cpus",
+        "--dashboard-host", "--dashboard-port", "--block", "--disable-usage-stats"}),
+    ("ray", "status"): frozenset({"--address"}),
+    ("ray", "stop"): frozenset({"--force"}),
+    ("nvidia-smi", ""): frozenset({"-L", "-q", "-d", "-i", "--query-gpu", "--format", "--query-compute-apps"}),
+}
+# Arguments that name where a command writes, not what it reads: such a path need not exist yet.
+OUTPUT_FLAGS = {"-o", "--output", "--output-dir", "--out"}
+# A word the reader replaces: <file>, ..., $VAR, a glob, or an upper-case name without digits (NAME,
+# HEAD_IP; Q4_K_M is a value).
+PLACEHOLDER = re.compile(r"<[^<>]*>|\.\.\.|…|\$|\*|^[A-Z][A-Z_]{2,}(=.*)?$|^[A-Z]$")
 MODULE_ORIGIN = """
 import importlib.util, sys
 try:
@@ -58,6 +113,12 @@ class Command:
     words: tuple[str, ...]
     env: tuple[str, ...] = ()
     syntax_error: str | None = None
+    host: str | None = None  # where it runs, from its block's `# on WHERE` line; None: here
+
+    @property
+    def has_placeholder(self) -> bool:
+        """A word a reader replaces (`NAME`, `<file>`, `...`, `$VAR`): the command cannot run as written."""
+        return any(PLACEHOLDER.search(w) for w in self.words + tuple(e.split("=", 1)[1] for e in self.env))
 
     def __str__(self) -> str:
         return shlex.join(self.env + self.words)
@@ -127,9 +188,16 @@ def split_commands(text: str) -> list[list[str]]:
     return [words for words in commands if words]
 
 
-def as_command(line: int, words: list[str]) -> Command:
+def as_command(line: int, words: list[str], host: str | None = None) -> Command:
     assignments = list(itertools.takewhile(ASSIGNMENT.match, words))
-    return Command(line, tuple(words[len(assignments):]), tuple(assignments))
+    return Command(line, tuple(words[len(assignments):]), tuple(assignments), host=host)
+
+
+def block_host(lines: list[str]) -> str | None:
+    """WHERE from a block whose first non-blank line is `# on WHERE`, else None (it runs here)."""
+    first = next((ln.strip() for ln in lines if ln.strip()), "")
+    match = HOST_MARKER.match(first)
+    return match["where"] if match else None
 
 
 def extract_commands(markdown: str) -> list[Command]:
@@ -137,11 +205,12 @@ def extract_commands(markdown: str) -> list[Command]:
     for language, start, lines in fenced_blocks(markdown):
         if language not in SHELL_LANGUAGES:
             continue
+        host = block_host(lines)
         for line, text in logical_lines(start, lines):
             try:
-                commands += [as_command(line, words) for words in split_commands(text)]
+                commands += [as_command(line, words, host) for words in split_commands(text)]
             except ValueError as exc:
-                commands.append(Command(line, (text.strip(),), syntax_error=f"shell syntax: {exc}"))
+                commands.append(Command(line, (text.strip(),), syntax_error=f"shell syntax: {exc}", host=host))
     return [c for c in commands if c.words or c.syntax_error]
 
 
@@ -198,9 +267,9 @@ class CommandChecker:
     def check(self, command: Command) -> list[str]:
         if command.syntax_error:
             return [command.syntax_error]
-        return self.check_words(list(command.words))
+        return self.check_words(list(command.words), command.host)
 
-    def check_words(self, words: list[str]) -> list[str]:
+    def check_words(self, words: list[str], host: str | None = None) -> list[str]:
         program, args = words[0], words[1:]
         if program in SOURCING:
             return [] if args and self.repo_file(args[0]).is_file() else [f"{program}: no file {args[:1]}"]
@@ -208,12 +277,39 @@ class CommandChecker:
             return []
         executable = self.executable(program)
         if executable is None:
-            return [f"{program}: command not found (PATH={self.search_path}, cwd {self.repo})"]
+            if host and program in HOST_PROGRAMS:
+                return self.check_host_flags(program, args) + self.missing_repo_paths(args)
+            where = (f"; it runs on another machine ({HOST_PROGRAMS[program]}): start its block with "
+                     "`# on WHERE`" if program in HOST_PROGRAMS and not host else "")
+            return [f"{program}: command not found (PATH={self.search_path}, cwd {self.repo}){where}"]
         inner = wrapped_command(program, args)
         if inner is not None:
-            return self.check_words(inner) if inner else []
+            return self.check_words(inner, host) if inner else []
         checker = self.argument_checkers.get(Path(program).name)
-        return checker(executable, args) if checker else []
+        return (checker(executable, args) if checker else []) + self.missing_repo_paths(args)
+
+    def check_host_flags(self, program: str, args: list[str]) -> list[str]:
+        sub = args[0] if args and not args[0].startswith("-") else ""
+        known = HOST_FLAGS.get((program, sub))
+        if known is None:
+            return []
+        return [f"{program} {sub}: flag {flag} is not among those its documentation gives (HOST_FLAGS)".replace(
+                "  ", " ") for flag in flags_in(args) if flag not in known]
+
+    def missing_repo_paths(self, args: list[str]) -> list[str]:
+        """A relative path under one of the repository's own folders (`monitoring/prometheus/rules.yml`)
+        must exist, unless it is where the command writes or a placeholder."""
+        problems = []
+        for previous, arg in itertools.pairwise(["", *args]):
+            flag, _, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+            if not value or PLACEHOLDER.search(value) or (previous if not flag else flag) in OUTPUT_FLAGS:
+                continue
+            path = Path(value)
+            if path.is_absolute() or len(path.parts) < 2 or path.parts[0] in ("..", "."):
+                continue
+            if (self.repo / path.parts[0]).is_dir() and not (self.repo / path).exists():
+                problems.append(f"no such path in the repository: {value}")
+        return problems
 
     def repo_file(self, name: str) -> Path:
         path = Path(name).expanduser()
@@ -277,6 +373,88 @@ class CommandChecker:
                 if flag not in known]
 
 
+# Tasks that only read and compute, fast enough to run on every check; each with the flag that
+# sends the files it writes elsewhere (to the runner's scratch folder).
+RUN_HERE_TASKS: dict[str, str | None] = {"bench.predict": "--output-dir", "model.plan": None,
+                                         "model.list": None}
+RUN_HERE_PROGRAMS = {("promtool", "check")}
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """contextlib.chdir, which Python 3.10 lacks."""
+    before = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    command: Command
+    argv: tuple[str, ...]
+    code: int
+    output: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+
+@dataclass
+class CommandRunner:
+    """Runs, as written, the commands that can run on this machine (see the module's docstring)."""
+    checker: CommandChecker
+    scratch: Path
+    tasks: dict[str, str | None] = field(default_factory=lambda: dict(RUN_HERE_TASKS))
+
+    def runnable(self, command: Command) -> bool:
+        if command.host or command.syntax_error or command.has_placeholder or command.env:
+            return False
+        program, args = command.words[0], list(command.words[1:])
+        if program in ("invoke", "inv"):
+            core, tasks = self.checker.parse_invoke(args)
+            if not tasks:
+                return bool(core[0].args["help"].value or core[0].args["list"].value)
+            return all(ctx.name in self.tasks for ctx in tasks)
+        return (program, args[0] if args else "") in RUN_HERE_PROGRAMS
+
+    def run(self, command: Command) -> RunResult:
+        started = time.perf_counter()
+        if command.words[0] in ("invoke", "inv"):
+            argv, code, output = self.run_invoke(list(command.words[1:]))
+        else:
+            argv = command.words
+            done = self.checker.run_tool(list(argv))
+            code, output = done.returncode, done.stdout + done.stderr
+        return RunResult(command, tuple(argv), code, output, time.perf_counter() - started)
+
+    def run_invoke(self, args: list[str]) -> tuple[tuple[str, ...], int, str]:
+        """Through Invoke's own Program with the repository's collection, in this process (loading
+        tasks.py once instead of once a command), with the repository as the working directory."""
+        _, tasks = self.checker.parse_invoke(args)
+        for ctx in tasks:
+            flag = self.tasks.get(ctx.name)
+            if flag and not any(a == flag or a.startswith(flag + "=") for a in args):
+                args += [flag, str(self.scratch)]
+        argv = ("invoke", *args)
+        buffer = io.StringIO()
+        code = 0
+        with working_directory(self.checker.repo), contextlib.redirect_stdout(buffer), \
+                contextlib.redirect_stderr(buffer):
+            try:
+                Program(namespace=self.checker.invoke_tasks, name="invoke", binary="invoke").run(list(argv))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # noqa: BLE001 - a crash is this command's result, reported with its traceback
+                code = 1
+                buffer.write(traceback.format_exc())
+        return argv, code, buffer.getvalue()
+
+
 def activated_path(repo: Path) -> str:
     """PATH in a fresh login shell after `. .venv/bin/activate`."""
     return f"{repo / '.venv' / 'bin'}{os.pathsep}{FRESH_LOGIN_PATH}"
@@ -291,10 +469,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check the shell commands in Markdown code blocks.")
     parser.add_argument("files", nargs="+", type=Path, help="Markdown files")
     parser.add_argument("--repo", type=Path, default=Path.cwd(), help="where the commands run")
+    parser.add_argument("--run", action="store_true", help="also run the commands that can run here")
     args = parser.parse_args(argv)
     repo = args.repo.resolve()
     checker = CommandChecker(repo, activated_path(repo))
     problems = [p for path in args.files for p in check_markdown(path, checker)]
+    if args.run and not problems:
+        with tempfile.TemporaryDirectory(prefix="mdcommands-") as scratch:
+            runner = CommandRunner(checker, Path(scratch))
+            for path in args.files:
+                for cmd in filter(runner.runnable, extract_commands(path.read_text())):
+                    result = runner.run(cmd)
+                    print(f"{path}:{cmd.line}: exit {result.code} in {result.seconds:.1f} s: {cmd}")
+                    if not result.ok:
+                        problems.append(Problem(str(path), cmd.line, str(cmd),
+                                                f"exit {result.code}: {last_line(result.output)}"))
     for problem in problems:
         print(problem)
     return 1 if problems else 0
