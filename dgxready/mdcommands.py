@@ -72,6 +72,7 @@ HOST_PROGRAMS = {
     "ping": "iputils-ping",
     "hostnamectl": "systemd (DGX OS)",
     "apt": "apt (DGX OS is Ubuntu)",
+    "sudo": "sudo (a wrapper: what it runs is checked)",
 }
 # The flags a host program's subcommand accepts, where a runbook uses them; from their documentation:
 # vLLM's `vllm serve --help` (docs.vllm.ai, serving/parallelism_scaling.md), Ray's `ray start --help`.
@@ -91,9 +92,9 @@ HOST_FLAGS: dict[tuple[str, str], frozenset[str]] = {
 }
 # Arguments that name where a command writes, not what it reads: such a path need not exist yet.
 OUTPUT_FLAGS = {"-o", "--output", "--output-dir", "--out"}
-# A word the reader replaces: <file>, ..., $VAR, a glob, or an upper-case name without digits (NAME,
-# HEAD_IP; Q4_K_M is a value).
-PLACEHOLDER = re.compile(r"<[^<>]*>|\.\.\.|…|\$|\*|^[A-Z][A-Z_]{2,}(=.*)?$|^[A-Z]$")
+# A word the reader replaces: <file>, ..., $VAR, a glob, or an upper-case name without digits, alone
+# or in a path (NAME, bench/baselines/HOST/BEFORE.json; Q4_K_M is a value).
+PLACEHOLDER = re.compile(r"<[^<>]*>|\.\.\.|…|\$|\*|(?<![A-Za-z0-9_])[A-Z][A-Z_]{2,}(?![A-Za-z0-9_])|^[A-Z]$")
 MODULE_ORIGIN = """
 import importlib.util, sys
 try:
@@ -278,6 +279,9 @@ class CommandChecker:
         executable = self.executable(program)
         if executable is None:
             if host and program in HOST_PROGRAMS:
+                inner = wrapped_command(program, args)
+                if inner is not None:
+                    return self.check_words(inner, host) if inner else []
                 return self.check_host_flags(program, args) + self.missing_repo_paths(args)
             where = (f"; it runs on another machine ({HOST_PROGRAMS[program]}): start its block with "
                      "`# on WHERE`" if program in HOST_PROGRAMS and not host else "")
