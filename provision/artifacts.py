@@ -24,7 +24,7 @@ from provision.steps.system import AppBundle
 HOST_PYTHON_PACKAGES = ("aiohttp", "httptools", "orjson", "prometheus-client", "pydantic", "pyyaml", "rich",
                         "starlette", "uvicorn", "uvloop", "httpx", "numpy", "nvidia-ml-py")
 # model and monitoring: the exporter and the alert webhook the monitoring step runs.
-APP_PACKAGES = ("dgxready", "agents", "bench", "model", "monitoring")
+APP_PACKAGES = ("dgxready", "agents", "bench", "model", "monitoring", "backup")
 
 
 @dataclass(frozen=True)

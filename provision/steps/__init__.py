@@ -2,8 +2,10 @@
 artifacts."""
 from __future__ import annotations
 
+from backup.config import load_backup_config
 from monitoring.settings import load_monitoring_settings
 from provision.core import Step
+from provision.steps.backup import BackupStep
 from provision.steps.engine import LlamaBuild, LlamaCpp, VllmImage
 from provision.steps.modelfiles import ModelFiles, ModelStep
 from provision.steps.monitoring import MonitoringStep
@@ -20,7 +22,8 @@ def all_steps(llama: LlamaBuild, formats: dict[str, ModelFiles], app: AppBundle,
             llama_cpp, VllmImage(vllm_image), ModelStep(formats),
             EngineService(formats, vllm_image, llama_cpp.digests["llama-server"]),
             MultiplexerService(formats, app.sha256), Validate(),
-            MonitoringStep(formats, app.sha256, load_monitoring_settings())]
+            MonitoringStep(formats, app.sha256, load_monitoring_settings()),
+            BackupStep(load_backup_config().hosts)]
 
 
 def storage_step(formats: dict[str, ModelFiles]) -> Storage:
