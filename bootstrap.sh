@@ -34,6 +34,8 @@ if [ "${1:-}" = nox ]; then
   command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
   # The multiplexer runs shell.run's commands in a bubblewrap sandbox.
   command -v bwrap >/dev/null || missing+=(bubblewrap)
+  # The backup tests snapshot, damage and restore real restic repositories.
+  command -v restic >/dev/null || missing+=(restic)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo=(); elif command -v sudo >/dev/null; then sudo=(sudo); else

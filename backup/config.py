@@ -11,12 +11,14 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agents.config import load_config
-from agents.service import DEFAULT_CONFIG
 from dgxready.config import load_yaml
 from dgxready.errors import ConfigError
 from dgxready.settings import REPO_ROOT, Settings, load_settings
 
 DB_NAME = r"^[a-z0-9][a-z0-9_-]{0,40}$"
+# agents.service.DEFAULT_CONFIG; importing that module would bring the whole multiplexer (and its
+# knowledge store's libraries) into `python -m backup` on the hosts.
+MUX_CONFIG = REPO_ROOT / "agents" / "multiplexer.yaml"
 HOURLY = 60
 MINUTES_PER_DAY = 24 * 60
 
@@ -114,7 +116,7 @@ def data_home() -> Path:
 def default_databases(settings: Settings) -> dict[str, Path]:
     """Where agents/multiplexer.yaml puts the multiplexer's state and the knowledge store (beside
     it unless the config says otherwise), and the team runner's state."""
-    mux = load_config(DEFAULT_CONFIG)
+    mux = load_config(MUX_CONFIG)
     state_db = mux.state_db or settings.state_dir / "multiplexer.db"
     return {"multiplexer": state_db, "knowledge": mux.knowledge.db or state_db.with_name("knowledge.db"),
             "team": settings.state_dir / "runs" / "team.db"}

@@ -4,6 +4,8 @@ as the service user, the schedule running, and a re-run that changes nothing."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -159,3 +161,15 @@ def test_a_lab_host_takes_hourly_snapshots_of_its_state_as_the_service_user_and_
         assert again.results[0].status == "ok", again.results
     finally:
         host.destroy()
+
+
+def test_the_hosts_backup_command_imports_nothing_the_host_venv_lacks():
+    """The hosts run `python -m backup` from the venv the python-env step pins (not the knowledge
+    store's libraries, not invoke, httpx or jsonschema)."""
+    probe = ("import sys, backup.__main__; print(' '.join(sorted({m.split('.')[0] for m in sys.modules} | "
+             "{m for m in sys.modules if m.startswith('agents.')})))")
+    loaded = set(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                check=True).stdout.split())
+    agents_modules = {m for m in loaded if m.startswith("agents.")}
+    assert agents_modules <= {"agents.config", "agents.sandbox"}
+    assert not loaded & {"invoke", "httpx", "jsonschema", "uvicorn", "owlrl", "rdflib", "numpy"}
