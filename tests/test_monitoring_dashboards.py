@@ -55,5 +55,5 @@ def test_the_query_list_holds_every_prometheus_panel_and_rate_windows_become_con
     queries = panel_queries(DASHBOARDS)
     prom_panels = {(d.uid, p.title) for d in DASHBOARDS for p in d.panels if p.datasource == "prometheus"}
     assert {(q.dashboard, q.panel) for q in queries} == prom_panels
-    assert {q.needs for q in queries} == {None, "gpu", "vllm"}
+    assert {q.needs for q in queries} == {None, "gpu", "vllm", "baseline"}
     assert all("$" not in concrete(q.expr, "1m").replace('"$1"', "") for q in queries)

@@ -6,6 +6,7 @@ vLLM's `vllm:*`, dcgm-exporter's `DCGM_FI_*` (our exporter uses the same names),
 `node_*`, and the exporter's `dgxready_unified_memory_*` and `dgxready_bench_capacity_agents`."""
 from __future__ import annotations
 
+from monitoring.dashboards.capacity import CAPACITY_METRIC
 from monitoring.dashboards.model import RATE_INTERVAL, Dashboard, Panel, Query, Row
 
 SLO_S = 6.0
@@ -42,8 +43,8 @@ OVERVIEW = Dashboard(
             ), unit="s", line=SLO_S, width=16,
                 description="Above the red line the SLO (P95 < 6 s) is broken."),
             Panel("Capacity (last bench.all)", (
-                Query("max by (host, workload) (dgxready_bench_capacity_agents)", "{{host}} {{workload}}"),
-            ), kind="stat", width=8,
+                Query(f"max by (host, workload) ({CAPACITY_METRIC})", "{{host}} {{workload}}"),
+            ), kind="stat", width=8, needs="baseline",
                 description="Concurrent agents meeting the SLO in the newest baseline under "
                             "bench/baselines/<host>/; compare with the agents now active."),
         )),
@@ -170,6 +171,17 @@ ENGINE = Dashboard(
                 Query(f'sum(rate(vllm:prompt_tokens_total[{W}]))', "prompt"),
             ), unit="short", needs="vllm"),
         )),
+        Row("Engine process (exporter)", (
+            Panel("Engine up", (Query("dgxready_engine_up", "{{model}} {{backend}} :{{port}}"),),
+                  unit="short", width=8),
+            Panel("Engine resident memory", (
+                Query("dgxready_engine_resident_memory_bytes", "{{model}} {{backend}} :{{port}}"),
+            ), unit="bytes", width=8),
+            Panel("Engine restarts", (
+                Query(f"sum by (model, backend) (increase(dgxready_engine_restarts_total[{W}]))",
+                      "{{model}} {{backend}}"),
+            ), unit="short", width=8),
+        )),
         Row("Backends seen by the multiplexer", (
             Panel("Requests in flight per backend", (
                 Query("dgxready_mux_backend_inflight", "{{backend}}"),
@@ -225,16 +237,20 @@ HARDWARE = Dashboard(
         Row("CPU and disk", (
             Panel("CPU busy", (
                 Query(f'1 - avg(rate(node_cpu_seconds_total{{mode="idle"}}[{W}]))', "all cores"),
-            ), unit="percentunit", width=8),
-            Panel("Disk space used", (
+            ), unit="percentunit", width=6),
+            Panel("Model store disk used", (
+                Query("1 - dgxready_model_store_disk_free_bytes / dgxready_model_store_disk_total_bytes",
+                      "{{path}}"),
+            ), unit="percentunit", line=0.9, width=6,
+                description="The filesystem under the model store (<prefix>/models on a host); alert at 90%."),
+            Panel("Filesystems used", (
                 Query('1 - node_filesystem_avail_bytes{fstype!~"tmpfs|overlay|squashfs|ramfs"} '
                       '/ node_filesystem_size_bytes{fstype!~"tmpfs|overlay|squashfs|ramfs"}', "{{mountpoint}}"),
-            ), unit="percentunit", line=0.9, width=8,
-                description="The model store's volume (<prefix>/models) among them; alert at 90%."),
+            ), unit="percentunit", line=0.9, width=6),
             Panel("Disk throughput", (
                 Query(f"sum by (device) (rate(node_disk_read_bytes_total[{W}]))", "{{device}} read"),
                 Query(f"sum by (device) (rate(node_disk_written_bytes_total[{W}]))", "{{device}} written"),
-            ), unit="Bps", width=8),
+            ), unit="Bps", width=6),
         )),
     ),
 )

@@ -1,6 +1,7 @@
 """The dashboards' own vocabulary: plain dataclasses that the Grafana renderer (grafana.py, through
 grafana-foundation-sdk) and the PNG snapshot (monitoring.snapshot) both read, so a panel is
-defined once. `needs` marks a panel whose series exist only on some hosts (a GPU, vLLM) or in Loki."""
+defined once. `needs` marks a panel whose series exist only on some hosts (a GPU, vLLM, a
+bench.all baseline) or in Loki."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +10,8 @@ from typing import Literal
 # Grafana substitutes $__rate_interval; Prometheus's API does not know it.
 RATE_INTERVAL = "$__rate_interval"
 
-Needs = Literal["gpu", "vllm", "loki"]
+# Where a panel can have data: a GPU, vLLM, a bench.all baseline on this host, Loki.
+Needs = Literal["gpu", "vllm", "baseline", "loki"]
 Kind = Literal["timeseries", "stat", "logs"]
 
 
