@@ -166,6 +166,15 @@ def draw_stat(ax: Axes, data: PanelData) -> None:
     ax.set_yticks([])
 
 
+def y_top(data: PanelData, shown: list[Series]) -> float:
+    """Room above the highest point and the threshold line, so neither sits on the frame."""
+    values = [v for s in shown for v in scaled(data.panel, s.values) if math.isfinite(v)]
+    if data.panel.line is not None:
+        values += scaled(data.panel, (data.panel.line,))
+    top = max(values, default=0.0)
+    return top * 1.12 if top > 0 else 1.0
+
+
 def draw_timeseries(ax: Axes, data: PanelData) -> None:
     _, label = UNITS.get(data.panel.unit, (1, data.panel.unit))
     ranked = sorted((s for s in data.series if s.finite),
@@ -177,7 +186,7 @@ def draw_timeseries(ax: Axes, data: PanelData) -> None:
         line = scaled(data.panel, (data.panel.line,))[0]
         ax.axhline(line, color="red", ls=":", lw=1.2, label=f"threshold {line:g} {label}".strip())
     ax.set_ylabel(label)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, y_top(data, ranked[:MAX_LEGEND]))
     ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=timezone.utc))
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
