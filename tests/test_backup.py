@@ -272,3 +272,26 @@ def test_the_drill_restores_the_state_backed_up_under_traffic_and_the_session_co
     texts += [p.read_text(errors="replace") for p in isolated.state_dir.rglob("*") if p.is_file()
               and p.suffix in (".json", ".log", ".yaml", ".txt")]
     assert not [t for t in texts if PASSWORD in t], "the repository password reached an output or record"
+
+
+def invoke(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "invoke", *args], capture_output=True, text=True, env=env)
+
+
+def test_the_tasks_never_print_or_record_the_password_or_the_repository_credentials(live, tmp_path):
+    resolved, state = live
+    config = tmp_path / "backup.yaml"
+    config.write_text(yaml.safe_dump(resolved.config.model_dump(mode="json")))
+    env = {**os.environ, "DGXREADY_STATE_DIR": str(state), "DGXREADY_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [invoke("backup.run", "--config", str(config), "--forget", env=env),
+            invoke("backup.verify", "--config", str(config), env=env),
+            invoke("backup.restore", "--config", str(config), "--target", str(tmp_path / "out"), env=env)]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    remote = dict(resolved.config.model_dump(mode="json"), repository="rest:http://drill:hunter2-cred@127.0.0.1:9/r")
+    config.write_text(yaml.safe_dump(remote))
+    failed = invoke("backup.snapshots", "--config", str(config), env=env)
+    assert failed.returncode == 1 and "rest:http://drill:***@127.0.0.1:9/r" in failed.stderr
+    texts = [r.stdout + r.stderr for r in [*runs, failed]]
+    texts += [p.read_text(errors="replace") for p in (state / "backup").rglob("*.json")]
+    assert len(texts) > 4 and not [t for t in texts if PASSWORD in t or "hunter2-cred" in t]
+    assert (tmp_path / "out" / str(state.resolve() / "agent-keys.yaml").lstrip("/")).exists()
