@@ -10,8 +10,11 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import orjson
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sessions (
@@ -39,6 +42,10 @@ SCHEMA = (
 )
 PRIVATE = 0o600
 DAY_S = 86400.0
+# The sessions whose counters and newest turns are held in memory (this process is the only
+# writer of its sessions), so a turn neither reads its history nor its counters from the file.
+CACHED_SESSIONS = 512
+CACHED_TURNS = 32
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,29 @@ class SessionState:
     history: list[dict]
     turns: int
     kept_turns: int = 0
+
+
+@dataclass
+class CachedSession:
+    """A session's counters and the messages of its newest kept turns, oldest first."""
+    turns: int
+    kept: int
+    kept_bytes: int
+    recent: deque = field(default_factory=lambda: deque(maxlen=CACHED_TURNS))
+
+    def history(self, turns: int) -> list[dict] | None:
+        """The last `turns` turns' messages, or None when fewer of the kept turns are held."""
+        held = len(self.recent)
+        if turns > held and self.kept > held:
+            return None
+        return [m for messages in list(self.recent)[max(0, held - turns):] for m in messages]
+
+    def add(self, messages: list[dict], kept: int, kept_bytes: int) -> None:
+        self.turns += 1
+        self.kept, self.kept_bytes = kept, kept_bytes
+        self.recent.append(messages)
+        while len(self.recent) > kept:
+            self.recent.popleft()
 
 
 @dataclass(frozen=True)
@@ -99,6 +129,7 @@ class StateStore:
         self.limits = limits or StateLimits()
         self._lock = threading.RLock()
         self._depth = 0
+        self._sessions: OrderedDict[tuple[str, str], CachedSession] = OrderedDict()
         private_files(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -143,33 +174,62 @@ class StateStore:
                                     "ORDER BY turn", (agent, session)).fetchall()
         if not row:
             return SessionState(agent, session, [], 0)
-        return SessionState(agent, session, [m for (text,) in rows for m in json.loads(text)], row[0], row[1])
+        return SessionState(agent, session, [m for (text,) in rows for m in orjson.loads(text)], row[0], row[1])
 
     def recent_history(self, agent: str, session: str, turns: int) -> list[dict]:
-        """The messages of the session's last `turns` turns, oldest first; reads those rows only."""
+        """The messages of the session's last `turns` turns, oldest first: from memory when held,
+        else reading those rows only."""
         if turns <= 0:
             return []
         with self._lock:
+            cached = self._cached(agent, session)
+            held = cached.history(turns) if cached else None
+            if held is not None:
+                return held
             rows = self._db.execute("SELECT messages FROM session_turns WHERE agent=? AND session=? "
                                     "ORDER BY turn DESC LIMIT ?", (agent, session, turns)).fetchall()
-        return [m for (text,) in reversed(rows) for m in json.loads(text)]
+        return [m for (text,) in reversed(rows) for m in orjson.loads(text)]
+
+    def _cached(self, agent: str, session: str) -> CachedSession | None:
+        cached = self._sessions.get((agent, session))
+        if cached is not None:
+            self._sessions.move_to_end((agent, session))
+        return cached
+
+    def _load_session(self, db: sqlite3.Connection, agent: str, session: str) -> CachedSession:
+        """The session's counters and newest turns from the file, now held in memory."""
+        row = db.execute("SELECT turns, kept_turns, kept_bytes FROM sessions WHERE agent=? AND session=?",
+                         (agent, session)).fetchone()
+        cached = CachedSession(*(row or (0, 0, 0)))
+        if row:
+            rows = db.execute("SELECT messages FROM session_turns WHERE agent=? AND session=? "
+                              "ORDER BY turn DESC LIMIT ?", (agent, session, CACHED_TURNS)).fetchall()
+            cached.recent.extend(orjson.loads(text) for (text,) in reversed(rows))
+        self._sessions[(agent, session)] = cached
+        while len(self._sessions) > CACHED_SESSIONS:
+            self._sessions.popitem(last=False)
+        return cached
 
     def append_turn(self, agent: str, session: str, messages: list[dict]) -> int:
         """Adds one turn's row and prunes the oldest beyond the bounds; earlier turns are not read."""
-        payload = json.dumps(messages)
-        with self.tx() as db:
-            row = db.execute("SELECT turns, kept_turns, kept_bytes FROM sessions WHERE agent=? AND session=?",
-                             (agent, session)).fetchone()
-            turns, kept, kept_bytes = row or (0, 0, 0)
-            size = self._insert_turn(db, agent, session, turns + 1, payload)
-            kept, kept_bytes = self._prune_session(db, agent, session, kept + 1, kept_bytes + size)
-            self._save_session(db, agent, session, turns + 1, kept, kept_bytes, time.time())
+        payload = orjson.dumps(messages)
+        try:
+            with self.tx() as db:
+                cached = self._cached(agent, session) or self._load_session(db, agent, session)
+                size = self._insert_turn(db, agent, session, cached.turns + 1, payload.decode(), len(payload))
+                kept, kept_bytes = self._prune_session(db, agent, session, cached.kept + 1,
+                                                       cached.kept_bytes + size)
+                self._save_session(db, agent, session, cached.turns + 1, kept, kept_bytes, time.time())
+                cached.add(messages, kept, kept_bytes)
+        except BaseException:
+            self._sessions.pop((agent, session), None)
+            raise
         self.retention_due()
-        return turns + 1
+        return cached.turns
 
     def _insert_turn(self, db: sqlite3.Connection, agent: str, session: str, number: int,
-                     payload: str) -> int:
-        size = len(payload.encode())
+                     payload: str, size: int | None = None) -> int:
+        size = len(payload.encode()) if size is None else size
         db.execute("INSERT INTO session_turns(agent, session, turn, messages, bytes) VALUES(?,?,?,?,?)",
                    (agent, session, number, payload, size))
         return size
@@ -178,10 +238,9 @@ class StateStore:
                        kept_bytes: int) -> tuple[int, int]:
         limits = self.limits
         while kept > 1 and (kept > limits.session_max_turns or kept_bytes > limits.session_max_bytes):
-            number, size = db.execute("SELECT turn, bytes FROM session_turns WHERE agent=? AND session=? "
-                                      "ORDER BY turn LIMIT 1", (agent, session)).fetchone()
-            db.execute("DELETE FROM session_turns WHERE agent=? AND session=? AND turn=?",
-                       (agent, session, number))
+            (size,) = db.execute("DELETE FROM session_turns WHERE agent=? AND session=? AND turn="
+                                 "(SELECT min(turn) FROM session_turns WHERE agent=? AND session=?) "
+                                 "RETURNING bytes", (agent, session, agent, session)).fetchone()
             kept, kept_bytes = kept - 1, kept_bytes - size
         return kept, kept_bytes
 
@@ -214,6 +273,7 @@ class StateStore:
     def prune_older_than(self, cutoff: float) -> Pruned:
         """Audit rows and task-board items written before `cutoff`, and sessions idle since."""
         with self.tx() as db:
+            self._sessions.clear()
             audit = db.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)).rowcount
             taskboard = db.execute("DELETE FROM taskboard WHERE ts < ?", (cutoff,)).rowcount
             db.execute("DELETE FROM session_turns WHERE (agent, session) IN "

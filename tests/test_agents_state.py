@@ -5,11 +5,12 @@ import os
 import sqlite3
 import time
 
+import orjson
 import pytest
 from pydantic import ValidationError
 
 from agents.config import BackendConfig, MuxConfig
-from agents.state import DAY_S, StateLimits, StateStore
+from agents.state import CACHED_TURNS, DAY_S, StateLimits, StateStore
 
 TURN = [{"role": "user", "content": "u" * 100}, {"role": "assistant", "content": "a" * 100}]
 UNBOUNDED = StateLimits(session_max_turns=100_000, session_max_bytes=1 << 30)
@@ -65,17 +66,17 @@ def test_a_turn_costs_the_same_at_the_thousandth_turn_as_at_the_second(tmp_path)
 
 
 class JsonTally:
-    """Stands in for the store's json module and counts the characters it parses and writes."""
+    """Stands in for the store's orjson module and counts the bytes it parses and writes."""
 
     def __init__(self):
         self.parsed = self.written = 0
 
     def loads(self, text):
         self.parsed += len(text)
-        return json.loads(text)
+        return orjson.loads(text)
 
     def dumps(self, value):
-        text = json.dumps(value)
+        text = orjson.dumps(value)
         self.written += len(text)
         return text
 
@@ -85,9 +86,9 @@ def test_a_turn_serialises_only_its_own_messages_however_long_the_session(tmp_pa
     for _ in range(500):
         store.append_turn("dev", "long", TURN)
     tally = JsonTally()
-    monkeypatch.setattr("agents.state.json", tally)
+    monkeypatch.setattr("agents.state.orjson", tally)
     store.append_turn("dev", "long", TURN)
-    assert (tally.parsed, tally.written) == (0, len(json.dumps(TURN)))
+    assert (tally.parsed, tally.written) == (0, len(orjson.dumps(TURN)))
 
 
 def test_appending_a_turn_never_reads_the_stored_turns_messages(tmp_path):
@@ -231,3 +232,15 @@ def test_a_session_bound_below_the_history_sent_is_refused():
     backends = [BackendConfig(name="b", url="http://127.0.0.1:1")]
     with pytest.raises(ValidationError, match="session_max_turns \\(4\\) is below history_turns \\(8\\)"):
         MuxConfig(backends=backends, history_turns=8, session_max_turns=4)
+
+
+def test_the_history_held_in_memory_is_what_the_file_holds(tmp_path):
+    store = StateStore(tmp_path / "s.db", StateLimits(session_max_turns=CACHED_TURNS + 8))
+    for n in range(CACHED_TURNS + 20):
+        store.append_turn("dev", "s", turn(n))
+    reopened = StateStore(tmp_path / "s.db", StateLimits(session_max_turns=CACHED_TURNS + 8))
+    for turns in (1, 8, CACHED_TURNS, CACHED_TURNS + 8):
+        assert store.recent_history("dev", "s", turns) == reopened.recent_history("dev", "s", turns)
+    assert store.recent_history("dev", "s", CACHED_TURNS + 8) == store.session("dev", "s").history
+    assert reopened.append_turn("dev", "s", turn(99)) == CACHED_TURNS + 21
+    assert reopened.recent_history("dev", "s", 2) == turn(CACHED_TURNS + 19) + turn(99)
