@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -16,10 +17,12 @@ from agents.config import MuxConfig, load_config, load_keys
 from agents.mux import create_mux
 from agents.server import create_app
 from agents.state import StateLimits, StateStore
+from dgxready.logs import setup_logging
 from dgxready.roles import Role, load_roles
 from dgxready.settings import load_settings
 
 DEFAULT_CONFIG = Path(__file__).with_name("multiplexer.yaml")
+SERVICE = "dgxready-mux"  # its log file, <state>/logs/dgxready-mux.jsonl, and its systemd unit
 
 
 def default_keys_path() -> Path:
@@ -49,8 +52,10 @@ def serve_forever(config: MuxConfig) -> None:
     # pauses that show up in tail latency.
     gc.collect()
     gc.freeze()
+    setup_logging(SERVICE)
+    logging.getLogger("dgxready.mux").info("mux.started", extra={"host": config.host, "port": config.port})
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
-                access_log=False)
+                access_log=False, log_config=None)
 
 
 @dataclass

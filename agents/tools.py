@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import re
 import time
@@ -30,6 +31,8 @@ from agents.sandbox import (
 )
 from agents.state import StateStore
 from dgxready.roles import Role
+
+log = logging.getLogger("dgxready.mux.tools")
 
 MUTATING = {"workspace.write", "taskboard.append"}
 # A role that may call the right-hand tool may call the left-hand name for it too.
@@ -210,6 +213,8 @@ class ToolRegistry:
         return result, False
 
     def _finish(self, call: ToolCall, res: ToolResult) -> ToolResult:
+        log.info("tool.call", extra={"agent": call.agent, "session": call.session, "tool": call.tool,
+                                     "outcome": res.outcome})
         detail = json.dumps(call.args)[:500] if res.ok else (res.error or "")
         self.store.audit(call.agent, call.session, call.tool, res.outcome, detail)
         self.on_outcome(call, res.outcome)
