@@ -262,8 +262,9 @@ def levers_for(sc: Scenario, target_agents: int, slo_s: float, unified: bool) ->
                              "(vLLM with Ray over the 200 GbE link when one model needs both)",
                      None, agents_divisor=2))
     cap = capacity(sc, slo_s)
-    out.append(Lever("fewer agents", f"run {cap} agents instead of {target_agents}" if cap else
-                     "no number of agents meets the SLO at these output lengths", None))
+    if cap < target_agents:
+        out.append(Lever("fewer agents", f"run {cap} agents instead of {target_agents}" if cap else
+                         "no number of agents meets the SLO at these output lengths", None))
     return out
 
 

@@ -155,7 +155,7 @@ def capacity(c, slo_p95_e2e=6.0, workload="agents", url=None, max_tokens=128, li
     "remote_dir": "with --host: the toolkit's checkout on that host",
     "net_peer": "HOST:PORT running `python -m bench.net --serve`, comma-separated (e.g. other hosts)",
     "ssh_config": "with --host: an ssh_config file to read instead of ~/.ssh/config",
-})
+}, auto_shortflags=False)
 @user_errors
 def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", workload="agents",
          slo_p95_e2e=6.0, target_agents=10, slo_exit=False, max_tokens=128, limit=32, output_dir=None,

@@ -86,6 +86,11 @@ def test_lighter_weights_faster_memory_and_shorter_outputs_never_predict_a_worse
     assert spark_prediction(max_tokens=96, kv_dtype="fp8").capacity >= base.capacity
 
 
+def test_fewer_agents_is_a_lever_only_where_the_target_is_missed():
+    assert "fewer agents" not in {e.name for e in spark_prediction(max_tokens=48, agents=4).levers}
+    assert spark_prediction().levers[-1].name == "fewer agents"
+
+
 def simulated_level(sc: Scenario, c: int, rng) -> object:
     """What an engine that follows the model would report: TTFT and per-token gaps from the model,
     with 2% noise. Simulated, to test that calibration recovers the parameters."""
