@@ -20,8 +20,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from dgxready.errors import DgxReadyError  # noqa: E402
+from dgxready.settings import load_settings  # noqa: E402
 from monitoring.dashboards.definitions import DASHBOARDS  # noqa: E402
 from monitoring.dashboards.model import Dashboard, Panel, concrete  # noqa: E402
+from monitoring.settings import load_monitoring_settings  # noqa: E402
+from monitoring.stack import load_stack  # noqa: E402
 
 COLUMNS = 3
 MAX_LEGEND = 8
@@ -241,3 +245,21 @@ def snapshot(prometheus_url: str, out_dir: Path, tr: TimeRange, host: str | None
         empty += [(d.uid, p.panel.title) for p in panels if not p.has_data]
         pngs.append(save_png(dashboard_figure(d, panels, host, tr), out_dir / f"{d.uid}.png"))
     return Snapshot(pngs, empty)
+
+
+def recorded_prometheus_url() -> str:
+    stack = load_stack()
+    if stack is None:
+        raise DgxReadyError("no monitoring stack is recorded: start one with `invoke monitoring.up`, "
+                            "or give --url of a Prometheus")
+    return stack.prometheus_url
+
+
+def take_snapshot(url: str | None = None, out_dir: Path | None = None, minutes: float = 60.0,
+                  host: str | None = None) -> Snapshot:
+    """What `invoke monitoring.snapshot` does: the last `minutes` from the given Prometheus (default:
+    the one `monitoring.up` started), into out_dir (default <state>/monitoring/snapshots/<timestamp>/)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    out_dir = out_dir or load_settings().state_dir / "monitoring" / "snapshots" / stamp
+    scrape_s = load_monitoring_settings().scrape_interval_s
+    return snapshot(url or recorded_prometheus_url(), out_dir, TimeRange.last(minutes * 60), host, scrape_s)

@@ -12,6 +12,7 @@ from dgxready.errors import DgxReadyError
 from monitoring.prometheus.rule_tests import write_rule_files
 from monitoring.promtool import check_rules, test_rules
 from monitoring.settings import load_monitoring_settings
+from monitoring.snapshot import Snapshot, take_snapshot
 from monitoring.stack import MonitoringStack, stack_status, start_stack, stop_stack
 
 
@@ -83,6 +84,22 @@ def rules(c, output=None, config=None):
     out.print(f"wrote {files.rules} and {files.tests}")
 
 
+def print_snapshot(shot: Snapshot) -> None:
+    for png in shot.pngs:
+        out.print(f"wrote {png}")
+    for dashboard, panel in shot.no_data:
+        out.print(f"[yellow]no data[/]: {dashboard} / {panel}")
+
+
+@task(help={"url": "Prometheus to query (default: the one monitoring.up started)",
+            "minutes": "how far back from now", "out": "folder for the PNGs (default: "
+            "<state>/monitoring/snapshots/<timestamp>/)", "host": "host name in the titles"})
+@user_errors
+def snapshot(c, url=None, minutes=60, out=None, host=None):
+    """Draw each dashboard's panels from Prometheus as one PNG per dashboard; name the empty panels."""
+    print_snapshot(take_snapshot(url, Path(out) if out else None, float(minutes), host))
+
+
 ns = Collection("monitoring")
-for t in (up, down, status, rules):
+for t in (up, down, status, rules, snapshot):
     ns.add_task(t)

@@ -2,11 +2,14 @@
 definitions keep the shape the docs promise (SLO first, one definition per panel, no session ids)."""
 import json
 
+import pytest
 import yaml
 
+from dgxready.errors import DgxReadyError
 from monitoring.dashboards.definitions import DASHBOARDS, OVERVIEW, SLO_S
 from monitoring.dashboards.grafana import GRAFANA_DIR, HOST_DASHBOARDS_PATH, generated_files
 from monitoring.dashboards.model import concrete, panel_queries
+from monitoring.snapshot import TimeRange, legend, take_snapshot
 
 
 def test_the_committed_grafana_files_are_the_generated_ones():
@@ -57,3 +60,16 @@ def test_the_query_list_holds_every_prometheus_panel_and_rate_windows_become_con
     assert {(q.dashboard, q.panel) for q in queries} == prom_panels
     assert {q.needs for q in queries} == {None, "gpu", "vllm", "baseline"}
     assert all("$" not in concrete(q.expr, "1m").replace('"$1"', "") for q in queries)
+
+
+def test_snapshot_without_a_recorded_stack_or_url_says_to_start_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("DGXREADY_STATE_DIR", str(tmp_path))
+    with pytest.raises(DgxReadyError, match="monitoring.up"):
+        take_snapshot()
+
+
+def test_snapshot_legends_follow_grafanas_templates_and_rate_windows_cover_four_scrapes():
+    assert legend("{{role}}: {{ tool }}", {"role": "developer", "tool": "shell.run"}) == "developer: shell.run"
+    assert legend("__auto", {"__name__": "up", "job": "mux"}) == 'up{job="mux"}'
+    assert TimeRange(0, 3600, 15).rate_interval(15) == "60s"
+    assert TimeRange(0, 86400, 360).rate_interval(15) == "375s"
