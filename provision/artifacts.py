@@ -46,9 +46,9 @@ def host_pins() -> tuple[str, ...]:
     return tuple(pins)
 
 
-def model_files(model: str, engine: str, settings: Settings) -> ModelFiles:
+def model_files(model: str, engine: str, settings: Settings, fmt: str | None = None) -> ModelFiles:
     # pull() hashes what is already in the store, so the files match the catalog's sha256.
-    result = pull(model, engine=engine, settings=settings)
+    result = pull(model, fmt=fmt, engine=engine, settings=settings)
     catalog = load_catalog()
     spec = catalog.format(model, result.fmt)
     store = store_for(settings)
@@ -83,9 +83,10 @@ def app_bundle(cache: Path) -> AppBundle:
     return AppBundle(out, digest)
 
 
-def controller_artifacts(settings: Settings, model: str, engines: set[str]) -> Artifacts:
+def controller_artifacts(settings: Settings, model: str, engines: dict[str, str | None]) -> Artifacts:
+    """`engines`: each engine the hosts need, with the format they ask for (None: the first)."""
     build = build_llamacpp(settings)
     sdist = settings.downloads_dir / f"llama_cpp_python-{settings.llamacpp.python_sdist_version}.tar.gz"
     llama = LlamaBuild(build.root / "bin", platform.machine(), sdist if sdist.exists() else None)
-    formats = {engine: model_files(model, engine, settings) for engine in sorted(engines)}
+    formats = {engine: model_files(model, engine, settings, fmt) for engine, fmt in sorted(engines.items())}
     return Artifacts(llama, formats, app_bundle(settings.cache_dir / "provision"), host_pins())

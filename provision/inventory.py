@@ -115,6 +115,9 @@ class HostVars(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     profile: Profile = "cpu-only"
     model: str = Field("smollm2-135m", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    model_format: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+                                     description="the catalog format to serve, e.g. fp8 (default: the "
+                                                 "first one for the host's engine)")
     prefix: str = Field("/opt/dgxready", pattern=r"^/[A-Za-z0-9._/-]{1,200}$",
                         description="where the toolkit, binaries and models live on the host")
     serve_port: int = Field(8080, ge=1, le=65535)

@@ -50,9 +50,22 @@ class RunRecord:
         return out
 
 
-def engines_for(targets: list[Target], model: str) -> set[str]:
-    has_vllm = bool(load_catalog().model(model).formats_for("vllm"))
-    return {"vllm" if has_vllm and t.entry.vars.profile != "cpu-only" else "llamacpp" for t in targets}
+def engines_for(targets: list[Target], model: str) -> dict[str, str | None]:
+    """The engine each host serves with, and the format asked for it (one per engine and run)."""
+    entry = load_catalog().model(model)
+    has_vllm = bool(entry.formats_for("vllm"))
+    chosen: dict[str, str | None] = {}
+    for t in targets:
+        engine = "vllm" if has_vllm and t.entry.vars.profile != "cpu-only" else "llamacpp"
+        fmt = t.entry.vars.model_format
+        if fmt is not None and fmt not in entry.formats_for(engine):
+            raise DgxReadyError(f"{t.name}: vars.model_format: {model} has no {engine} format {fmt!r}; "
+                                f"it has {', '.join(entry.formats_for(engine))}")
+        if chosen.get(engine, fmt) != fmt:
+            raise DgxReadyError(f"{t.name}: vars.model_format: one {engine} format per run, please: "
+                                f"{chosen[engine]} and {fmt}")
+        chosen[engine] = fmt
+    return chosen
 
 
 def steps_for(targets: list[Target], model: str, settings: Settings) -> list[Step]:

@@ -13,13 +13,13 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dgxready.errors import ConfigError
+from dgxready.errors import ConfigError, DgxReadyError
 from model.catalog import load_catalog
 from model.plan import shape_from_catalog
 from provision import facts as F
 from provision.core import Host, StepFailed, q, run_step
 from provision.inventory import ADDRESS, NAME, HostEntry, HostVars, Inventory, Target, load_inventory, select
-from provision.run import provision
+from provision.run import engines_for, provision
 from provision.steps import engine, modelfiles, services, system, validate
 from provision.steps.base import InstallPackages, sha256_text
 from provision.steps.system import SSHD_CONF, SSHD_HARDENING
@@ -426,3 +426,16 @@ def test_new_code_or_a_new_engine_binary_restarts_its_service(tmp_path):
     assert not services.MultiplexerService(formats, "a" * 64).check(offline(running))
     (start,) = services.MultiplexerService(formats, "b" * 64).check(offline(running)).of(services.StartService)
     assert "restart" in start.reason
+
+
+def test_a_host_can_ask_for_the_fp8_checkpoint_and_a_wrong_or_split_format_names_the_host():
+    mistral = "mistral-7b-instruct-v0.3"
+    spark = target(profile="dgx-spark", model=mistral, model_format="fp8")
+    cpu = target(profile="cpu-only", model=mistral)
+    assert engines_for([spark, cpu], mistral) == {"vllm": "fp8", "llamacpp": None}
+    with pytest.raises(DgxReadyError, match="box: vars.model_format: .* no vllm format 'gguf-q8_0'"):
+        engines_for([target(profile="dgx-spark", model=mistral, model_format="gguf-q8_0")], mistral)
+    other = Target(name="spark-2", entry=HostEntry(address="127.0.0.62", vars=HostVars(
+        profile="dgx-spark", model=mistral, model_format="safetensors-bf16")))
+    with pytest.raises(DgxReadyError, match="spark-2: vars.model_format: one vllm format per run"):
+        engines_for([spark, other], mistral)
