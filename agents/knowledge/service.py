@@ -135,6 +135,10 @@ class KnowledgeService:
         self.ontology.load(self.store.ontology_since(self.ontology.version))
         return self.ontology
 
+    def asserted_triples(self) -> int:
+        with self.ontology.lock:
+            return len(self._synced_ontology().asserted)
+
     def onto_query(self, sparql: str, reasoning: bool = True) -> OntologyAnswer:
         version = self.store.version()
         key = CacheKey("sparql", normalised_sparql(sparql), reasoning)

@@ -9,6 +9,7 @@ change log's version from a sequence taken in the writing transaction) and answe
 in the database instead of an in-process index."""
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import threading
@@ -29,7 +30,6 @@ from agents.knowledge.types import (
     VectorBatch,
 )
 from agents.knowledge.vectors import VectorIndex, VectorSettings, normalised
-from agents.state import private_files
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS changes (
@@ -58,8 +58,27 @@ STOPWORDS = frozenset(
     "a an and are as at be by do does for from how i if in is it its my of on or so that the this to "
     "what when where which who why with you your we our can should would".split())
 VECTOR_PAGE = 20_000
+PRIVATE = 0o600
 CHUNK_COLUMNS = ("c.id, c.document, c.ordinal, d.source, c.heading, c.text, c.scope, d.author, d.role, "
                  "d.ts, c.version")
+
+
+def create_private(path: Path) -> None:
+    """A new database file readable by the owner only. An existing one is never opened here:
+    closing any descriptor of a file drops every POSIX lock this process holds on it, the locks
+    SQLite's other connections in this process rely on (then another process may checkpoint and
+    reset the WAL under them, and two writers read the same version)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE))
+    except FileExistsError:
+        pass
+
+
+def restrict(path: Path) -> None:
+    """The database and its WAL and shared-memory files, owner only (chmod takes no lock)."""
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if p.exists():
+            os.chmod(p, PRIVATE)
 
 
 def fts_query(text: str) -> str | None:
@@ -98,14 +117,14 @@ class SqliteKnowledgeStore:
         self.path = path
         self.vector_settings = vectors or VectorSettings(index_dir=Path(f"{path}.ann"))
         self.lock = threading.RLock()
-        private_files(path)
+        create_private(path)
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         with self.write() as db:
             for statement in SCHEMA:
                 db.execute(statement)
-        private_files(path)
+        restrict(path)
         self.index: VectorIndex | None = None
 
     def close(self) -> None:
@@ -221,6 +240,7 @@ class SqliteKnowledgeStore:
         with self.index.lock:
             for batch in self.vector_batches(self.index.version, self.version()):
                 self.index.apply(batch)
+            self.index.settle()
         return self.index
 
     def vector_batches(self, since: int, upto: int) -> Iterator[VectorBatch]:

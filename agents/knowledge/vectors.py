@@ -105,8 +105,11 @@ class AnnVectors:
         return len(self.index)
 
     def add(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        if len(ids):
-            self.index.add(ids.astype(np.uint64), rows, threads=self.settings.threads)
+        keys = ids.astype(np.uint64)
+        fresh = ~np.asarray(self.index.contains(keys), dtype=bool).reshape(-1) if len(self.index) else \
+            np.ones(len(keys), dtype=bool)
+        if fresh.any():
+            self.index.add(keys[fresh], rows[fresh], threads=self.settings.threads)
 
     def remove(self, ids: list[int]) -> None:
         if ids:
@@ -166,6 +169,10 @@ class VectorIndex:
             self.rows.add(np.asarray(batch.added_ids, dtype=np.int64), as_matrix(batch.added, self.dim))
         self.rows.remove(batch.removed_ids)
         self.version = batch.version
+
+    def settle(self) -> None:
+        """After the last page of a sync: past the threshold, exact search gives way to the ANN
+        index, which is saved as of this version."""
         if self.mode == "exact" and len(self.rows) >= self.settings.ann_threshold:
             self.rows = self.build_ann(self.rows)
             self.save()
