@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from dgxready.settings import load_settings
 SCHEMA = Path(__file__).with_name("schema") / "drill-report-v1.schema.json"
 SCHEMA_ID = "dgxready.backup-drill/v1"
 ROLE = "developer"
+TASKBOARD = "taskboard-items"
 Say = Callable[[str], None]
 
 
@@ -137,7 +139,7 @@ class Traffic:
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     threads: list[threading.Thread] = field(default_factory=list)
-    tool_pause_s: float = 0.05
+    tool_pause_s: float = 0.2
 
     def failed(self, agent: AgentIdentity, exc: Exception) -> None:
         with self.lock:
@@ -197,6 +199,10 @@ class Traffic:
     def acked(self, agent: str, before: float) -> int:
         return sum(1 for name, at in self.turns if name == agent and at < before)
 
+    def tool_pairs_before(self, before: float) -> int:
+        """Workspace append + task-board item pairs acknowledged before `before`."""
+        return sum(1 for at in self.tools if at < before) // 2
+
     def between(self, start: float, end: float) -> tuple[int, int]:
         turns = sum(1 for _, at in self.turns if start <= at <= end)
         return turns, sum(1 for at in self.tools if start <= at <= end)
@@ -247,7 +253,8 @@ def backup_under_traffic(resolved: Resolved, paths: DrillPaths, backends: list[B
         traffic.finish()
         mux.stop()
     turns, tools = traffic.between(start, end)
-    acked = {a.name: traffic.acked(a.name, start) for a in agents}
+    acked = {a.name: traffic.acked(a.name, start) for a in agents} | {
+        TASKBOARD: traffic.tool_pairs_before(start)}
     doc = {"snapshot": result.snapshot, "seconds": round(result.seconds, 3), "files": result.files,
            "bytes": result.bytes, "databases": {Path(p).name: c for p, c in result.databases.items()},
            "turns_during_backup": turns, "tool_calls_during_backup": tools,
@@ -268,11 +275,22 @@ def restore_and_continue(resolved: Resolved, paths: DrillPaths, backends: list[B
     finally:
         mux.stop()
     clock.mark("continued")
-    return {"restore_seconds": round(result.seconds, 3), "files": result.files,
+    restored_items = taskboard_items(paths.db)
+    return {"taskboard": {"acked_before_backup": acked[TASKBOARD], "restored": restored_items,
+                          "kept": restored_items >= acked[TASKBOARD]},
+            "restore_seconds": round(result.seconds, 3), "files": result.files,
             "restic_check": "ok", "checksums": "ok" if not result.problems_in_place else "mismatch",
             "problems": result.problems_in_place[:10],
             "sqlite_integrity": {Path(p).name: integrity(Path(p)) for p in result.databases},
             "session": session}
+
+
+def taskboard_items(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT count(*) FROM taskboard").fetchone()[0]
+    finally:
+        conn.close()
 
 
 def rpo(config: BackupConfig, backup_seconds: float) -> dict:
@@ -327,6 +345,7 @@ def run_drill(config: BackupConfig, backends: list[BackendConfig], options: Dril
            "rpo": rpo(config, backup["seconds"])}
     doc["passed"] = bool(doc["rto"]["met"] and doc["rpo"]["met"] and verify["session"]["continued"]
                          and verify["checksums"] == "ok" and not backup["traffic_errors"]
+                         and verify["taskboard"]["kept"]
                          and all(c == "ok" for c in verify["sqlite_integrity"].values()))
     check_report(doc)
     path = report_path(options)
@@ -353,6 +372,9 @@ def print_report(out: Console, doc: dict, path: Path) -> None:
     s = v["session"]
     table.add_row("session continued", f"{s['turns_restored']} → {s['turns_after_new_turn']} turns "
                   f"(≥ {s['acked_before_backup']} acknowledged before)", "", "yes" if s["continued"] else "NO")
+    board = v["taskboard"]
+    table.add_row("task-board items restored", f"{board['restored']} (≥ {board['acked_before_backup']} "
+                  "acknowledged before)", "", "yes" if board["kept"] else "NO")
     table.add_row("checksums, integrity_check", f"{v['checksums']}, "
                   f"{', '.join(f'{k}: {c}' for k, c in v['sqlite_integrity'].items())}", "", "")
     out.print(table)

@@ -18,9 +18,10 @@ import yaml
 
 from agents.config import BackendConfig
 from agents.state import StateStore
+from backup.__main__ import seconds_to_next
 from backup.capture import MANIFEST, capture, read_manifest, staged_name
 from backup.config import BackupConfig, load_backup_config, resolve
-from backup.drill import DrillOptions, run_drill
+from backup.drill import DrillOptions, check_report, run_drill
 from backup.ops import restic_for, restore_snapshot, run_backup, verify_snapshot
 from backup.restic import BackupError, CorruptRepository, DiskFull, SnapshotNotFound, WrongPassword
 from dgxready.errors import ConfigError
@@ -261,6 +262,8 @@ def test_the_drill_restores_the_state_backed_up_under_traffic_and_the_session_co
     session = report["verify"]["session"]
     assert session["turns_restored"] >= session["acked_before_backup"] >= 2
     assert session["turns_after_new_turn"] == session["turns_restored"] + 1 and session["history_kept"]
+    board = report["verify"]["taskboard"]
+    assert board["restored"] >= board["acked_before_backup"] > 0 and board["kept"]
     integrity = report["verify"]["sqlite_integrity"]
     assert integrity["multiplexer.db"] == "ok" and set(integrity.values()) == {"ok"}
     assert report["rto"]["measured_s"] < 3600 and report["rpo"]["implied_s"] == 3600
@@ -295,3 +298,14 @@ def test_the_tasks_never_print_or_record_the_password_or_the_repository_credenti
     texts += [p.read_text(errors="replace") for p in (state / "backup").rglob("*.json")]
     assert len(texts) > 4 and not [t for t in texts if PASSWORD in t or "hunter2-cred" in t]
     assert (tmp_path / "out" / str(state.resolve() / "agent-keys.yaml").lstrip("/")).exists()
+
+
+def test_a_drill_report_missing_a_measure_is_refused_with_the_field_named():
+    with pytest.raises(BackupError, match=r"drill report: <root>: 'rto' is a required property"):
+        check_report({"schema": "dgxready.backup-drill/v1", "started_at": "2026-01-01T00:00:00Z", "host": "h",
+                      "backup": {}, "verify": {}, "rpo": {}, "passed": False})
+
+
+def test_the_schedule_loop_fires_on_wall_clock_multiples_of_the_interval():
+    assert seconds_to_next(60, 3600 * 5 + 600) == 3000
+    assert seconds_to_next(15, 900 * 3) == 900

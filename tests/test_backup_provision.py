@@ -148,12 +148,13 @@ def test_a_lab_host_takes_hourly_snapshots_of_its_state_as_the_service_user_and_
         assert result.status == "changed", result
         assert "supervised process with a pidfile" in result.detail
         conn = host.connection()
-        listing = conn.run(B.snapshots_fact(offline({})).command(), hide=True, warn=True)
+        listing = conn.run(B.snapshots_fact(offline({})).command(), hide=True, warn=True, in_stream=False)
         assert len(json.loads(listing.stdout.strip().splitlines()[-1])) >= 1
         password = host.root / "opt/dgxready/etc/backup-password"
         assert oct(password.stat().st_mode & 0o777) == "0o600"
         probe = offline({})
-        verify = conn.run(B.as_service_user(probe, B.backup_argv(probe, "verify")), hide=True, warn=True)
+        verify = conn.run(B.as_service_user(probe, B.backup_argv(probe, "verify")), hide=True, warn=True,
+                          in_stream=False)
         assert verify.ok, verify.stderr
         assert password.read_text().strip() not in verify.stdout + verify.stderr + result.detail
         conn.close()
