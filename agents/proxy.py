@@ -82,6 +82,9 @@ class Outcome:
 
 
 USAGE_MARK = re.compile(rb'"usage"|"finish_reason": ?"')
+# The events parsed: every data line when the text is kept, else those carrying usage or a finish.
+DATA_LINE = re.compile(rb"^data:.*$", re.M)
+MARKED_LINE = re.compile(rb'^data:.*(?:"usage"|"finish_reason": ?").*$', re.M)
 TOOL_CALLS_MARK = b'"tool_calls"'
 
 
@@ -130,13 +133,11 @@ class SseTally:
             if TOOL_CALLS_MARK in whole or self.guard.note_pending:
                 whole = screened_events(whole, self.guard)
             if self.keep_text or USAGE_MARK.search(whole):
-                for line in whole.split(b"\n"):
-                    self.parse(line)
+                for line in (DATA_LINE if self.keep_text else MARKED_LINE).finditer(whole):
+                    self.parse(line.group())
         return whole
 
     def parse(self, line: bytes) -> None:
-        if not self.keep_text and not USAGE_MARK.search(line):
-            return
         chunk = event_of(line)
         if chunk is None:
             return
@@ -168,7 +169,6 @@ async def acquire(mux: Mux, turn: Turn, retry: bool) -> Grant:
         m.rejections.labels("deadline").inc()
         raise ApiError(504, "deadline passed while queued", "timeout") from None
     m.agent(turn.ident.name).queue_wait.observe(grant.queue_wait_s)
-    m.backend_inflight(grant.backend.name).set(grant.backend.outstanding)
     return grant
 
 
@@ -185,7 +185,6 @@ def release(mux: Mux, grant: Grant, failed: bool, refused: bool = False) -> None
     else:
         backend.failures = 0
     mux.scheduler.release(backend)
-    mux.metrics.backend_inflight(backend.name).set(backend.outstanding)
 
 
 def retried(mux: Mux, turn: Turn, grant: Grant, exc: Exception) -> None:
@@ -338,6 +337,7 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
     content = st.response.content
     failed = cancelled = False
     out = b""
+    reads = 0
     try:
         await send({"type": "http.response.start", "status": 200,
                     "headers": SSE_HEADERS + encode_headers(answer_headers(turn, st.grant, st.sent))})
@@ -348,10 +348,13 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 out = b""
             # uvicorn's send() ignores a closed connection; receive() is what reports the hang-up.
-            gone = gone or asyncio.ensure_future(receive())
+            # Watched from the second read on: a short answer ends before it, without a task.
+            if gone is None and reads:
+                gone = asyncio.ensure_future(receive())
+            reads += 1
             out += st.tally.feed(await content.readany())
             charge_output(mux, turn, st.tally)
-            if gone.done() and gone.result()["type"] == "http.disconnect":
+            if gone and gone.done() and gone.result()["type"] == "http.disconnect":
                 if st.tally.outcome.finish_reason is None:
                     raise ClientGone()
                 break  # the client had the whole answer and hung up before the stream's end

@@ -141,6 +141,7 @@ async def metrics(request: Request) -> Response:
     mux: Mux = request.app.state.mux
     for b in mux.pool.backends:
         mux.metrics.backend_up.labels(b.name).set(1 if b.available(time.monotonic()) else 0)
+        mux.metrics.backend_inflight(b.name).set(b.outstanding)
     mux.metrics.queue_depth.set(mux.scheduler.depth)
     return Response(generate_latest(mux.metrics.registry), media_type="text/plain; version=0.0.4")
 
