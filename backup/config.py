@@ -81,7 +81,7 @@ class BackupConfig(BaseModel):
                                               "the team runner's, and the knowledge store's")
     paths: list[Path] | None = Field(None, description="files and folders copied as they are (any SQLite file "
                                      "found in them is captured with the backup API instead)")
-    exclude: list[str] = Field(["servers", "logs", "*.pid", "*.tmp", ".*.partial"],
+    exclude: list[str] = Field(["servers", "logs", "*.pid", "*.tmp", ".*.partial", ".partial", ".quarantine"],
                                description="file or folder names (globs) left out of `paths`")
     weights: bool = Field(False, description="also back up the model store's weights")
     staging_dir: Path | None = Field(None, description="where captures and restores are staged "

@@ -48,7 +48,7 @@ class DrillOptions:
     output: Path | None = None
     turns_before: int = 2
     max_tokens: int = 8
-    keep: bool = False
+    keep: bool = False  # the scratch folder (its repository and password) stays for a look afterwards
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,8 @@ class Credentials:
     """The repository and where its password comes from; `secrets` are the strings no output
     may show (the password, and any user:password inside the repository URL)."""
     repository: str
-    env: dict[str, str]
-    password_source: str
+    env: dict[str, str] = field(repr=False)
+    password_source: str = ""
     secrets: tuple[str, ...] = field(repr=False)
 
     def redact(self, text: str) -> str:

@@ -101,14 +101,15 @@ def snapshots(c, config=None, json_=False):
                           "the default model is started when none answers)",
             "workdir": "drill folder (default: a new one under <cache dir>/backup-drill)",
             "agents": "agents sending turns and tool calls during the backup",
-            "output": "report JSON (default: <state dir>/backup/drills/<timestamp>.json)"})
+            "output": "report JSON (default: <state dir>/backup/drills/<timestamp>.json)",
+            "keep": "keep the drill folder (its scratch repository and password) afterwards"})
 @user_errors
-def drill(c, config=None, mux_config=None, workdir=None, agents=4, output=None):
+def drill(c, config=None, mux_config=None, workdir=None, agents=4, output=None, keep=False):
     """Disaster-recovery drill on a scratch copy: back up under traffic, destroy, restore, verify, RTO/RPO."""
     backup_config = load_backup_config(Path(config) if config else None)
     mux = load_config(Path(mux_config) if mux_config else DEFAULT_CONFIG)
     options = DrillOptions(agents=int(agents), workdir=Path(workdir) if workdir else None,
-                           output=Path(output) if output else None)
+                           output=Path(output) if output else None, keep=bool(keep))
     with backend_for(mux, max(2, int(agents))) as live:
         report, path = run_drill(backup_config, live.backends, options, say)
     print_report(out, report, path)

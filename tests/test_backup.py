@@ -241,7 +241,8 @@ def test_without_a_password_the_error_says_where_one_may_come_from(live, monkeyp
                                           "or RESTIC_PASSWORD_FILE or RESTIC_PASSWORD"):
         restic_for(none)
     monkeypatch.setenv("RESTIC_PASSWORD", PASSWORD)
-    assert restic_for(none).creds.password_source == "$RESTIC_PASSWORD"
+    creds = restic_for(none).creds
+    assert creds.password_source == "$RESTIC_PASSWORD" and PASSWORD not in repr(creds)
 
 
 def test_staged_names_keep_the_original_absolute_path():
