@@ -52,7 +52,7 @@ class Credentials:
     may show (the password, and any user:password inside the repository URL)."""
     repository: str
     env: dict[str, str] = field(repr=False)
-    password_source: str = ""
+    password_source: str
     secrets: tuple[str, ...] = field(repr=False)
 
     def redact(self, text: str) -> str:
