@@ -2,11 +2,11 @@
 import asyncio
 import json
 import os
+import random
 import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -86,32 +86,46 @@ def test_ten_agents_at_once_are_all_served(mux):
     assert len(results) == 10 and all(r[0] and r[1] in ("stop", "length") for r in results)
 
 
+CANARY_EXAMPLE = "CANARY-5071"
+CANARY_SESSIONS, CANARY_TURNS = 10, 3  # per agent, per session
+
+
 def test_sessions_never_see_each_others_canaries(mux):
-    """1000 concurrent turns: 10 agents x 10 sessions x 10 turns, each turn carrying its canary."""
+    """300 concurrent turns: 10 agents x 10 sessions x 3 turns, each turn carrying its own canary.
+    One worked example makes the model echo the code (9 tokens), so a canary that leaked into
+    another session's prompt, or an answer that went to the wrong request, shows in an answer."""
     agents = mux.keys.agents
-    sessions = [(a, f"iso-{s}") for a in agents for s in range(10)]
+    sessions = [(a, f"iso-{s}") for a in agents for s in range(CANARY_SESSIONS)]
     canaries = {(a.name, s): [] for a, s in sessions}
+    unique = iter(n for n in random.sample(range(10000), len(sessions) * CANARY_TURNS + 1) if n != 5071)
+    echoed = []
 
     async def session_run(client, agent, session):
-        for _ in range(10):
-            canary = f"CANARY{secrets.token_hex(4)}"
+        for _ in range(CANARY_TURNS):
+            canary = f"CANARY-{next(unique):04d}"
             canaries[(agent.name, session)].append(canary)
+            # Queueing 100 sessions on a shared CI box can outlast the default deadline.
             r = await client.post(f"{mux.url}/v1/chat/completions",
-                                  headers={"Authorization": f"Bearer {agent.key}", "X-Session-Id": session},
-                                  json={"model": "m", "max_tokens": 2, "messages": [
+                                  headers={"Authorization": f"Bearer {agent.key}", "X-Session-Id": session,
+                                           "X-Deadline-S": "900"},
+                                  json={"model": "m", "max_tokens": 12, "temperature": 0, "messages": [
                                       {"role": "system", "content": "Repeat the code."},
+                                      {"role": "user", "content": CANARY_EXAMPLE},
+                                      {"role": "assistant", "content": CANARY_EXAMPLE},
                                       {"role": "user", "content": canary}]})
             assert r.status_code == 200, r.text
-            yield_text = r.json()["choices"][0]["message"]["content"]
+            answer = r.json()["choices"][0]["message"]["content"]
+            echoed.append(canary in answer)
             others = [c for k, cs in canaries.items() if k != (agent.name, session) for c in cs]
-            assert not any(c in yield_text for c in others)
+            assert not any(c in answer for c in others), answer
 
     async def run():
         limits = httpx.Limits(max_connections=200)
-        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async with httpx.AsyncClient(timeout=900, limits=limits) as client:
             await asyncio.gather(*(session_run(client, a, s) for a, s in sessions))
 
     asyncio.run(run())
+    assert sum(echoed) >= len(echoed) // 2, f"the model echoed {sum(echoed)} of {len(echoed)} canaries"
     turns = 0
     for agent, session in sessions:
         view = httpx.get(f"{mux.url}/v1/sessions/{session}",
@@ -119,31 +133,44 @@ def test_sessions_never_see_each_others_canaries(mux):
         turns += view["turns"]
         text = json.dumps(view["history"])
         mine = canaries[(agent.name, session)]
-        assert [m["content"] for m in view["history"] if m["role"] == "user"] == mine
+        users = [m["content"] for m in view["history"] if m["role"] == "user"]
+        assert [u for u in users if u != CANARY_EXAMPLE] == mine
         foreign = [c for k, cs in canaries.items() if k != (agent.name, session) for c in cs]
         assert not any(c in text for c in foreign)
-    assert turns == 1000
+    assert turns == len(sessions) * CANARY_TURNS
 
 
 def test_one_sessions_turns_run_in_order(mux):
+    """Six turns sent 0.15 s apart, each decoding longer than that, so they queue on the session:
+    they are answered one at a time and stored in the order they were sent."""
     key = mux.key("developer")
-    results = []
+    sent, answered = [], []
 
-    def turn(i):
-        r = chat(mux.url, key, f"turn {i}", session="ordered", max_tokens=4)
-        results.append((i, r.status_code))
+    async def turn(client, i):
+        sent.append((time.monotonic(), i))
+        r = await client.post(f"{mux.url}/v1/chat/completions",
+                              headers={"Authorization": f"Bearer {key}", "X-Session-Id": "ordered"},
+                              json={"model": "m", "max_tokens": 24, "ignore_eos": True,
+                                    "messages": [{"role": "user", "content": f"turn {i}"}]})
+        assert r.status_code == 200, r.text
+        answered.append((time.monotonic(), i))
 
-    threads = [threading.Thread(target=turn, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-        time.sleep(0.02)
-    for t in threads:
-        t.join()
+    async def run():
+        async with httpx.AsyncClient(timeout=300) as client:
+            tasks = []
+            for i in range(6):
+                tasks.append(asyncio.create_task(turn(client, i)))
+                await asyncio.sleep(0.15)
+            await asyncio.gather(*tasks)
+
+    asyncio.run(run())
     view = httpx.get(f"{mux.url}/v1/sessions/ordered", headers={"Authorization": f"Bearer {key}"}).json()
     users = [m["content"] for m in view["history"] if m["role"] == "user"]
-    roles_seq = [m["role"] for m in view["history"]]
-    assert sorted(users) == [f"turn {i}" for i in range(6)] and view["turns"] == 6
-    assert roles_seq == ["user", "assistant"] * 6
+    assert users == [f"turn {i}" for i in range(6)] and view["turns"] == 6
+    assert [m["role"] for m in view["history"]] == ["user", "assistant"] * 6
+    assert [i for _, i in sorted(answered)] == list(range(6))
+    sent_at, answered_at = dict((i, t) for t, i in sent), dict((i, t) for t, i in answered)
+    assert any(sent_at[i] < answered_at[i - 1] for i in range(1, 6)), "no turn had to wait for another"
 
 
 def test_every_roles_allowed_and_denied_tools(mux):
@@ -154,19 +181,23 @@ def test_every_roles_allowed_and_denied_tools(mux):
             "kb.add": {"source": "perm.md", "text": "# perm\nallowed"},
             "onto.query": {"sparql": "ASK { ?s ?p ?o }"},
             "onto.assert": {"turtle": "<urn:perm:a> <urn:perm:b> <urn:perm:c> ."}}
+    sessions = []
     for ident in mux.keys.agents[:7]:
         allowed = set(roles[ident.role].tools)
         allowed |= {"knowledge.query"} if "kb.search" in allowed else set()
         for tool in TOOLS:
+            sessions.append(f"sess-{secrets.token_hex(6)}")
             r = httpx.post(f"{mux.url}/v1/tools/call", headers={"Authorization": f"Bearer {ident.key}"},
-                           json={"tool": tool, "args": args[tool], "session": f"perm-{tool}"})
+                           json={"tool": tool, "args": args[tool], "session": sessions[-1]})
             if tool in allowed:
                 assert r.status_code == 200 and r.json()["ok"], (ident.role, tool, r.text)
             else:
                 assert r.status_code == 403 and r.json()["outcome"] == "denied", (ident.role, tool)
+    sessions.append(f"sess-{secrets.token_hex(6)}")
+    assert chat(mux.url, mux.key("developer"), "hi", session=sessions[-1], max_tokens=1).status_code == 200
     metrics = httpx.get(f"{mux.url}/metrics").text
     assert 'outcome="denied",tool="shell.run"' in metrics
-    assert "session" not in "".join(ln for ln in metrics.splitlines() if not ln.startswith("#"))
+    assert [s for s in sessions if s in metrics] == [], "session ids must not become metric labels"
 
 
 def test_malformed_oversized_and_unauthorised_requests_get_4xx(mux):
