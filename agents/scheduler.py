@@ -53,7 +53,7 @@ class Ticket:
 class Grant:
     backend: Backend
     queue_wait_s: float
-    ticket: Ticket
+    ticket: Ticket | None = None
 
 
 def waiting(queue: deque[Ticket]) -> bool:
@@ -87,6 +87,9 @@ class FairScheduler:
             raise NoBackend()
         if not retry:
             self.check_room(agent)
+        granted = self.grant_at_once(agent, weight, cost_tokens)
+        if granted is not None:
+            return granted
         queue = self.queues.setdefault(agent, deque())
         if not waiting(queue):
             self.counters[agent] = max(self.counters.get(agent, 0.0), self.backlogged_floor())
@@ -108,6 +111,18 @@ class FairScheduler:
             self.withdraw(ticket)
             raise
         return Grant(backend, time.monotonic() - ticket.enqueued_at, ticket)
+
+    def grant_at_once(self, agent: str, weight: float, cost_tokens: float) -> Grant | None:
+        """With nothing queued and a slot free, what dispatching a ticket would do, without one."""
+        if self.depth:
+            return None
+        backend = self.pool.pick()
+        if backend is None:
+            return None
+        self.floor = max(self.counters.get(agent, 0.0), self.floor)
+        self.counters[agent] = self.floor + cost_tokens / weight
+        backend.outstanding += 1
+        return Grant(backend, 0.0)
 
     def check_room(self, agent: str) -> None:
         if self.depth >= self.queue_max:
