@@ -23,7 +23,7 @@ from provision.steps.system import AppBundle
 # What the multiplexer imports at run time on the host; pinned to the controller's versions.
 HOST_PYTHON_PACKAGES = ("aiohttp", "httptools", "orjson", "prometheus-client", "pydantic", "pyyaml", "rich",
                         "python-json-logger", "starlette", "uvicorn", "uvloop", "httpx", "numpy",
-                        "nvidia-ml-py")
+                        "nvidia-ml-py", "rdflib", "owlrl", "usearch", "sniffio")
 # model and monitoring: the exporter and the alert webhook the monitoring step runs.
 APP_PACKAGES = ("dgxready", "agents", "bench", "model", "monitoring", "backup")
 
