@@ -38,11 +38,11 @@ from bench.workloads import Workload, make_workload
 from dgxready.errors import DgxReadyError
 from dgxready.progress import AnyProgress, step_progress
 from dgxready.roles import load_roles
-from dgxready.settings import REPO_ROOT, load_settings
+from dgxready.settings import BASELINES_DIR, REPO_ROOT, load_settings
 from model.catalog import load_catalog
 from model.running import running_model
 
-BASELINES = REPO_ROOT / "bench" / "baselines"
+BASELINES = BASELINES_DIR
 # Twice the SLO: on the 2-core VM the sweep's c=16 level took 53 s to show only the queue that c=8
 # (P95 17 s) had already shown.
 SATURATION_FACTOR = 2.0

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dgxready.config import load_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BASELINES_DIR = REPO_ROOT / "bench" / "baselines"
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 
 

@@ -26,10 +26,11 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from dgxready.settings import Settings, load_settings
+from dgxready.settings import BASELINES_DIR, Settings, load_settings
 from model.gpu import meminfo_bytes
 from model.procs import is_running
 from model.serve import ServerState, load_states
+from monitoring.capacity import CapacityCollector
 
 GPU_LABELS = ["gpu", "UUID", "device", "modelName", "Hostname"]
 ENGINE_LABELS = ["model", "backend", "port"]
@@ -44,6 +45,7 @@ class ExporterOptions:
     mux_url: str | None = None
     mux_timeout_s: float = 1.0
     meminfo: Path = Path("/proc/meminfo")
+    baselines: Path = BASELINES_DIR
 
 
 def options_from_settings(settings: Settings, mux_url: str | None) -> ExporterOptions:
@@ -370,17 +372,20 @@ class DgxReadyCollector(Collector):
 def make_registry(options: ExporterOptions, nvml: ModuleType | Any = pynvml) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DgxReadyCollector(options, nvml))
+    registry.register(CapacityCollector(options.baselines))
     return registry
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="dgxready exporter (GPU, unified memory, disk, engine, "
                                                  "multiplexer)")
-    parser.add_argument("--address", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9400)
+    parser.add_argument("--address", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=9400, help="port to listen on")
     parser.add_argument("--state-dir", type=Path, help="dgxready state folder (default: the settings')")
     parser.add_argument("--models-dir", type=Path, help="model store (default: the settings')")
     parser.add_argument("--mux-url", help="multiplexer base URL whose /health is read; omit for none")
+    parser.add_argument("--baselines", type=Path, default=BASELINES_DIR,
+                        help="bench.all's baselines folder, for the newest capacity of each host")
     return parser.parse_args()
 
 
@@ -388,7 +393,8 @@ def main() -> None:
     args = parse_args()
     settings = load_settings()
     options = ExporterOptions(models_dir=args.models_dir or settings.models_dir,
-                              state_dir=args.state_dir or settings.state_dir, mux_url=args.mux_url)
+                              state_dir=args.state_dir or settings.state_dir, mux_url=args.mux_url,
+                              baselines=args.baselines)
     start_http_server(args.port, args.address, make_registry(options))
     print(json.dumps({"event": "exporter_listening", "address": args.address, "port": args.port}), flush=True)
     threading.Event().wait()

@@ -46,7 +46,7 @@ def options(tmp_path: Path, mux_url: str | None = None) -> ExporterOptions:
     meminfo = tmp_path / "meminfo"
     meminfo.write_text(MEMINFO)
     return ExporterOptions(models_dir=tmp_path / "store", state_dir=tmp_path / "state", mux_url=mux_url,
-                           meminfo=meminfo)
+                           meminfo=meminfo, baselines=tmp_path / "baselines")
 
 
 class FakeNvml:
@@ -219,3 +219,17 @@ def test_the_exporter_process_serves_metrics_over_http(tmp_path, processes):
     found = samples(resp.text)
     assert value(found, "dgxready_exporter_gpu_available") == 0
     assert found["dgxready_model_store_disk_total_bytes"][0].labels["path"] == str(tmp_path)
+
+
+def test_each_hosts_newest_measured_capacity_is_exported_and_a_truncated_baseline_is_skipped(tmp_path):
+    host = tmp_path / "baselines" / "spark-1"
+    host.mkdir(parents=True)
+    capacity = {"max_concurrency_meeting_slo": 3, "slo_p95_e2el_s": 6.0, "workload": {"name": "agents"}}
+    old = {"host": "spark-1", "created_at": "a", "capacity": capacity}
+    new = old | {"created_at": "b", "capacity": old["capacity"] | {"max_concurrency_meeting_slo": 9}}
+    (host / "20260101T000000Z.json").write_text(json.dumps(old))
+    (host / "20260102T000000Z.json").write_text(json.dumps(new))
+    (host / "20260103T000000Z.json").write_text(json.dumps(new)[:40])
+    found = scrape(make_registry(options(tmp_path)))
+    [sample] = found["dgxready_bench_capacity_agents"]
+    assert sample.labels == {"host": "spark-1", "workload": "agents"} and sample.value == 9

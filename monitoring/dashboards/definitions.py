@@ -6,7 +6,7 @@ vLLM's `vllm:*`, dcgm-exporter's `DCGM_FI_*` (our exporter uses the same names),
 `node_*`, and the exporter's `dgxready_unified_memory_*` and `dgxready_bench_capacity_agents`."""
 from __future__ import annotations
 
-from monitoring.dashboards.capacity import CAPACITY_METRIC
+from monitoring.capacity import CAPACITY_METRIC
 from monitoring.dashboards.model import RATE_INTERVAL, Dashboard, Panel, Query, Row
 
 SLO_S = 6.0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from bench.runner import BASELINES
+from dgxready.settings import BASELINES_DIR
 
 CAPACITY_METRIC = "dgxready_bench_capacity_agents"
 
@@ -34,7 +34,7 @@ def capacity_of(doc: dict) -> Capacity | None:
                     str(doc.get("created_at", "")))
 
 
-def newest_capacities(baselines: Path = BASELINES) -> list[Capacity]:
+def newest_capacities(baselines: Path = BASELINES_DIR) -> list[Capacity]:
     """Per host folder, the newest baseline (names are timestamps) that holds a capacity."""
     found = []
     for host_dir in sorted(p for p in baselines.glob("*") if p.is_dir()):
@@ -60,7 +60,7 @@ def capacity_family(capacities: list[Capacity]) -> GaugeMetricFamily:
 @dataclass(frozen=True)
 class CapacityCollector:
     """Register with a prometheus_client registry; reads the baselines on every scrape."""
-    baselines: Path = BASELINES
+    baselines: Path = BASELINES_DIR
 
     def collect(self) -> Iterator[Metric]:
         yield capacity_family(newest_capacities(self.baselines))
