@@ -19,9 +19,9 @@ class Embedder(Protocol):
 class EmbeddingSettings:
     url: str
     model: str = "default"
-    batch: int = 16
-    max_chars: int = 2000
-    timeout_s: float = 120.0
+    batch: int = 8
+    max_chars: int = 800
+    timeout_s: float = 600.0
     api_key: str | None = None
 
 

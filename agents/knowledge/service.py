@@ -33,7 +33,9 @@ class ServiceSettings:
     chunking: ChunkLimits = field(default_factory=ChunkLimits)
     ontology: OntologyLimits = field(default_factory=OntologyLimits)
     candidates: int = 50
-    rrf_k: int = 60
+    rrf_k: int = 10
+    text_weight: float = 1.0
+    vector_weight: float = 0.3
     cache_entries: int = 1024
 
 
@@ -45,12 +47,13 @@ def visible_scopes(role: str) -> tuple[str, ...]:
     return (TEAM_SCOPE, role_scope(role))
 
 
-def fused(rankings: Sequence[list[int]], k: int) -> dict[int, float]:
-    """Reciprocal rank fusion: each list adds 1 / (k + rank) to the chunks it ranks."""
+def fused(rankings: Sequence[tuple[list[int], float]], k: int) -> dict[int, float]:
+    """Weighted reciprocal rank fusion: each (ranking, weight) adds weight / (k + rank) to the
+    chunks it ranks."""
     scores: dict[int, float] = {}
-    for ranking in rankings:
+    for ranking, weight in rankings:
         for rank, chunk in enumerate(ranking, start=1):
-            scores[chunk] = scores.get(chunk, 0.0) + 1.0 / (k + rank)
+            scores[chunk] = scores.get(chunk, 0.0) + weight / (k + rank)
     return scores
 
 
@@ -120,7 +123,8 @@ class KnowledgeService:
             by_vector = self.store.vector_search(self.embedder.embed([query])[0], wanted * 2)
         records = self.store.chunks(list(dict.fromkeys(by_text + by_vector)))
         by_vector = [c for c in by_vector if c in records and records[c].scope in scopes][:wanted]
-        scores = fused([by_text, by_vector], self.settings.rrf_k)
+        scores = fused([(by_text, self.settings.text_weight), (by_vector, self.settings.vector_weight)],
+                       self.settings.rrf_k)
         text_ranks, vector_ranks = rank_of(by_text), rank_of(by_vector)
         best = sorted((c for c in scores if c in records), key=lambda c: -scores[c])[:limit]
         hits = tuple(Hit(records[c], scores[c], text_ranks.get(c), vector_ranks.get(c)) for c in best)

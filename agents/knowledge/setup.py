@@ -21,7 +21,12 @@ def service_settings(config: KnowledgeConfig) -> ServiceSettings:
     return ServiceSettings(chunking=ChunkLimits(max_chars=config.max_chunk_chars,
                                                 max_document_bytes=config.max_document_bytes),
                            ontology=OntologyLimits(max_turtle_bytes=config.max_turtle_bytes),
-                           cache_entries=config.cache_entries)
+                           cache_entries=config.cache_entries, rrf_k=config.rrf_k,
+                           vector_weight=config.vector_weight)
+
+
+def embedding_settings(config: KnowledgeConfig, url: str) -> EmbeddingSettings:
+    return EmbeddingSettings(url, config.embeddings_model, max_chars=config.embed_max_chars)
 
 
 def open_knowledge(config: KnowledgeConfig, state_db: Path,
@@ -33,6 +38,6 @@ def open_knowledge(config: KnowledgeConfig, state_db: Path,
     store = SqliteKnowledgeStore(path, VectorSettings(ann_threshold=config.ann_threshold,
                                                       expansion_search=config.ann_expansion_search,
                                                       index_dir=Path(f"{path}.ann")))
-    embedder = EmbeddingClient(EmbeddingSettings(config.embeddings_url, config.embeddings_model)) \
+    embedder = EmbeddingClient(embedding_settings(config, config.embeddings_url)) \
         if config.embeddings_url else None
     return KnowledgeService(store, embedder, service_settings(config), on_cache_event)

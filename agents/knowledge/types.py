@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dgxready.errors import DgxReadyError
+
 TEAM_SCOPE = "team"
 
 
-class KnowledgeError(Exception):
+class KnowledgeError(DgxReadyError):
     """Refused input or a failed query; the message says what and where, and nothing was stored."""
 
 
