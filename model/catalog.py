@@ -104,6 +104,8 @@ class Architecture(Strict):
 class ModelEntry(Strict):
     description: str
     license: str
+    purpose: Literal["chat", "embedding"] = Field("chat", description="an embedding model is served only "
+                                                  "with --embeddings, for /v1/embeddings")
     architecture: Architecture
     formats: dict[Annotated[str, Field(pattern=NAME_PATTERN)], ModelFormat] = Field(min_length=1)
 

@@ -185,6 +185,8 @@ def serve(req: ServeRequest, settings: Settings | None = None) -> ServerState:
         raise DgxReadyError(f"port {port} on {host} is already in use{who}; "
                             "pick another with --port or stop it with `invoke model.stop`")
     view = catalog_view(req.model, settings)
+    if view.entry.purpose == "embedding" and not req.embeddings:
+        raise DgxReadyError(f"{req.model} is an embedding model: serve it with --embeddings")
     choice = settle_backend(req, choose_backend(req.backend, settings.serve.vllm_image), view)
     console.print(f"backend: [bold]{choice.backend}[/] ({choice.reason})")
     resolved, entry_path, plan = prepare(req, settings, choice, view)

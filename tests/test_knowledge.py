@@ -26,8 +26,11 @@ from agents.proxy import Turn
 from agents.server import build_prompt
 from agents.state import StateStore
 from agents.tools import ToolCall, ToolRegistry
+from dgxready.errors import DgxReadyError
+from dgxready.ports import free_port
 from dgxready.roles import load_roles
-from dgxready.settings import REPO_ROOT
+from dgxready.settings import REPO_ROOT, load_settings
+from model.serve import ServeRequest, embedding_flags, serve
 
 ONTOLOGY = REPO_ROOT / "agents" / "ontology" / "team.ttl"
 TEAM = "PREFIX team: <https://dgxready.example/team#>\n"
@@ -299,3 +302,11 @@ def test_another_process_update_reaches_a_subscribed_agents_next_turn_as_a_chang
     hits = mux.tools.call(ToolCall("developer-1", roles["developer"], None, "kb.search",
                                    {"query": "architect-systems-1 note 1"}))
     assert hits.result["results"][0]["source"] == "architect-systems-1/1.md"
+
+
+def test_an_embedding_model_is_served_only_in_embeddings_mode():
+    with pytest.raises(DgxReadyError, match="is an embedding model: serve it with --embeddings"):
+        serve(ServeRequest(model="nomic-embed-text-v1.5", port=free_port()), load_settings())
+    flags = embedding_flags("llamacpp", 1024)
+    assert flags[:3] == ["--embeddings", "--pooling", "mean"] and flags[-2:] == ["-ub", "1024"]
+    assert embedding_flags("vllm", 1024) == ["--runner", "pooling"]
