@@ -16,7 +16,8 @@ import pytest
 from agents.config import AgentIdentity, BackendConfig, MuxConfig
 from agents.knowledge.cache import CacheKey, VersionedCache
 from agents.knowledge.chunking import ChunkLimits, chunk_document
-from agents.knowledge.service import KnowledgeService, ServiceSettings
+from agents.knowledge.embeddings import EmbeddingClient, EmbeddingSettings
+from agents.knowledge.service import DEGRADED, KnowledgeService, ServiceSettings
 from agents.knowledge.store import SqliteKnowledgeStore
 from agents.knowledge.types import Author, KnowledgeError, VectorBatch
 from agents.knowledge.vectors import VectorIndex, VectorSettings
@@ -310,3 +311,13 @@ def test_an_embedding_model_is_served_only_in_embeddings_mode():
     flags = embedding_flags("llamacpp", 1024)
     assert flags[:3] == ["--embeddings", "--pooling", "mean"] and flags[-2:] == ["-ub", "1024"]
     assert embedding_flags("vllm", 1024) == ["--runner", "pooling"]
+
+
+def test_search_falls_back_to_bm25_uncached_while_the_embeddings_server_is_down(tmp_path):
+    service = knowledge(tmp_path)
+    service.add_text("# Fans\nraise the GPU fan profile", "fans.md", ME)
+    service.embedder = EmbeddingClient(EmbeddingSettings(f"http://127.0.0.1:{free_port()}", timeout_s=2))
+    for _ in range(2):
+        answer = service.search("GPU fan profile")
+        assert answer.vector_search == DEGRADED and not answer.cached
+        assert [h.chunk.source for h in answer.hits] == ["fans.md"]

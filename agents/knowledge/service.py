@@ -26,6 +26,7 @@ from agents.knowledge.types import (
 )
 
 MAX_LIMIT = 50
+DEGRADED = "text (the embeddings server failed)"
 
 
 @dataclass(frozen=True)
@@ -112,15 +113,25 @@ class KnowledgeService:
         if cached is not None:
             return SearchAnswer(cached.query, cached.version, cached.hits, True, cached.vector_search)
         answer = self._search(query, limit, scopes, version)
-        self.cache.put(key, version, answer)
+        if answer.vector_search != DEGRADED:
+            self.cache.put(key, version, answer)
         return answer
+
+    def _vector_ranking(self, query: str, wanted: int) -> tuple[list[int], str]:
+        """Chunk ids by similarity and the retrieval's name; BM25 alone (not cached) while the
+        embeddings server fails."""
+        if self.embedder is None:
+            return [], "text"
+        try:
+            vector = self.embedder.embed([query])[0]
+        except KnowledgeError:
+            return [], DEGRADED
+        return self.store.vector_search(vector, wanted), "hybrid"
 
     def _search(self, query: str, limit: int, scopes: tuple[str, ...], version: int) -> SearchAnswer:
         wanted = max(self.settings.candidates, limit)
         by_text = self.store.text_search(query, scopes, wanted)
-        by_vector: list[int] = []
-        if self.embedder is not None:
-            by_vector = self.store.vector_search(self.embedder.embed([query])[0], wanted * 2)
+        by_vector, retrieval = self._vector_ranking(query, wanted * 2)
         records = self.store.chunks(list(dict.fromkeys(by_text + by_vector)))
         by_vector = [c for c in by_vector if c in records and records[c].scope in scopes][:wanted]
         scores = fused([(by_text, self.settings.text_weight), (by_vector, self.settings.vector_weight)],
@@ -128,7 +139,7 @@ class KnowledgeService:
         text_ranks, vector_ranks = rank_of(by_text), rank_of(by_vector)
         best = sorted((c for c in scores if c in records), key=lambda c: -scores[c])[:limit]
         hits = tuple(Hit(records[c], scores[c], text_ranks.get(c), vector_ranks.get(c)) for c in best)
-        return SearchAnswer(query, version, hits, False, "hybrid" if self.embedder else "text")
+        return SearchAnswer(query, version, hits, False, retrieval)
 
     def chunk(self, chunk: int) -> ChunkRecord | None:
         return self.store.chunks([chunk]).get(chunk)

@@ -228,6 +228,9 @@ class SqliteKnowledgeStore:
         index = self.synced_index()
         if index is None:
             return []
+        if query.shape[-1] != index.dim:
+            raise KnowledgeError(f"a query embedding of dimension {query.shape[-1]}, but {self.path} holds "
+                                 f"dimension {index.dim}: search with the embedding model that ingested it")
         with index.lock:
             return [chunk for chunk, _ in index.search(query, limit)]
 
