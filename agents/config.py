@@ -57,10 +57,10 @@ class KnowledgeConfig(BaseModel):
     max_chunk_chars: int = Field(1500, ge=200, le=20000, description="longest chunk; longer sections are cut")
     max_turtle_bytes: int = Field(256 * 1024, ge=1024, description="larger onto.assert payloads are refused")
     cache_entries: int = Field(1024, ge=0, description="answers kept per process, keyed by knowledge version")
-    rrf_k: int = Field(10, ge=1, le=1000, description="reciprocal rank fusion's k: the lower, the more the top "
+    rrf_k: int = Field(5, ge=1, le=1000, description="reciprocal rank fusion's k: the lower, the more the top "
                        "ranks weigh")
-    vector_weight: float = Field(0.3, ge=0, le=10, description="weight of the vector ranking against BM25's "
-                                 "(1.0); 0.3 suits the default chat model's weak embeddings, a real "
+    vector_weight: float = Field(0.2, ge=0, le=10, description="weight of the vector ranking against BM25's "
+                                 "(1.0); 0.2 suits the default chat model's weak embeddings, a real "
                                  "embedding model earns 1.0")
     embed_max_chars: int = Field(800, ge=100, le=20000, description="characters of a chunk (heading first) "
                                  "that are embedded; BM25 indexes all of it")

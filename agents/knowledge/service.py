@@ -34,9 +34,9 @@ class ServiceSettings:
     chunking: ChunkLimits = field(default_factory=ChunkLimits)
     ontology: OntologyLimits = field(default_factory=OntologyLimits)
     candidates: int = 50
-    rrf_k: int = 10
+    rrf_k: int = 5
     text_weight: float = 1.0
-    vector_weight: float = 0.3
+    vector_weight: float = 0.2
     cache_entries: int = 1024
 
 
