@@ -121,15 +121,16 @@ def print_summary(b: Baseline, out: Console, verdict: SloVerdict | None = None) 
 
 
 def prediction_headline(p: Prediction) -> str:
+    """One line, worded apart from the measured verdict ("the N-agent SLO is ...") it is printed beside."""
     where = f"{p.profile} ({p.engine}), {p.model.name}, {p.workload.name} workload"
     if p.capacity == 0:
         agents = "not even one agent meets"
     else:
         agents = f"{p.capacity} concurrent agent{'s' if p.capacity != 1 else ''} meet"
-    verdict = "met" if p.meets_target else "not met"
-    return (f"predicted on {where}: {agents} P95 E2EL <= {p.slo_p95_e2el_s:g} s; the {p.target_agents}-agent "
-            f"SLO is {verdict}; {p.target_agents} agents can have outputs up to {p.longest_output_tokens} "
-            f"tokens (the workload asks up to {p.workload.output_p95:.0f})")
+    answer = "within it" if p.meets_target else "beyond it"
+    return (f"predicted on {where}: {agents} P95 E2EL <= {p.slo_p95_e2el_s:g} s, so {p.target_agents} agents "
+            f"are {answer}; {p.target_agents} agents can have outputs up to {p.longest_output_tokens} tokens "
+            f"(the workload asks up to {p.workload.output_p95:.0f})")
 
 
 def print_prediction(p: Prediction, out: Console) -> None:
