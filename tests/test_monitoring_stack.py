@@ -121,10 +121,13 @@ def test_after_real_traffic_every_rule_expression_parses_and_the_recording_rules
 
 
 @pytest.mark.server
-def test_a_real_latency_breach_of_the_lowered_slo_reaches_the_webhook_through_alertmanager(live_stack):
+def test_a_real_latency_breach_of_the_lowered_slo_reaches_the_webhook_through_alertmanager(live_stack, mux):
     log = Path(live_stack.paths.alert_log)
 
     def breach_logged():
+        # Fresh traffic on every look: the fixture's chats may all have ended before the first
+        # scrape, or left the 1-minute rate window while earlier tests ran.
+        chat(mux.url, mux.key("developer"), "Name a fruit.", max_tokens=4)
         return [r for r in read_alert_log(log) if r.alertname == "SloP95LatencyHigh" and r.status == "firing"]
     records = eventually(breach_logged, 90, "SloP95LatencyHigh logged by the webhook")
     record = records[0]
