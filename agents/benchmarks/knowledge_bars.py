@@ -11,7 +11,8 @@
 The synthetic corpus: chunks of 60 words drawn (Zipf) from 20,000 made-up words; vectors of
 intrinsic dimension 32 (a random projection of Gaussian latents to 576, plus noise), as real
 embeddings are far from isotropic; queries are perturbed stored vectors and words of a stored
-chunk. Each figure comes with wall and CPU time per query, the host's cores and its load, since
+chunk (its content words: the 200 most frequent synthetic words stand for stopwords). Each
+figure comes with wall and CPU time per query, the host's cores and its load, since
 other work shares this machine. `--json FILE` writes them."""
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ DIM = 576
 LATENT = 32
 WORDS = 20_000
 WORDS_PER_CHUNK = 60
+COMMON = 200
 CHUNKS_PER_DOCUMENT = 1000
 BAR_MS = 20.0
 RECALL_BAR = 0.95
@@ -123,6 +125,12 @@ class Corpus:
         picks = self.rng.choice(WORDS, size=(n, WORDS_PER_CHUNK), p=self.word_p)
         return [" ".join(self.words[row]) for row in picks]
 
+    def questions(self, n: int, words: int = 6) -> list[str]:
+        """Content words of stored chunks: the corpus's COMMON most frequent words play the part
+        English stopwords play in real questions (the store drops those)."""
+        texts = self.texts(n)
+        return [" ".join([w for w in t.split() if int(w[1:w.index("x")]) >= COMMON][:words]) for t in texts]
+
     def vectors(self, n: int) -> np.ndarray:
         latent = self.rng.standard_normal((n, LATENT)).astype(np.float32)
         rows = latent @ self.projection + 0.3 * self.rng.standard_normal((n, DIM)).astype(np.float32)
@@ -188,7 +196,7 @@ def query_bar(size: int, queries: int, tmp: Path) -> QueryBar:
     rows = index.rows
     assert isinstance(rows, ExactVectors)
     vectors = corpus.queries_near(rows.matrix[:rows.count], queries)
-    texts = [" ".join(t.split()[:6]) for t in corpus.texts(queries)]
+    texts = corpus.questions(queries)
     service = KnowledgeService(store, FixedEmbedder(vectors), ServiceSettings(cache_entries=0))
     for i in range(5):
         service.search(texts[i], 10)

@@ -50,7 +50,7 @@ SCHEMA = (
       version INTEGER PRIMARY KEY, name TEXT NOT NULL, turtle TEXT NOT NULL, triples INTEGER NOT NULL)""",
     "CREATE TABLE IF NOT EXISTS seen (agent TEXT PRIMARY KEY, version INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS documents_live ON documents(source, scope) WHERE removed_in IS NULL",
-    "CREATE INDEX IF NOT EXISTS chunks_version ON chunks(version)",
+    "CREATE INDEX IF NOT EXISTS chunks_version_id ON chunks(version, id)",
     "CREATE INDEX IF NOT EXISTS chunks_removed ON chunks(removed_in) WHERE removed_in IS NOT NULL",
 )
 WORD_RE = re.compile(r"\w+", re.UNICODE)
@@ -58,6 +58,7 @@ STOPWORDS = frozenset(
     "a an and are as at be by do does for from how i if in is it its my of on or so that the this to "
     "what when where which who why with you your we our can should would".split())
 VECTOR_PAGE = 20_000
+TEXT_OVERFETCH = 4  # candidates per wanted hit before the scope filter
 PRIVATE = 0o600
 CHUNK_COLUMNS = ("c.id, c.document, c.ordinal, d.source, c.heading, c.text, c.scope, d.author, d.role, "
                  "d.ts, c.version")
@@ -218,9 +219,10 @@ class SqliteKnowledgeStore:
         marks = ",".join("?" * len(scopes))
         with self.lock:
             rows = self.db.execute(
-                f"SELECT c.id FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
-                f"WHERE chunks_fts MATCH ? AND c.scope IN ({marks}) ORDER BY bm25(chunks_fts, 2.0, 1.0) "
-                f"LIMIT ?", (match, *scopes, limit)).fetchall()
+                f"SELECT c.id FROM (SELECT rowid, bm25(chunks_fts, 2.0, 1.0) AS score FROM chunks_fts "
+                f"WHERE chunks_fts MATCH ? ORDER BY score LIMIT ?) AS f JOIN chunks c ON c.id = f.rowid "
+                f"WHERE c.scope IN ({marks}) ORDER BY f.score LIMIT ?",
+                (match, limit * TEXT_OVERFETCH, *scopes, limit)).fetchall()
         return [r[0] for r in rows]
 
     def vector_search(self, query: np.ndarray, limit: int) -> list[int]:
@@ -241,7 +243,10 @@ class SqliteKnowledgeStore:
         if self.index is None:
             self.index = VectorIndex(dim, self.vector_settings)
         with self.index.lock:
-            for batch in self.vector_batches(self.index.version, self.version()):
+            now = self.version()
+            if self.index.version >= now:
+                return self.index
+            for batch in self.vector_batches(self.index.version, now):
                 self.index.apply(batch)
             self.index.settle()
         return self.index
