@@ -90,16 +90,22 @@ async def send(client: aiohttp.ClientSession, ep: Endpoint, spec: RequestSpec
         rec.error = "protocol: bad SSE JSON"
     finally:
         rec.ended_at = time.perf_counter()
-    if rec.error is None:
-        rec.e2el = progress.last_token_at - rec.sent_at if rec.ttft is not None else None
-        # A 200 with no tokens or no finish_reason is a failure (e.g. an interrupted stream).
-        if rec.output_tokens <= 0:
-            rec.error = "empty: no output tokens in usage"
-        elif rec.finish_reason is None:
-            rec.error = "truncated: no finish_reason"
-        else:
-            rec.success = True
+    settle(rec, progress)
     return rec, "".join(progress.text)
+
+
+def settle(rec: RequestRecord, progress: StreamProgress) -> None:
+    """A finished stream's E2EL and verdict. A 200 with no tokens or no finish_reason is a
+    failure (e.g. an interrupted stream)."""
+    if rec.error is not None:
+        return
+    rec.e2el = progress.last_token_at - rec.sent_at if rec.ttft is not None else None
+    if rec.output_tokens <= 0:
+        rec.error = "empty: no output tokens in usage"
+    elif rec.finish_reason is None:
+        rec.error = "truncated: no finish_reason"
+    else:
+        rec.success = True
 
 
 async def _stream(client: aiohttp.ClientSession, ep: Endpoint, spec: RequestSpec, rec: RequestRecord,

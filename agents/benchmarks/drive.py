@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
-from bench.loadgen import Endpoint, StreamProgress, make_client, observe_line, request_body
+from bench.loadgen import Endpoint, StreamProgress, make_client, observe_line, request_body, settle
 from bench.metrics import RequestRecord
 from bench.workloads import RequestSpec, SyntheticWorkload
 
@@ -71,18 +71,6 @@ async def send_one(client: aiohttp.ClientSession, ep: Endpoint, spec: RequestSpe
     rec.ended_at = time.perf_counter()
     settle(rec, progress)
     return rec, "".join(progress.text)
-
-
-def settle(rec: RequestRecord, progress: StreamProgress) -> None:
-    if rec.error is not None:
-        return
-    rec.e2el = progress.last_token_at - rec.sent_at if rec.ttft is not None else None
-    if rec.output_tokens <= 0:
-        rec.error = "empty: no output tokens in usage"
-    elif rec.finish_reason is None:
-        rec.error = "truncated: no finish_reason"
-    else:
-        rec.success = True
 
 
 async def timed_streams(target: Target, workload: SyntheticWorkload, streams: int, seconds: float
