@@ -6,7 +6,6 @@ and idle sessions are pruned after a retention period (idempotency records by ag
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -15,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
+
+from dgxready.sqlitefiles import create_private, restrict
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sessions (
@@ -40,7 +41,6 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS idempotency_ts ON idempotency(ts)",
     "CREATE INDEX IF NOT EXISTS taskboard_ts ON taskboard(ts)",
 )
-PRIVATE = 0o600
 DAY_S = 86400.0
 # The sessions whose counters and newest turns are held in memory (this process is the only
 # writer of its sessions), so a turn neither reads its history nor its counters from the file.
@@ -98,15 +98,6 @@ class Pruned:
     sessions: int
 
 
-def private_files(path: Path) -> None:
-    """The database and its WAL and shared-memory files, readable by the owner only (they hold
-    every agent's conversations); SQLite creates the latter two with the database's mode."""
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, PRIVATE))
-    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        if p.exists():
-            os.chmod(p, PRIVATE)
-
-
 def columns(db: sqlite3.Connection, table: str) -> set[str]:
     return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
 
@@ -130,7 +121,7 @@ class StateStore:
         self._lock = threading.RLock()
         self._depth = 0
         self._sessions: OrderedDict[tuple[str, str], CachedSession] = OrderedDict()
-        private_files(path)
+        create_private(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -138,7 +129,7 @@ class StateStore:
             self._migrate_whole_histories(db)
             for statement in SCHEMA:
                 db.execute(statement)
-        private_files(path)
+        restrict(path)
         self._next_retention = 0.0
         self.retention_due()
 

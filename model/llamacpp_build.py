@@ -9,7 +9,6 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,8 @@ from pathlib import Path
 from dgxready.errors import DgxReadyError
 from dgxready.files import atomic_write_json
 from dgxready.progress import console, elapsed_text, step_progress
-from dgxready.settings import Settings, load_settings
+from dgxready.settings import LLAMA_CPP_PYTHON_SDIST_SHA256, Settings, load_settings
+from model import sdist
 
 TARGETS = ("llama-server", "llama-quantize", "llama-bench")
 BASE_FLAGS = (
@@ -146,18 +146,9 @@ def require_binary(name: str, settings: Settings | None = None) -> Path:
 
 
 def fetch_sdist(settings: Settings, version: str) -> Path:
-    dest = settings.downloads_dir
-    sdist = dest / f"llama_cpp_python-{version}.tar.gz"
-    if sdist.exists():
-        return sdist
-    dest.mkdir(parents=True, exist_ok=True)
-    console.print(f"downloading the llama-cpp-python {version} sdist with pip")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           f"llama-cpp-python=={version}", "-d", str(dest)]
-    proc = subprocess.run(cmd, stdout=sys.stderr)
-    if proc.returncode != 0 or not sdist.exists():
-        raise BuildError(f"pip could not download llama-cpp-python=={version} (exit {proc.returncode})")
-    return sdist
+    console.print(f"llama-cpp-python {version} sdist (llama.cpp's sources)")
+    return sdist.fetch_sdist("llama-cpp-python", version, settings.downloads_dir,
+                             LLAMA_CPP_PYTHON_SDIST_SHA256.get(version))
 
 
 def extract_vendored_source(settings: Settings, sdist: Path, version: str) -> Path:

@@ -9,7 +9,6 @@ change log's version from a sequence taken in the writing transaction) and answe
 in the database instead of an in-process index."""
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 import threading
@@ -30,6 +29,7 @@ from agents.knowledge.types import (
     VectorBatch,
 )
 from agents.knowledge.vectors import VectorIndex, VectorSettings, normalised
+from dgxready.sqlitefiles import create_private, restrict
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS changes (
@@ -59,27 +59,8 @@ STOPWORDS = frozenset(
     "what when where which who why with you your we our can should would".split())
 VECTOR_PAGE = 20_000
 TEXT_OVERFETCH = 4  # candidates per wanted hit before the scope filter
-PRIVATE = 0o600
 CHUNK_COLUMNS = ("c.id, c.document, c.ordinal, d.source, c.heading, c.text, c.scope, d.author, d.role, "
                  "d.ts, c.version")
-
-
-def create_private(path: Path) -> None:
-    """A new database file readable by the owner only. An existing one is never opened here:
-    closing any descriptor of a file drops every POSIX lock this process holds on it, the locks
-    SQLite's other connections in this process rely on (then another process may checkpoint and
-    reset the WAL under them, and two writers read the same version)."""
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE))
-    except FileExistsError:
-        pass
-
-
-def restrict(path: Path) -> None:
-    """The database and its WAL and shared-memory files, owner only (chmod takes no lock)."""
-    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        if p.exists():
-            os.chmod(p, PRIVATE)
 
 
 def fts_query(text: str) -> str | None:
