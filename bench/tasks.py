@@ -21,7 +21,7 @@ from bench.report import Baseline, Serving, ServingLevel, load_baseline, now_sta
 from bench.serving import run_rate
 from bench.summary import print_prediction, print_summary, print_verdict
 from bench.verdict import judge_target
-from bench.workloads import make_workload
+from bench.workloads import WORKLOAD_NAMES, make_workload
 from dgxready.cli import out, user_errors
 from dgxready.progress import new_table
 from dgxready.roles import load_roles
@@ -143,6 +143,7 @@ def capacity(c, slo_p95_e2e=6.0, workload="agents", url=None, max_tokens=128, li
     "profile": "hardware profile to check: generic or dgx-spark",
     "concurrency": "serving sweep levels, comma-separated",
     "workload": "capacity-search workload: agents or synthetic",
+    "sweep_workload": "serving-sweep workload: synthetic or agents",
     "slo_p95_e2e": "SLO: P95 end-to-end latency in seconds",
     "target_agents": "how many concurrent agents the SLO must hold for (the verdict's target)",
     "slo_exit": "exit 0 when the target agents meet the SLO, 1 when not (for CI); needs the capacity search",
@@ -160,11 +161,13 @@ def capacity(c, slo_p95_e2e=6.0, workload="agents", url=None, max_tokens=128, li
 def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", workload="agents",
          slo_p95_e2e=6.0, target_agents=10, slo_exit=False, max_tokens=128, limit=32, output_dir=None,
          skip_micro=False, skip_capacity=False, remote_dir="~/dgxready", ssh_config=None, net_peer="",
-         full_sweep=False):
+         full_sweep=False, sweep_workload="synthetic"):
     """Everything: hardware, microbenchmarks, serving sweep, capacity, roofline, SLO verdict; JSON + plots."""
     check_verdict_options(int(target_agents), int(limit), skip_capacity, slo_exit)
+    check_workloads(workload=workload, sweep_workload=sweep_workload)
     if host:
         forwarded = ["--profile", profile, "--concurrency", concurrency, "--workload", workload,
+                     "--sweep-workload", sweep_workload,
                      "--slo-p95-e2e", str(slo_p95_e2e), "--max-tokens", str(max_tokens),
                      "--limit", str(limit)]
         forwarded += ["--skip-micro"] * bool(skip_micro) + ["--skip-capacity"] * bool(skip_capacity)
@@ -175,6 +178,7 @@ def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", wo
         _sigterm_as_interrupt()
         baseline = local_run(runner.AllOptions(
             url=url, profile=profile, levels=_ints(concurrency), capacity_workload=workload,
+            sweep_workload=sweep_workload,
             slo_p95_e2e_s=float(slo_p95_e2e), max_tokens=int(max_tokens), capacity_limit=int(limit),
             output_dir=Path(output_dir) if output_dir else None, skip_micro=skip_micro,
             skip_capacity=skip_capacity, net_peers=tuple(p for p in net_peer.split(",") if p),
@@ -202,6 +206,13 @@ def local_run(opts: runner.AllOptions) -> Baseline:
         out.print(f"plot {p}")
     out.print(f"wrote {path}")
     return baseline
+
+
+def check_workloads(**flags: str) -> None:
+    """Before anything is measured: each --*workload flag names a workload."""
+    for flag, name in flags.items():
+        if name not in WORKLOAD_NAMES:
+            raise Exit(f"error: --{flag.replace('_', '-')} {name!r}: choose {' or '.join(WORKLOAD_NAMES)}", 1)
 
 
 def check_verdict_options(target_agents: int, limit: int, skip_capacity: bool, slo_exit: bool) -> None:

@@ -111,6 +111,9 @@ class AgentSession:
 Workload = SyntheticWorkload | AgentsWorkload
 
 
+WORKLOAD_NAMES = ("synthetic", "agents")
+
+
 def make_workload(name: str, seed: int = 0, max_tokens: int = 128) -> Workload:
     if name == "synthetic":
         return SyntheticWorkload(seed=seed, output_tokens=(max(1, max_tokens * 3 // 4), max_tokens))

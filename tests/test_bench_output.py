@@ -20,7 +20,7 @@ from bench.metrics import RequestRecord
 from bench.report import load_baseline
 from bench.serving import CapacityResult, LevelResult, judge, level_from
 from bench.summary import level_line, print_verdict
-from bench.tasks import check_verdict_options
+from bench.tasks import check_verdict_options, check_workloads
 from bench.verdict import judge_target
 from dgxready.settings import REPO_ROOT
 
@@ -87,6 +87,12 @@ def test_slo_exit_refuses_to_run_without_a_capacity_search_that_can_reach_the_ta
     with pytest.raises(Exit, match="--limit 8 is below --target-agents 10"):
         check_verdict_options(10, 8, skip_capacity=False, slo_exit=False)
     check_verdict_options(10, 32, skip_capacity=False, slo_exit=True)
+
+
+def test_a_misspelt_workload_is_refused_before_anything_is_measured_naming_its_flag():
+    with pytest.raises(Exit, match="--sweep-workload 'agent': choose synthetic or agents"):
+        check_workloads(workload="agents", sweep_workload="agent")
+    check_workloads(workload="synthetic", sweep_workload="agents")
 
 
 def test_a_sweep_level_line_shows_its_latency_and_throughput():
