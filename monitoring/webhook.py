@@ -1,5 +1,6 @@
 """The toolkit's Alertmanager receiver: each alert of a webhook notification becomes one JSON line,
-appended to a file and printed on stdout. `python -m monitoring.webhook --port 9095 --log alerts.jsonl`"""
+appended to a file and printed on stdout. The file defaults to `<state>/logs/alert-webhook.jsonl`,
+beside the other services' logs, where Alloy ships them to Loki. `python -m monitoring.webhook --port 9095`"""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,8 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TextIO
+
+from dgxready.logs import log_path
 
 SERVICE = "alert-webhook"
 ALERTS_PATH = "/alerts"
@@ -120,11 +123,12 @@ def make_server(address: str, port: int, log: AlertLog) -> ThreadingHTTPServer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="dgxready Alertmanager webhook receiver")
-    parser.add_argument("--address", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9095)
-    parser.add_argument("--log", type=Path, required=True, help="JSON-lines file the alerts are appended to")
+    parser.add_argument("--address", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=9095, help="port to listen on")
+    parser.add_argument("--log", type=Path, default=None,
+                        help=f"JSON-lines file for the alerts (default <state>/logs/{SERVICE}.jsonl)")
     args = parser.parse_args()
-    log = AlertLog(args.log)
+    log = AlertLog(args.log or log_path(SERVICE))
     server = make_server(args.address, args.port, log)
     try:
         server.serve_forever()

@@ -2,6 +2,7 @@
 when converged, only the drifted part otherwise); the generated configs pass promtool and amtool."""
 from __future__ import annotations
 
+import fnmatch
 import tarfile
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import yaml
 
 from model.catalog import load_catalog
 from model.plan import shape_from_catalog
+from monitoring.alloy import AlloyTargets
 from monitoring.promtool import check_alertmanager_config, check_config
 from monitoring.settings import AlertParams, MonitoringSettings
 from provision import facts as F
@@ -237,7 +239,8 @@ def test_the_exporter_and_webhook_run_from_the_toolkits_venv_as_the_service_user
     exporter, webhook = spec_of(step, h, M.EXPORTER_UNIT), spec_of(step, h, M.WEBHOOK_UNIT)
     assert exporter.argv[:3] == ("/opt/dgxready/venv/bin/python", "-m", "monitoring.exporter")
     assert exporter.argv[exporter.argv.index("--mux-url") + 1] == "http://127.0.0.61:8191"
-    assert webhook.argv[webhook.argv.index("--log") + 1] == "/opt/dgxready/log/alerts.jsonl"
+    alerts = webhook.argv[webhook.argv.index("--log") + 1]
+    assert fnmatch.fnmatch(alerts, AlloyTargets().log_glob), "Alloy would not ship the alert log to Loki"
     assert {exporter.user, webhook.user} == {"dgxready"}
     assert exporter.environment["PYTHONPATH"] == "/opt/dgxready/app"
 

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 
 import yaml
 
+from dgxready.logs import LOG_SUFFIX
 from dgxready.settings import REPO_ROOT
 from monitoring.alertmanager import render_alertmanager_config
 from monitoring.prometheus.config import ENGINE_JOB, EngineTarget, ScrapeTargets, prometheus_config
 from monitoring.prometheus.rules import render_rule_file
 from monitoring.settings import MonitoringSettings
 from monitoring.webhook import ALERTS_PATH
+from monitoring.webhook import SERVICE as WEBHOOK_SERVICE
 from provision.core import Changes, Host, Step, StepFailed, changes, q
 from provision.facts import (
     DebPackages,
@@ -130,7 +132,7 @@ def exporter_spec(host: Host, app_sha256: str) -> ServiceSpec:
 def webhook_spec(host: Host, app_sha256: str) -> ServiceSpec:
     v, m = host.vars, host.vars.monitoring
     argv = (app_python(host), "-m", "monitoring.webhook", "--address", m.bind, "--port", str(m.webhook_port),
-            "--log", f"{v.prefix}/log/alerts.jsonl")
+            "--log", f"{v.prefix}/state/logs/{WEBHOOK_SERVICE}{LOG_SUFFIX}")
     return ServiceSpec(WEBHOOK_UNIT, "dgxready alert webhook", argv, v.service_user,
                        f"{local_url(host, m.webhook_port)}/health", environment=app_environment(host),
                        revision=app_sha256)
