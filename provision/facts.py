@@ -229,6 +229,21 @@ class DockerImage(Fact[bool]):
 
 
 @dataclass(frozen=True)
+class DockerImageLabel(Fact["str | None"]):
+    """One label of a local image; None when the image is missing or lacks the label."""
+    image: str
+    label: str
+
+    def command(self) -> str:
+        template = "{{ index .Config.Labels " + f'"{self.label}"' + " }}"
+        return f"docker image inspect --format {q(template)} {q(self.image)} 2>/dev/null"
+
+    def process(self, code: int, stdout: str) -> str | None:
+        value = stdout.strip()
+        return value if code == 0 and value and value != "<no value>" else None
+
+
+@dataclass(frozen=True)
 class PythonDistributions(Fact["dict[str, str] | None"]):
     """name (lower case, dashes) -> version of what a Python environment has; None when its
     interpreter is missing."""

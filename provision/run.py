@@ -70,7 +70,7 @@ def engines_for(targets: list[Target], model: str) -> dict[str, str | None]:
 
 def steps_for(targets: list[Target], model: str, settings: Settings) -> list[Step]:
     art = controller_artifacts(settings, model, engines_for(targets, model))
-    return all_steps(art.llama, art.formats, art.app, art.pins, settings.serve.vllm_image)
+    return all_steps(art.llama, art.formats, art.app, art.pins, settings.serve.vllm_image, art.repro)
 
 
 def select_steps(steps: list[Step], only: str | None, start: str | None) -> list[Step]:

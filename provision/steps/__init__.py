@@ -9,6 +9,7 @@ from provision.steps.backup import BackupStep
 from provision.steps.engine import LlamaBuild, LlamaCpp, VllmImage
 from provision.steps.modelfiles import ModelFiles, ModelStep
 from provision.steps.monitoring import MonitoringStep
+from provision.steps.repro_image import ReproContext, ReproImage
 from provision.steps.services import EngineService, MultiplexerService
 from provision.steps.storage import Storage
 from provision.steps.system import AppBundle, BasePackages, Docker, NvidiaDriver, PythonEnv, UserAndSsh
@@ -16,14 +17,14 @@ from provision.steps.validate import Validate
 
 
 def all_steps(llama: LlamaBuild, formats: dict[str, ModelFiles], app: AppBundle, pins: tuple[str, ...],
-              vllm_image: str) -> list[Step]:
+              vllm_image: str, repro: ReproContext) -> list[Step]:
     llama_cpp = LlamaCpp(llama)
     return [BasePackages(), UserAndSsh(), NvidiaDriver(), Docker(), PythonEnv(pins, app), storage_step(formats),
             llama_cpp, VllmImage(vllm_image), ModelStep(formats),
             EngineService(formats, vllm_image, llama_cpp.digests["llama-server"]),
             MultiplexerService(formats, app.sha256), Validate(),
             MonitoringStep(formats, app.sha256, load_monitoring_settings()),
-            BackupStep(load_backup_config().hosts)]
+            BackupStep(load_backup_config().hosts), ReproImage(repro)]
 
 
 def storage_step(formats: dict[str, ModelFiles]) -> Storage:
