@@ -133,8 +133,38 @@ def serving_level(baseline: Baseline, c: int) -> LevelResult | None:
     return None
 
 
+DEFAULT_MODEL = ("mistral-7b-instruct-v0.3", "fp8")
+
+
+def baseline_model(baseline: Baseline, catalog: Catalog, source: str) -> tuple[str, str]:
+    """The catalog model and format the baseline's sweep served: its model, in the first format
+    of its engine."""
+    if not baseline.serving:
+        raise DgxReadyError(f"{source}: no serving sweep to calibrate on (a bench.all run with one)")
+    name, engine = baseline.serving.model, baseline.serving.backend or "llamacpp"
+    try:
+        formats = catalog.model(name).formats
+    except DgxReadyError:
+        raise DgxReadyError(f"{source}: serving.model {name!r} is not in the model catalog, so its shape "
+                            "is unknown") from None
+    fmt = next((f for f, spec in formats.items() if spec.engine == engine), None)
+    if fmt is None:
+        raise DgxReadyError(f"{source}: model {name!r} has no {engine} format in the catalog")
+    return name, fmt
+
+
+def requested_model(model: str | None, fmt: str | None, baseline: Baseline | None, catalog: Catalog,
+                    source: str) -> tuple[str, str]:
+    """--model/--format as given; unset, the baseline's own with --baseline, else Mistral-7B FP8."""
+    if model is None:
+        model, default_fmt = baseline_model(baseline, catalog, source) if baseline else DEFAULT_MODEL
+        return model, fmt or default_fmt
+    return model, fmt or next(iter(catalog.model(model).formats))
+
+
 def measured_setting(baseline: Baseline, model: ModelShape, roles: list[Role], source: str) -> Setting:
-    """Calibrated on concurrency 1 and 2 of the baseline's sweep; STREAM gives the bandwidth."""
+    """Calibrated on concurrency 1 and 2 of the baseline's sweep (of `model`, the one it served);
+    STREAM gives the bandwidth."""
     one, two = (serving_level(baseline, c) for c in CALIBRATION_LEVELS)
     if not (one and two and baseline.serving):
         raise DgxReadyError(f"{source}: --profile measured needs a sweep with concurrency 1 and 2")
@@ -157,19 +187,20 @@ def sweep_shape(baseline: Baseline, roles: list[Role], level: LevelResult) -> Wo
 
 def checks_against(baseline: Baseline, setting: Setting, model: ModelShape, roles: list[Role]
                    ) -> list[LevelCheck]:
-    """Every sweep level beyond the calibration's, predicted with the sweep's own workload."""
-    one = serving_level(baseline, CALIBRATION_LEVELS[0])
-    if not (baseline.serving and one):
+    """Every sweep level beyond the calibration's, predicted with the tokens that level's requests
+    had (a level of a few requests draws prompts and outputs of its own from the workload; the
+    check is of the engine model, not of that draw)."""
+    if not baseline.serving:
         return []
-    shape = sweep_shape(baseline, roles, one)
-    sc = Scenario(setting.bandwidth_gbps, setting.params, model, shape)
     out = []
     for lv in baseline.serving.levels:
         m = lv.metrics
-        if lv.concurrency in CALIBRATION_LEVELS or lv.concurrency is None or not m.e2el:
+        level = serving_level(baseline, lv.concurrency) if lv.concurrency else None
+        if lv.concurrency in CALIBRATION_LEVELS or level is None or not m.e2el or not m.completed:
             continue
-        out.append(LevelCheck.of(lv.concurrency, shape.name, predict_level(sc, lv.concurrency), m.e2el.p95,
-                                 m.output_throughput))
+        sc = Scenario(setting.bandwidth_gbps, setting.params, model, sweep_shape(baseline, roles, level))
+        out.append(LevelCheck.of(lv.concurrency, sc.workload.name, predict_level(sc, lv.concurrency),
+                                 m.e2el.p95, m.output_throughput))
     return out
 
 
@@ -188,12 +219,15 @@ def predict(req: PredictRequest, setting: Setting, model: ModelShape, roles: lis
 
 def predict_from(req: PredictRequest, catalog: Catalog, profiles: dict[str, HardwareProfile],
                  roles: list[Role], baseline: Baseline | None = None, source: str = "") -> Prediction:
+    """With --profile measured the engine is calibrated on the model the baseline served, and its
+    other levels check the model; the prediction is then for the requested model."""
     model = model_shape(catalog, req.model, req.fmt, req.kv_dtype)
     if req.profile == "measured":
         if baseline is None:
             raise DgxReadyError("--profile measured needs --baseline FILE (a bench.all result)")
-        setting = measured_setting(baseline, model, roles, source)
-        return predict(req, setting, model, roles, checks_against(baseline, setting, model, roles))
+        served = model_shape(catalog, *baseline_model(baseline, catalog, source), "f16")
+        setting = measured_setting(baseline, served, roles, source)
+        return predict(req, setting, model, roles, checks_against(baseline, setting, served, roles))
     if req.profile not in profiles:
         raise DgxReadyError(f"--profile {req.profile!r}: choose measured or one of " + ", ".join(profiles))
     engine = req.engine or catalog.format(req.model, req.fmt).engine

@@ -2,6 +2,8 @@
 and a fetched or reloaded baseline can be printed whole."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 
 from bench.labels import agents_meet, workload_label
@@ -10,7 +12,7 @@ from bench.prediction import CHECK_BAR, Prediction
 from bench.report import Baseline, Hardware, Micro, Serving
 from bench.roofline import Roofline
 from bench.serving import CapacityLevel, CapacityResult, LevelResult
-from bench.verdict import TUNING_HINT, SloVerdict
+from bench.verdict import SloVerdict, tuning_hint
 from dgxready.progress import new_table
 
 SERVING_COLUMNS = ("conc.", "ok", "fail", "out tok/s", "req/s", "TTFT mean", "TPOT mean",
@@ -98,13 +100,14 @@ def print_roofline(r: Roofline, out: Console) -> None:
               f"{r.weight_bytes / 1e6:.0f} MB per token): {r.verdict}")
 
 
-def print_verdict(v: SloVerdict, out: Console) -> None:
+def print_verdict(v: SloVerdict, out: Console, baseline: Path | None = None) -> None:
     colour = {"met": "green", "not met": "red", "undecided": "yellow"}[v.outcome]
     out.print(f"[bold {colour}]{v.headline}[/]")
+    hint = tuning_hint(str(baseline) if baseline else "FILE")
     if v.outcome == "undecided":
-        out.print(f"this run cannot decide it; to meet it with margin, see {TUNING_HINT}")
+        out.print(f"this run cannot decide it; to meet it with margin, see {hint}")
     elif v.outcome == "not met":
-        out.print(f"to serve {v.target_agents} agents within {v.slo_p95_e2el_s:g} s, see {TUNING_HINT}")
+        out.print(f"to serve {v.target_agents} agents within {v.slo_p95_e2el_s:g} s, see {hint}")
 
 
 def print_summary(b: Baseline, out: Console, verdict: SloVerdict | None = None) -> None:

@@ -15,7 +15,7 @@ from bench.environment import capture_environment
 from bench.loadgen import Endpoint
 from bench.metrics import Slo
 from bench.predict import load_profiles
-from bench.prediction import PredictRequest, predict_from
+from bench.prediction import PredictRequest, predict_from, requested_model
 from bench.remote import RemoteRun, run_remote
 from bench.report import Baseline, Serving, ServingLevel, load_baseline, now_stamp, write_baseline
 from bench.serving import run_rate
@@ -172,11 +172,11 @@ def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", wo
                      "--limit", str(limit)]
         forwarded += ["--skip-micro"] * bool(skip_micro) + ["--skip-capacity"] * bool(skip_capacity)
         forwarded += ["--full-sweep"] * bool(full_sweep)
-        baseline = fetched_run(RemoteRun(host, remote_dir, tuple(forwarded), ssh_config,
+        path, baseline = fetched_run(RemoteRun(host, remote_dir, tuple(forwarded), ssh_config,
                                          Path(output_dir) if output_dir else None))
     else:
         _sigterm_as_interrupt()
-        baseline = local_run(runner.AllOptions(
+        path, baseline = local_run(runner.AllOptions(
             url=url, profile=profile, levels=_ints(concurrency), capacity_workload=workload,
             sweep_workload=sweep_workload,
             slo_p95_e2e_s=float(slo_p95_e2e), max_tokens=int(max_tokens), capacity_limit=int(limit),
@@ -185,27 +185,27 @@ def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", wo
             full_sweep=bool(full_sweep), target_agents=int(target_agents)))
     if baseline.capacity:
         verdict = judge_target(baseline.capacity, int(target_agents))
-        print_verdict(verdict, out)
+        print_verdict(verdict, out, path)
         if slo_exit and not verdict.met:
             raise Exit(code=verdict.exit_code)
 
 
-def fetched_run(run: RemoteRun) -> Baseline:
+def fetched_run(run: RemoteRun) -> tuple[Path, Baseline]:
     """bench.all on another host; its output streams as it runs, its summary is printed here."""
     path = run_remote(run, out)
     baseline = load_baseline(path)
     print_summary(baseline, out)
     out.print(f"wrote {path}")
-    return baseline
+    return path, baseline
 
 
-def local_run(opts: runner.AllOptions) -> Baseline:
+def local_run(opts: runner.AllOptions) -> tuple[Path, Baseline]:
     """bench.all here; each part is printed as it is measured."""
     path, baseline = runner.run_all(opts, out)
     for p in baseline.plots:
         out.print(f"plot {p}")
     out.print(f"wrote {path}")
-    return baseline
+    return path, baseline
 
 
 def check_workloads(**flags: str) -> None:
@@ -268,7 +268,8 @@ def accuracy(c, only=None):
 
 @task(help={
     "profile": "hardware: dgx-spark, h100, h200 (bench/profiles.yaml) or measured (from --baseline)",
-    "model": "catalog model", "format": "its format (decides the engine unless --engine)",
+    "model": "catalog model (default: the baseline's with --baseline, else mistral-7b-instruct-v0.3)",
+    "format": "its format, deciding the engine unless --engine (default: the baseline's, fp8 for Mistral)",
     "kv_dtype": "KV cache dtype: f16, bf16, fp8, q8_0 or q4_0",
     "engine": "llamacpp or vllm (default: the format's engine; measured: the baseline's)",
     "agents": "target number of concurrent agents", "workload": "agents (the role files) or synthetic",
@@ -279,14 +280,16 @@ def accuracy(c, only=None):
     "output_dir": "write the JSON and the plot here (default bench/baselines/predictions/)",
 })
 @user_errors
-def predict(c, profile="dgx-spark", model="mistral-7b-instruct-v0.3", format="fp8", kv_dtype="f16",
+def predict(c, profile="dgx-spark", model=None, format=None, kv_dtype="f16",
             engine=None, agents=10, workload="agents", max_tokens=4096, slo_p95_e2e=6.0, think_s=0.0,
             baseline=None, output_dir=None):
     """Predict P95 latency, throughput and SLO capacity per concurrency from physics, with the levers."""
+    catalog = load_catalog()
+    measured = load_baseline(Path(baseline)) if baseline else None
+    model, format = requested_model(model, format, measured, catalog, str(baseline or ""))
     req = PredictRequest(profile, model, format, kv_dtype, workload, int(max_tokens), int(agents),
                          float(slo_p95_e2e), engine, float(think_s))
-    measured = load_baseline(Path(baseline)) if baseline else None
-    pred = predict_from(req, load_catalog(), load_profiles(), list(load_roles().values()), measured,
+    pred = predict_from(req, catalog, load_profiles(), list(load_roles().values()), measured,
                         str(baseline or ""))
     print_prediction(pred, out)
     for path in runner.write_prediction_files(pred, Path(output_dir) if output_dir else None):

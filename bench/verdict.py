@@ -7,10 +7,13 @@ from typing import Literal
 from bench.labels import agents_meet, workload_label
 from bench.serving import CapacityResult
 
-TUNING_HINT = ("`invoke bench.predict --profile measured --baseline FILE` for the levers ranked by their "
-               "predicted effect, and runbooks/serving.md, row 'P95 latency above the SLO'; sized by "
-               "`invoke model.plan NAME --agents N`: a quantized format (`invoke model.quantize`), "
-               "fewer concurrent agents, shorter outputs (`--max-tokens`, the roles' max_tokens)")
+
+def tuning_hint(baseline: str = "FILE") -> str:
+    """Where to look next; `baseline` is the run's JSON when it is known."""
+    return (f"`invoke bench.predict --profile measured --baseline {baseline}` for the levers ranked by their "
+            "predicted effect, and runbooks/serving.md, row 'P95 latency above the SLO'; sized by "
+            "`invoke model.plan NAME --agents N`: a quantized format (`invoke model.quantize`), "
+            "fewer concurrent agents, shorter outputs (`--max-tokens`, the roles' max_tokens)")
 
 Outcome = Literal["met", "not met", "undecided"]
 

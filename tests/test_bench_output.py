@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from invoke.exceptions import Exit
@@ -50,9 +51,10 @@ def plain_console() -> tuple[Console, io.StringIO]:
 def test_a_capacity_below_the_target_is_told_as_not_met_with_the_levers_to_pull():
     verdict = judge_target(fake_capacity(4, (1, 2, 4, 8, 6, 5)), target_agents=10)
     out, buffer = plain_console()
-    print_verdict(verdict, out)
+    print_verdict(verdict, out, Path("bench/baselines/vm/20261122T064752Z.json"))
     text = buffer.getvalue()
     assert not verdict.met and verdict.exit_code == 1
+    assert "bench.predict --profile measured --baseline bench/baselines/vm/20261122T064752Z.json" in text
     assert "The 10-agent SLO is not met on this host: only 4 concurrent agents meet P95 E2EL <= 6 s" in text
     assert "agents workload, max_tokens 128" in text
     assert "runbooks/serving.md" in text and "model.plan" in text and "quantiz" in text

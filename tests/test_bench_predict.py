@@ -25,6 +25,7 @@ from bench.prediction import (
     PredictRequest,
     generated_schema,
     predict_from,
+    requested_model,
     serving_level,
     write_prediction,
 )
@@ -167,3 +168,41 @@ def test_bench_all_asks_the_spark_the_capacity_searchs_own_question():
     assert (pred.profile, pred.workload.name, pred.workload.output_p95, pred.slo_p95_e2el_s,
             pred.target_agents) == ("dgx-spark", "agents", 64, 8.0, 12)
     assert "predicted on dgx-spark (vllm)" in prediction_headline(pred)
+
+
+def noise_baseline():
+    from bench.benchmarks.noise import synthetic_baseline  # noqa: PLC0415 - a test-only builder
+    return synthetic_baseline(np.random.default_rng(1))
+
+
+def test_a_measured_prediction_of_another_model_is_calibrated_and_checked_on_the_model_the_baseline_served():
+    baseline = noise_baseline()
+    own = PredictRequest("measured", "smollm2-135m", "gguf-q4_1", "f16", "synthetic", 128, 10, 6.0)
+    other = replace(own, model="mistral-7b-instruct-v0.3", fmt="gguf-q4_k_m")
+    mine, theirs = (predict_from(r, CATALOG, PROFILES, ROLES, baseline, "b.json") for r in (own, other))
+    assert theirs.checks == mine.checks and theirs.parameters == mine.parameters
+    assert theirs.model.name.startswith("mistral") and theirs.levels[0].e2el_p95_s > mine.levels[0].e2el_p95_s
+
+
+def test_without_model_flags_a_measured_prediction_is_of_the_baselines_own_model():
+    baseline = noise_baseline()
+    assert requested_model(None, None, baseline, CATALOG, "b.json") == ("smollm2-135m", "gguf-q4_1")
+    assert requested_model(None, None, None, CATALOG, "") == ("mistral-7b-instruct-v0.3", "fp8")
+    unknown = baseline.model_copy(update={"serving": baseline.serving.model_copy(update={"model": "my-model"})})
+    with pytest.raises(DgxReadyError, match="b.json: serving.model 'my-model' is not in the model catalog"):
+        requested_model(None, None, unknown, CATALOG, "b.json")
+
+
+def test_each_checked_level_is_predicted_with_the_tokens_its_own_requests_had():
+    baseline = noise_baseline()
+    req = PredictRequest("measured", "smollm2-135m", "gguf-q4_1", "f16", "synthetic", 128, 10, 6.0)
+    before = {c.concurrency: c for c in predict_from(req, CATALOG, PROFILES, ROLES, baseline, "b").checks}
+    def longer_prompts(lv):
+        return lv.model_copy(update={"metrics": replace(lv.metrics,
+                                                        total_input_tokens=4 * lv.metrics.total_input_tokens)})
+
+    levels = [longer_prompts(lv) if lv.concurrency == 4 else lv for lv in baseline.serving.levels]
+    longer = baseline.model_copy(update={"serving": baseline.serving.model_copy(update={"levels": levels})})
+    after = {c.concurrency: c for c in predict_from(req, CATALOG, PROFILES, ROLES, longer, "b").checks}
+    assert after[4].predicted_e2el_p95_s > 1.2 * before[4].predicted_e2el_p95_s
+    assert after[8] == before[8] and after[16] == before[16]

@@ -132,7 +132,7 @@ def _level(rng, c: int, n: int, median_s: float, noise: Noise, run_factor: float
 def _serving(rng, noise: Noise, worse: float, run_factor: float) -> Serving:
     levels = [ServingLevel.of(_level(rng, c, n, sweep_median_e2el_s(c) * (1 + worse), noise, run_factor))
               for c, n in zip(SWEEP_LEVELS, noise.sweep_requests, strict=True)]
-    return Serving(url="http://127.0.0.1:1", model="m", backend="llamacpp", started_server=True,
+    return Serving(url="http://127.0.0.1:1", model="smollm2-135m", backend="llamacpp", started_server=True,
                    workload={"name": "synthetic", "max_tokens": 128}, mode="closed", levels=levels)
 
 
