@@ -1,10 +1,11 @@
-"""One source distribution fetched straight from the package index (the simple API's JSON form,
-PEP 691), checked against the index's sha256 and a pinned one where we have it. `pip download`
+"""One source distribution fetched straight from the package index (the simple API, PEP 691's JSON
+or PEP 503's HTML), checked against the index's sha256 and a pinned one where we have it. `pip download`
 would first build the sdist's build backend and its dependencies from source to read metadata
 that a download does not need: a silent minute for llama-cpp-python on 2 cores."""
 from __future__ import annotations
 
 import hashlib
+import html
 import http.client
 import os
 import re
@@ -44,22 +45,41 @@ def normalised_project(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+HTML_LINK = re.compile(r'<a\s[^>]*href="([^"]+)"[^>]*>\s*([^<]+?)\s*</a>', re.IGNORECASE)
+
+
+def listed_files(body: bytes, content_type: str, page: str) -> dict[str, IndexFile]:
+    """The project page's files: the JSON form (PEP 691), or the HTML one (PEP 503) that an
+    older mirror answers with, its hash in the link's #sha256= fragment."""
+    if "json" in content_type:
+        try:
+            listing = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise SdistError(f"{page}: the index's JSON is malformed") from None
+        entries = listing.get("files") if isinstance(listing, dict) else None
+        return {e["filename"]: IndexFile(e["filename"], urljoin(page, str(e.get("url", ""))),
+                                         (e.get("hashes") or {}).get("sha256"))
+                for e in entries or [] if isinstance(e, dict) and isinstance(e.get("filename"), str)}
+    files = {}
+    for href, name in HTML_LINK.findall(body.decode("utf-8", errors="replace")):
+        url, _, fragment = html.unescape(href).partition("#")
+        digest = fragment.removeprefix("sha256=") if fragment.startswith("sha256=") else None
+        files[html.unescape(name)] = IndexFile(html.unescape(name), urljoin(page, url), digest)
+    return files
+
+
 def find_file(project: str, filename: str, index: str) -> IndexFile:
     page = f"{index}/{normalised_project(project)}/"
-    request = urllib.request.Request(page, headers={"Accept": SIMPLE_JSON})
+    request = urllib.request.Request(page, headers={"Accept": f"{SIMPLE_JSON}, text/html;q=0.1"})
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            listing = orjson.loads(response.read())
-    except (urllib.error.URLError, OSError) as exc:
+            body, content_type = response.read(), response.headers.get("Content-Type", "")
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise SdistError(f"{page}: the package index did not answer: {exc}") from None
-    except orjson.JSONDecodeError:
-        raise SdistError(f"{page}: not the simple API's JSON form ({SIMPLE_JSON})") from None
-    files = listing.get("files") if isinstance(listing, dict) else None
-    for entry in files or []:
-        if isinstance(entry, dict) and entry.get("filename") == filename:
-            hashes = entry.get("hashes") or {}
-            return IndexFile(filename, urljoin(page, str(entry.get("url", ""))), hashes.get("sha256"))
-    raise SdistError(f"{page}: no file {filename} in the index")
+    found = listed_files(body, content_type, page).get(filename)
+    if found is None:
+        raise SdistError(f"{page}: no file {filename} in the index")
+    return found
 
 
 def download(file: IndexFile, dest: Path, pinned_sha256: str | None = None) -> Path:

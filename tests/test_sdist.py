@@ -19,6 +19,7 @@ class Index(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     listed_sha256: str | None = None
     cut_short = False
+    html_only = False
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path == "/simple/llama-cpp-python/":
@@ -26,8 +27,13 @@ class Index(http.server.BaseHTTPRequestHandler):
                         "hashes": {"sha256": self.listed_sha256 or hashlib.sha256(data).hexdigest()}}
                        for name, data in self.files.items()]
             body = orjson.dumps({"meta": {"api-version": "1.1"}, "files": entries})
+            kind = sdist.SIMPLE_JSON
+            if self.html_only:
+                kind = "text/html"
+                body = "".join(f'<a href="{e["url"]}#sha256={e["hashes"]["sha256"]}">{e["filename"]}</a><br/>'
+                               for e in entries).encode()
             self.send_response(200)
-            self.send_header("Content-Type", sdist.SIMPLE_JSON)
+            self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -63,6 +69,15 @@ def test_an_sdist_is_found_by_its_pep625_name_and_downloaded_whole(index: type[I
     assert got == tmp_path / "llama_cpp_python-9.9.9.tar.gz"
     assert got.read_bytes() == PAYLOAD
     assert [p.name for p in tmp_path.iterdir()] == [got.name]
+
+
+def test_a_mirror_that_answers_only_html_serves_the_sdist_too(index: type[Index], tmp_path: Path) -> None:
+    index.html_only = True
+    assert sdist.fetch_sdist("llama-cpp-python", "9.9.9", tmp_path).read_bytes() == PAYLOAD
+    index.listed_sha256 = "0" * 64
+    (tmp_path / "llama_cpp_python-9.9.9.tar.gz").unlink()
+    with pytest.raises(sdist.SdistError, match="is not the index's"):
+        sdist.fetch_sdist("llama-cpp-python", "9.9.9", tmp_path)
 
 
 def test_a_cached_sdist_is_not_fetched_again(index: type[Index], tmp_path: Path) -> None:
