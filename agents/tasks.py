@@ -118,14 +118,17 @@ def run(c, scenario="feature-cycle", agents=10, url=None, keys_file=None, max_to
                 mux.stop()
     table = Table(title=f"{scenario}: {n} agents, wall {result.wall_s:.1f} s, "
                         f"P95 latency {result.p95_latency_s:.2f} s")
-    for col in ("stage", "agent", "latency s", "TTFT s", "tokens out", "tools", "error"):
+    for col in ("stage", "agent", "latency s", "TTFT s", "tokens out", "tools", "cites", "error"):
         table.add_column(col)
     for r in result.records:
         outcomes = sorted(set(r.tool_calls.values()))
         tools = ", ".join(f"{o} {list(r.tool_calls.values()).count(o)}" for o in outcomes)
         table.add_row(str(r.stage), r.agent, f"{r.latency_s:.2f}", f"{r.ttft_s or 0:.2f}",
-                      str(r.completion_tokens), tools, r.error or "")
+                      str(r.completion_tokens), tools, str(len(r.citations)), r.error or "")
     out.print(table)
+    for r in result.records:
+        for citation in r.citations:
+            out.print(f"{r.agent} cites {escape(citation)}")
     for failure in result.failures:
         out.print(f"[red]hand-off failed[/]: {escape(str(failure))}")
     out.print(f"transcript: {out_path}")

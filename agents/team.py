@@ -1,9 +1,12 @@
 """The team runner: role agents run a feature development cycle through the multiplexer, each
 in its own session, concurrently within a stage: PM spec -> architects -> developers -> QA ->
-UX -> platform. Each step reads the documents the steps before it handed off, writes its own
-and announces it on the task board; a hand-off that is denied or empty fails the run, named by
-stage, agent and tool, and the stages after it do not run. Documents live under runs/<run id>/
-in the shared workspace; the transcript is saved."""
+UX -> platform. Each step reads the documents the steps before it handed off, asks the shared
+knowledge (kb.search) about the feature, writes its own document with the knowledge it drew on
+cited at its end, and announces it on the task board; the architects also publish their designs
+to the knowledge (kb.add), where the later stages' searches find them. A hand-off or a knowledge
+call that is denied or empty fails the run, named by stage, agent and tool, and the stages after
+it do not run. Documents live under runs/<run id>/ in the shared workspace; the transcript is
+saved."""
 from __future__ import annotations
 
 import asyncio
@@ -22,20 +25,24 @@ from dgxready.files import atomic_write_text
 
 @dataclass(frozen=True)
 class Step:
-    """What one role does in the cycle: the documents it reads, the one it writes."""
+    """What one role does in the cycle: the documents it reads, the one it writes, and whether
+    it publishes that one to the shared knowledge."""
     role: str
     reads: tuple[str, ...]
     writes: str
+    publishes: bool = False
 
     @property
     def tools(self) -> set[str]:
-        return {"workspace.write", "taskboard.append"} | ({"workspace.read"} if self.reads else set())
+        always = {"workspace.write", "taskboard.append", "kb.search"}
+        reading = {"workspace.read"} if self.reads else set()
+        return always | reading | ({"kb.add"} if self.publishes else set())
 
 
 CYCLE: tuple[tuple[Step, ...], ...] = (
     (Step("product-manager", (), "spec.md"),),
-    (Step("architect-nusy", ("spec.md",), "design-nusy.md"),
-     Step("architect-systems", ("spec.md",), "design-systems.md")),
+    (Step("architect-nusy", ("spec.md",), "design-nusy.md", publishes=True),
+     Step("architect-systems", ("spec.md",), "design-systems.md", publishes=True)),
     (Step("developer", ("spec.md", "design-systems.md", "design-nusy.md"), "code.md"),),
     (Step("qa-specialist", ("spec.md", "code.md"), "test-plan.md"),),
     (Step("ux-researcher", ("spec.md", "code.md"), "ux-review.md"),),
@@ -43,6 +50,8 @@ CYCLE: tuple[tuple[Step, ...], ...] = (
 )
 STEPS = {step.role: step for stage in CYCLE for step in stage}
 CONTEXT_CHARS = 1500
+KNOWLEDGE_HITS = 3
+KNOWLEDGE_CHARS = 400
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class AgentRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tool_calls: dict[str, str] = field(default_factory=dict)
+    citations: list[str] = field(default_factory=list)
     output: str = ""
     error: str | None = None
     failures: list[HandoffFailure] = field(default_factory=list)
@@ -139,6 +149,33 @@ async def read_handoffs(client, cycle: Cycle, ident: AgentIdentity, rec: AgentRe
     return context
 
 
+async def consult_knowledge(client, cycle: Cycle, ident: AgentIdentity, rec: AgentRecord) -> list[str]:
+    """The shared knowledge's best chunks about the feature, as prompt context; their citations
+    are kept for the document's end. No hits is an answer; a refused search fails the step."""
+    got = await tool(client, cycle.url, ident.key, rec.session, "kb.search",
+                     {"query": cycle.feature, "limit": KNOWLEDGE_HITS})
+    rec.tool_calls["kb.search"] = got.get("outcome", "?")
+    if not got.get("ok"):
+        rec.fail("kb.search", None, refusal(got))
+        return []
+    hits = (got.get("result") or {}).get("results") or []
+    rec.citations = [hit["citation"] for hit in hits]
+    return [f"--- team knowledge: {hit['citation']} ---\n{hit['text'][:KNOWLEDGE_CHARS]}" for hit in hits]
+
+
+async def publish(client, cycle: Cycle, ident: AgentIdentity, rec: AgentRecord, step: Step) -> None:
+    path = cycle.path(step.writes)
+    text = f"# {step.writes} by {ident.name}\n\nFor: {cycle.feature}\n\n{rec.output}"
+    res = await tool(client, cycle.url, ident.key, rec.session, "kb.add", {"source": path, "text": text})
+    rec.tool_calls["kb.add"] = res.get("outcome", "?")
+    if not res.get("ok"):
+        rec.fail("kb.add", path, refusal(res))
+
+
+def with_sources(output: str, citations: list[str]) -> str:
+    return output + ("\n\nSources: " + "; ".join(citations) if citations else "")
+
+
 async def ask_model(client, cycle: Cycle, ident: AgentIdentity, rec: AgentRecord, prompt: str) -> None:
     started = time.perf_counter()
     body = {"model": "default", "messages": [{"role": "user", "content": prompt}], "stream": True,
@@ -173,8 +210,9 @@ async def hand_off(client, cycle: Cycle, ident: AgentIdentity, rec: AgentRecord,
     if not rec.output.strip():
         rec.fail("workspace.write", path, "the model wrote nothing to hand off")
         return
+    document = f"\n## {ident.name}\n{with_sources(rec.output, rec.citations)}\n"
     res = await tool(client, cycle.url, ident.key, rec.session, "workspace.write",
-                     {"path": path, "append": f"\n## {ident.name}\n{rec.output}\n"})
+                     {"path": path, "append": document})
     rec.tool_calls[f"write {step.writes}"] = res.get("outcome", "?")
     if not res.get("ok"):
         rec.fail("workspace.write", path, refusal(res))
@@ -189,10 +227,13 @@ async def hand_off(client, cycle: Cycle, ident: AgentIdentity, rec: AgentRecord,
 async def one_agent(client, cycle: Cycle, ident: AgentIdentity, rec: AgentRecord) -> None:
     step = STEPS[ident.role]
     context = await read_handoffs(client, cycle, ident, rec, step)
+    context += await consult_knowledge(client, cycle, ident, rec)
     prompt = f"{cycle.feature}\n\n" + "\n\n".join(context) + "\n\nDo your part now."
     await ask_model(client, cycle, ident, rec, prompt)
     if rec.error is None:
         await hand_off(client, cycle, ident, rec, step)
+    if rec.error is None and step.publishes and not rec.failures:
+        await publish(client, cycle, ident, rec, step)
 
 
 async def run_cycle(cycle: Cycle, team: list[AgentIdentity]) -> list[AgentRecord]:

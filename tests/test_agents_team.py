@@ -1,6 +1,8 @@
 """The team runner's feature cycle: its hand-offs agree with the role files, and a run against the
-real llama-server with the default model hands real content from each step to the next; a denied
-hand-off fails the run and names the stage, the agent and the tool."""
+real llama-server with the default model hands real content from each step to the next, and the
+architects' designs, published to the shared knowledge, come back in the developer's search and
+are cited in its document; a denied hand-off fails the run and names the stage, the agent and the
+tool."""
 import json
 import shutil
 import subprocess
@@ -68,10 +70,16 @@ def test_a_feature_cycle_hands_real_content_from_every_step_to_the_next(backend,
             step = STEPS[rec.role]
             assert rec.output.strip(), rec.role
             assert set(rec.tool_calls.values()) == {"ok"}, (rec.role, rec.tool_calls)
-            assert len(rec.tool_calls) == len(step.reads) + 2, (rec.role, rec.tool_calls)
+            assert len(rec.tool_calls) == len(step.reads) + 3 + step.publishes, (rec.role, rec.tool_calls)
             document = read_document(mux.url, team[0].key, f"runs/{run.started_at}/{step.writes}")
             assert f"## {rec.agent}\n" in document and rec.output.strip() in document
         assert json.loads((tmp_path / "run.json").read_text())["failures"] == []
+        by_role = {r.role: r for r in run.records}
+        assert by_role["product-manager"].citations == [], "the store starts empty"
+        designs = [c for c in by_role["developer"].citations if "/design-" in c]
+        assert designs, "the architects' published designs reach the developer's search"
+        code = read_document(mux.url, team[0].key, f"runs/{run.started_at}/code.md")
+        assert f"Sources: {'; '.join(by_role['developer'].citations)}" in code
     finally:
         mux.stop()
 
