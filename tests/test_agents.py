@@ -343,15 +343,17 @@ def test_sessions_survive_a_multiplexer_crash(backend, tmp_path):
     key = keys.agents[3].key
 
     def start():
+        """Up to a minute: a loaded 2-core CI box takes over 10 s to import the service."""
         proc = subprocess.Popen([sys.executable, "-m", "agents.service", "--config", str(cfg)])
-        for _ in range(100):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     return proc
             except httpx.HTTPError:
                 time.sleep(0.1)
         proc.kill()
-        raise AssertionError("multiplexer did not start")
+        raise AssertionError(f"multiplexer did not start (exit {proc.poll()})")
 
     proc = start()
     try:
