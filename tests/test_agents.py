@@ -381,8 +381,10 @@ def test_role_rate_limit_answers_429_with_retry_after(backend, tmp_path):
         started = time.monotonic()
 
         async def burst():
-            # All at once, so the bucket has no time to refill however slow the box is.
-            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=40)) as client:
+            # All at once, so the bucket has no time to refill however slow the box is; each one
+            # answered, by the multiplexer's 300-s deadline at the latest (120 s ran out once on a
+            # loaded 2-core box, with 30 prompts queued for 8 slots).
+            async with httpx.AsyncClient(timeout=330, limits=httpx.Limits(max_connections=40)) as client:
                 return await asyncio.gather(*(client.post(
                     f"{limited.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
                     json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}) for _ in range(40)))
