@@ -128,8 +128,7 @@ def profile_setting(profile: HardwareProfile, engine: str) -> Setting:
 def serving_level(baseline: Baseline, c: int) -> LevelResult | None:
     for lv in baseline.serving.levels if baseline.serving else []:
         if lv.concurrency == c:
-            return LevelResult(c, None, lv.num_requests, lv.warmup_requests, lv.metrics, lv.e2el_samples,
-                               lv.ttft_samples, [], lv.tpot_samples or [])
+            return lv.level_result()
     return None
 
 
@@ -195,10 +194,10 @@ def checks_against(baseline: Baseline, setting: Setting, model: ModelShape, role
     out = []
     for lv in baseline.serving.levels:
         m = lv.metrics
-        level = serving_level(baseline, lv.concurrency) if lv.concurrency else None
-        if lv.concurrency in CALIBRATION_LEVELS or level is None or not m.e2el or not m.completed:
+        if lv.concurrency in CALIBRATION_LEVELS or lv.concurrency is None or not m.e2el or not m.completed:
             continue
-        sc = Scenario(setting.bandwidth_gbps, setting.params, model, sweep_shape(baseline, roles, level))
+        sc = Scenario(setting.bandwidth_gbps, setting.params, model,
+                      sweep_shape(baseline, roles, lv.level_result()))
         out.append(LevelCheck.of(lv.concurrency, sc.workload.name, predict_level(sc, lv.concurrency),
                                  m.e2el.p95, m.output_throughput))
     return out

@@ -66,6 +66,11 @@ class ServingLevel(Doc):
                    metrics=level.metrics, e2el_samples=level.e2el_samples,
                    ttft_samples=level.ttft_samples, tpot_samples=level.tpot_samples)
 
+    def level_result(self) -> LevelResult:
+        """The inverse of `of`; the ITL samples are not stored."""
+        return LevelResult(self.concurrency, self.request_rate, self.num_requests, self.warmup_requests,
+                           self.metrics, self.e2el_samples, self.ttft_samples, [], self.tpot_samples or [])
+
 
 class Serving(Doc):
     url: str
