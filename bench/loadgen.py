@@ -19,6 +19,9 @@ from bench.metrics import RequestRecord
 from bench.workloads import RequestSpec, Workload
 from dgxready.errors import DgxReadyError
 
+# Whether a level has seen enough, given its measured records so far.
+StopRule = Callable[[list[RequestRecord]], bool]
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -170,16 +173,18 @@ def make_client(concurrency: int) -> aiohttp.ClientSession:
 
 
 async def closed_loop(ep: Endpoint, workload: Workload, concurrency: int, num_requests: int,
-                      warmup: int = 0, on_done: Callable[[RequestRecord], None] | None = None
-                      ) -> list[RequestRecord]:
+                      warmup: int = 0, on_done: Callable[[RequestRecord], None] | None = None,
+                      stop: StopRule | None = None) -> list[RequestRecord]:
+    """`num_requests` measured after `warmup`; when `stop` says so, given the records so far, no
+    further request is sent and those in flight are waited for."""
     sessions = [workload.session(i) for i in range(concurrency)]
     async with make_client(concurrency) as client:
         if warmup:
-            await _run_workers(client, ep, sessions, warmup, None)
-        return await _run_workers(client, ep, sessions, num_requests, on_done)
+            await _run_workers(client, ep, sessions, warmup, None, None)
+        return await _run_workers(client, ep, sessions, num_requests, on_done, stop)
 
 
-async def _run_workers(client, ep, sessions, total, on_done) -> list[RequestRecord]:
+async def _run_workers(client, ep, sessions, total, on_done, stop) -> list[RequestRecord]:
     records: list[RequestRecord] = []
     remaining = [total]
 
@@ -191,6 +196,8 @@ async def _run_workers(client, ep, sessions, total, on_done) -> list[RequestReco
             records.append(rec)
             if on_done:
                 on_done(rec)
+            if stop and stop(records):
+                remaining[0] = 0
 
     await asyncio.gather(*(worker(s) for s in sessions))
     return records

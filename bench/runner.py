@@ -14,14 +14,14 @@ from bench import plots
 from bench.environment import capture_environment
 from bench.hw import check_profile, gpu_reports, host_facts, last_level_cache
 from bench.labels import workload_label
-from bench.loadgen import Endpoint, probe
+from bench.loadgen import Endpoint, StopRule, probe
 from bench.metrics import Slo
 from bench.net import loopback, measure
 from bench.predict import load_profiles
 from bench.prediction import Prediction, PredictRequest, predict_from, write_prediction
 from bench.report import Baseline, Hardware, Micro, Serving, ServingLevel, now_stamp, write_baseline
 from bench.roofline import Roofline, roofline
-from bench.serving import CapacityResult, LevelResult, capacity_search, requests_for, run_level
+from bench.serving import CapacityResult, LevelResult, RoundPlan, capacity_search, requests_for, run_level
 from bench.storage import run_storage
 from bench.stream import run_stream
 from bench.summary import (
@@ -112,12 +112,12 @@ def micro(store_dir: Path, out: Console, stream_reps: int = 10, io_bytes: int = 
 
 
 def measured_level(progress: AnyProgress, label: str, ep: Endpoint, workload: Workload, concurrency: int,
-                   num_requests: int, warmup: int, slo: Slo) -> LevelResult:
+                   num_requests: int, warmup: int, slo: Slo, stop: StopRule | None = None) -> LevelResult:
     """One closed-loop level, its requests counted on a progress task of its own."""
     task = progress.add_task(label, total=num_requests)
     try:
         return run_level(ep, workload, concurrency, num_requests, warmup, slo,
-                         lambda _record: progress.advance(task))
+                         lambda _record: progress.advance(task), stop)
     finally:
         progress.remove_task(task)
 
@@ -156,9 +156,10 @@ def capacity(ep: Endpoint, workload_name: str, slo_s: float, max_tokens: int, li
     out.print(f"capacity search: P95 E2EL <= {slo_s:g} s, {workload_label(workload.describe())}, "
               f"up to {limit} concurrent agents")
     with step_progress(transient=True) as progress:
-        def measure_at(c: int) -> LevelResult:
+        def measure_at(plan: RoundPlan) -> LevelResult:
+            c = plan.concurrency
             return measured_level(progress, f"capacity c={c}", ep, workload, c, requests_for(c),
-                                  min(c, 4), Slo(e2el_p95_s=slo_s))
+                                  min(c, 4) if plan.warm_up else 0, Slo(e2el_p95_s=slo_s), plan.stop)
 
         return capacity_search(measure_at, slo_s, workload.describe(), limit=limit,
                                on_level=lambda lv: out.print(capacity_level_line(lv)))

@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from bench.loadgen import Endpoint, closed_loop, open_loop
+from bench.loadgen import Endpoint, StopRule, closed_loop, open_loop
 from bench.metrics import RequestRecord, ServingMetrics, Slo, compute_metrics
 from bench.workloads import Workload
 
@@ -24,6 +24,11 @@ REQUESTS_PER_ROUND = 13
 SETTLE_REQUESTS = 52
 CONFIDENCE = 0.90
 SLO_QUANTILE = 0.95
+# A round stops early once its level misses the SLO by an exact one-sided binomial test at this
+# level: had SLO_QUANTILE of the level's requests been within the SLO, so few would be below
+# this chance. The test runs after every request, so it is stricter than CONFIDENCE, and exact
+# because the Wilson interval is too narrow for the first few requests.
+EARLY_MISS_ALPHA = 0.01
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,9 @@ def requests_for(concurrency: int, per_worker: int = 2, minimum: int = REQUESTS_
 
 
 def run_level(ep: Endpoint, workload: Workload, concurrency: int, num_requests: int, warmup: int,
-              slo: Slo | None, on_done: Callable[[RequestRecord], None] | None = None) -> LevelResult:
-    records = asyncio.run(closed_loop(ep, workload, concurrency, num_requests, warmup, on_done))
+              slo: Slo | None, on_done: Callable[[RequestRecord], None] | None = None,
+              stop: StopRule | None = None) -> LevelResult:
+    records = asyncio.run(closed_loop(ep, workload, concurrency, num_requests, warmup, on_done, stop))
     return level_from(records, concurrency, None, warmup, slo)
 
 
@@ -199,14 +205,52 @@ def judge(level: LevelResult | PooledLevel, slo_s: float) -> CapacityLevel:
     )
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """One round the search asks for: its level; whether to warm the server up first (not when
+    the round before measured the same level, which left it warm); and when to stop sending."""
+    concurrency: int
+    warm_up: bool
+    stop: StopRule
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+def misses_early(before: PooledLevel, slo_s: float) -> StopRule:
+    """Stop a round once a request failed, or once the level's rounds, this one included, have
+    so few requests within the SLO that the level misses it by EARLY_MISS_ALPHA's test."""
+    within_before = sum(1 for x in before.e2el_samples if x <= slo_s)
+
+    def stop(records: list[RequestRecord]) -> bool:
+        if before.failed or any(not r.success for r in records):
+            return True
+        within = within_before + sum(1 for r in records if r.e2el is not None and r.e2el <= slo_s)
+        return binomial_cdf(within, before.num_requests + len(records), SLO_QUANTILE) < EARLY_MISS_ALPHA
+
+    return stop
+
+
+def records_until(records: list[RequestRecord], stop: StopRule) -> list[RequestRecord]:
+    """The records a round would have kept, taken in order, had `stop` been asked after each
+    (for simulated rounds; requests still in flight at the stop are not modelled)."""
+    for n in range(1, len(records) + 1):
+        if stop(records[:n]):
+            return records[:n]
+    return records
+
+
 class CapacityProbe:
     """The levels measured so far, pooled per concurrency, each judged on all its rounds."""
 
-    def __init__(self, measure: Callable[[int], LevelResult], slo_s: float,
+    def __init__(self, measure: Callable[[RoundPlan], LevelResult], slo_s: float,
                  on_level: Callable[[CapacityLevel], None] | None) -> None:
         self.measure, self.slo_s, self.on_level = measure, slo_s, on_level
         self.pooled: dict[int, PooledLevel] = {}
         self.judged: dict[int, CapacityLevel] = {}
+        self.last: int | None = None
 
     @property
     def rounds(self) -> int:
@@ -214,7 +258,9 @@ class CapacityProbe:
 
     def measure_again(self, c: int) -> CapacityLevel:
         before = self.pooled.get(c, PooledLevel(c, ()))
-        self.pooled[c] = before.adding(self.measure(c))
+        plan = RoundPlan(c, warm_up=self.last != c, stop=misses_early(before, self.slo_s))
+        self.last = c
+        self.pooled[c] = before.adding(self.measure(plan))
         self.judged[c] = judge(self.pooled[c], self.slo_s)
         if self.on_level:
             self.on_level(self.judged[c])
@@ -281,7 +327,7 @@ def refine_low_end(probe: CapacityProbe, point: int, most: int, steps: int) -> N
             return
 
 
-def capacity_search(measure: Callable[[int], LevelResult], slo_s: float, workload: dict,
+def capacity_search(measure: Callable[[RoundPlan], LevelResult], slo_s: float, workload: dict,
                     start: int = 1, limit: int = 64,
                     on_level: Callable[[CapacityLevel], None] | None = None,
                     settle_requests: int = SETTLE_REQUESTS, refine_steps: int = 1) -> CapacityResult:

@@ -9,6 +9,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ BASE_FLAGS = (
     "-DLLAMA_BUILD_EXAMPLES=OFF",
 )
 CMAKE_PERCENT = re.compile(r"\[\s*(\d+)%\]")
+NINJA_COUNT = re.compile(r"\[(\d+)/(\d+)\]")
 
 
 class BuildError(DgxReadyError):
@@ -119,6 +121,22 @@ def build_spec(settings: Settings) -> BuildSpec:
         cpu_fingerprint=cpu_fingerprint(),
         cuda_architectures=archs,
     )
+
+
+def ninja_program() -> Path | None:
+    """The `ninja` wheel beside this Python (a dependency), else one on PATH."""
+    beside = Path(sys.executable).parent / "ninja"
+    if beside.exists():
+        return beside
+    found = shutil.which("ninja")
+    return Path(found) if found else None
+
+
+def generator_flags(ninja: Path | None) -> list[str]:
+    """Ninja schedules every object of every target at once, where make's generator waits for
+    each library before compiling the objects of the targets that link it: on the 2-core VM the
+    build took 5 min 44 s with ninja and 6 min 14 s with make. No compiler flag changes."""
+    return ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
 
 
 def builds_root(settings: Settings) -> Path:
@@ -216,7 +234,8 @@ def build_llamacpp(settings: Settings | None = None, force: bool = False) -> Lla
     sdist = fetch_sdist(settings, version)
     src = extract_vendored_source(settings, sdist, version)
     root = builds_root(settings)
-    build_dir = root / f"build-{spec.key}"
+    ninja = ninja_program()
+    build_dir = root / f"build-{spec.key}{'-ninja' if ninja else ''}"
     build_dir.mkdir(parents=True, exist_ok=True)
     log = root / f"build-{spec.key}.log"
     log.write_text("")
@@ -224,7 +243,8 @@ def build_llamacpp(settings: Settings | None = None, force: bool = False) -> Lla
     console.print(f"building llama.cpp ({spec.key}) with {jobs} jobs; log: {log}")
     with step_progress() as progress:
         progress.add_task("llama.cpp configure (cmake)", total=None)
-        run_logged(["cmake", "-S", str(src), "-B", str(build_dir), *spec.cmake_flags()], log)
+        run_logged(["cmake", "-S", str(src), "-B", str(build_dir), *generator_flags(ninja),
+                    *spec.cmake_flags()], log)
     compile_with_progress(["cmake", "--build", str(build_dir), "--target", *TARGETS, "-j", str(jobs)],
                           log)
     seconds = time.monotonic() - started
@@ -233,8 +253,9 @@ def build_llamacpp(settings: Settings | None = None, force: bool = False) -> Lla
 
 
 def compile_with_progress(cmd: list[str], log: Path, label: str = "llama.cpp build") -> None:
-    """Run `cmake --build`, showing its `[ NN%]` lines as a percentage. Each target restarts
-    cmake's count, so the percentage only ever rises, and stays below 100 until the end."""
+    """Run `cmake --build`, showing its progress as a percentage: make's `[ NN%]` lines (each
+    target restarts that count) or ninja's `[done/total]`. The percentage only ever rises, and
+    stays below 100 until the end."""
     with step_progress(percent=True) as progress:
         task = progress.add_task(label, total=100)
         highest = 0
@@ -242,8 +263,13 @@ def compile_with_progress(cmd: list[str], log: Path, label: str = "llama.cpp bui
         def on_line(line: str) -> None:
             nonlocal highest
             if m := CMAKE_PERCENT.match(line):
-                highest = max(highest, min(int(m.group(1)), 99))
-                progress.update(task, completed=highest)
+                percent = int(m.group(1))
+            elif m := NINJA_COUNT.match(line):
+                percent = 100 * int(m.group(1)) // max(1, int(m.group(2)))
+            else:
+                return
+            highest = max(highest, min(percent, 99))
+            progress.update(task, completed=highest)
 
         run_logged(cmd, log, on_line)
         progress.update(task, completed=100)

@@ -6,11 +6,15 @@ from bench.metrics import RequestRecord, compute_metrics
 from bench.serving import (
     CapacityLevel,
     LevelResult,
+    PooledLevel,
+    binomial_cdf,
     capacity_bounds,
     capacity_search,
     judge,
     level_from,
     level_verdict,
+    misses_early,
+    records_until,
     wilson_interval,
 )
 
@@ -33,13 +37,14 @@ def test_metrics_follow_vllm_definitions():
     assert m.errors == {"http 500": 1}
 
 
-def level_of(c, e2el):
-    return level_from([rec(i * 0.1, 0.1, x, 10) for i, x in enumerate(e2el)], c, None, 0, None)
+def level_of(c, e2el, stop=None):
+    records = [rec(i * 0.1, 0.1, x, 10) for i, x in enumerate(e2el)]
+    return level_from(records_until(records, stop) if stop else records, c, None, 0, None)
 
 
 def steady(p95_at, n=16):
     """A fake runner whose every round at concurrency c has the same, tight latencies."""
-    return lambda c: level_of(c, [p95_at(c)] * n)
+    return lambda plan: level_of(plan.concurrency, [p95_at(plan.concurrency)] * n, plan.stop)
 
 
 class RoundRunner:
@@ -50,19 +55,22 @@ class RoundRunner:
         self.median_at, self.spread, self.n = median_at, spread, n
         self.rng = np.random.default_rng(7)
         self.asked = []
+        self.plans = []
 
-    def __call__(self, c):
+    def __call__(self, plan):
+        c = plan.concurrency
         self.asked.append(c)
+        self.plans.append(plan)
         e2el = self.median_at(c) * np.exp(self.rng.normal(0, self.spread, self.n))
-        return level_of(c, e2el.tolist())
+        return level_of(c, e2el.tolist(), plan.stop)
 
 
 def test_capacity_doubles_bisects_then_settles_the_undecided_boundary_level():
     seen = []
 
-    def measure(c):
-        seen.append(c)
-        return steady(lambda c: 0.5 * c)(c)   # P95 = c/2 s, so c <= 12 meets a 6 s SLO
+    def measure(plan):
+        seen.append(plan.concurrency)
+        return steady(lambda c: 0.5 * c)(plan)   # P95 = c/2 s, so c <= 12 meets a 6 s SLO
 
     result = capacity_search(measure, 6.0, {"name": "synthetic"}, limit=64)
     assert result.max_concurrency_meeting_slo == 12
@@ -120,7 +128,7 @@ def test_52_requests_all_within_the_slo_are_the_fewest_that_meet_it_with_confide
 def test_failures_fail_a_level_even_when_fast():
     records = [rec(0, 0.1, 0.2, 5)] * 19 + [RequestRecord(sent_at=0, error="timeout", ended_at=1)]
     level = LevelResult(4, None, 20, 0, compute_metrics(records), [0.2] * 19)
-    result = capacity_search(lambda c: level, 6.0, {}, limit=4)
+    result = capacity_search(lambda plan: level, 6.0, {}, limit=4)
     assert result.max_concurrency_meeting_slo == 0 and result.capacity_high == 0
     assert result.levels[0].reason == "1 of 20 requests failed" and result.levels[0].rounds == 1
     assert result.levels[0].verdict == "misses"
@@ -136,3 +144,53 @@ def test_a_level_measured_again_is_judged_on_all_its_rounds():
 def test_wilson_interval():
     lo, hi = wilson_interval(19, 20)
     assert lo == pytest.approx(0.7639, abs=1e-3) and hi == pytest.approx(0.9911, abs=1e-3)
+
+
+def test_a_round_at_a_level_far_beyond_the_slo_stops_after_two_requests():
+    result = capacity_search(steady(lambda c: 9.0), 6.0, {})
+    level = result.levels[0]
+    assert (level.concurrency, level.num_requests, level.verdict) == (1, 2, "misses")
+
+
+def test_a_level_within_the_slo_is_never_stopped_early():
+    runner = RoundRunner(lambda c: 3.0, spread=0.1, n=16)
+    capacity_search(runner, 6.0, {}, start=4, limit=4)
+    assert [len(records_until([rec(0, 0.1, 3.0, 1)] * 16, p.stop)) for p in runner.plans] == [16] * 4
+
+
+def test_a_failed_request_stops_its_round_at_once():
+    stop = misses_early(PooledLevel(2, ()), 6.0)
+    failed = RequestRecord(sent_at=0, error="http 500", ended_at=1)
+    assert len(records_until([rec(0, 0.1, 1.0, 5), failed] + [rec(0, 0.1, 1.0, 5)] * 10, stop)) == 2
+
+
+def test_the_early_stop_rarely_calls_a_level_that_just_meets_the_slo_a_miss():
+    # True attainment exactly at the SLO's 95%: the looks after every request of a 13-request
+    # round stop it as a miss in at most a few percent of rounds (one look at 1% each).
+    rng = np.random.default_rng(3)
+    stop = misses_early(PooledLevel(1, ()), 6.0)
+    rounds = [[rec(0, 0.1, 1.0 if rng.random() < 0.95 else 9.0, 5) for _ in range(13)] for _ in range(2000)]
+    stopped = sum(len(records_until(r, stop)) < 13 for r in rounds) / len(rounds)
+    assert stopped < 0.03
+
+
+def test_the_early_stop_counts_the_levels_earlier_rounds():
+    slow = level_of(2, [9.0] * 3)
+    stop = misses_early(PooledLevel(2, (slow,)), 6.0)
+    assert stop([rec(0, 0.1, 1.0, 5)])   # 1 of 4 within the SLO: a miss, judged on both rounds
+    assert not misses_early(PooledLevel(2, ()), 6.0)([rec(0, 0.1, 1.0, 5)])
+
+
+def test_a_round_right_after_one_at_the_same_level_skips_the_warm_up():
+    runner = RoundRunner(lambda c: {1: 1.0, 2: 6.0}.get(c, 20.0), spread=0.2, n=13)
+    capacity_search(runner, 6.0, {}, limit=8)
+    plans = [(p.concurrency, p.warm_up) for p in runner.plans]
+    assert plans[0] == (1, True)
+    assert all(warm == (i == 0 or plans[i - 1][0] != c) for i, (c, warm) in enumerate(plans))
+    assert any(not warm for _, warm in plans)
+
+
+def test_binomial_cdf():
+    assert binomial_cdf(0, 2, 0.95) == pytest.approx(0.0025)
+    assert binomial_cdf(1, 3, 0.95) == pytest.approx(0.05 ** 3 + 3 * 0.95 * 0.05 ** 2)
+    assert binomial_cdf(5, 5, 0.3) == pytest.approx(1.0)

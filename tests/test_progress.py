@@ -137,6 +137,20 @@ def test_the_build_shows_progress_at_least_every_interval_when_piped(tmp_path):
     assert "[ 96%] Built target llama-quantize" in (tmp_path / "build.log").read_text()
 
 
+def test_the_build_reads_ninjas_counts_as_a_rising_percentage(tmp_path):
+    fake = tmp_path / "cmake"
+    fake.write_text("#!/bin/sh\nfor n in 1 50 107 150 213 214; do echo \"[$n/214] Building CXX object x$n.o\"; "
+                    "sleep 0.2; done\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    script = ("from pathlib import Path; from model.llamacpp_build import compile_with_progress; "
+              f"compile_with_progress([{str(fake)!r}], Path({str(tmp_path / 'build.log')!r}))")
+    env = {**os.environ, "DGXREADY_PROGRESS_INTERVAL_S": "0.05"}
+    rc, lines = timestamped_lines([sys.executable, "-c", script], env)
+    assert rc == 0, lines
+    percents = [int(m.group(1)) for _, text in lines if (m := re.match(r"llama\.cpp build: (\d+)% ", text))]
+    assert percents == sorted(percents) and 50 in percents and max(percents) == 99, lines
+
+
 def test_the_heartbeat_thread_ends_with_its_progress():
     before = threading.active_count()
     out, _ = console_buffer()

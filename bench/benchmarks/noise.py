@@ -12,10 +12,19 @@ import numpy as np
 from bench.compare import SERVING_RUN_SPREAD
 from bench.environment import Environment
 from bench.hw import Check, HostFacts
+from bench.loadgen import StopRule
 from bench.metrics import RequestRecord
 from bench.net import NetResult
 from bench.report import Baseline, Hardware, Micro, Serving, ServingLevel
-from bench.serving import CapacityResult, LevelResult, capacity_search, level_from, requests_for
+from bench.serving import (
+    CapacityResult,
+    LevelResult,
+    RoundPlan,
+    capacity_search,
+    level_from,
+    records_until,
+    requests_for,
+)
 from bench.storage import IoResult, StorageResult
 from bench.stream import StreamResult
 
@@ -124,9 +133,11 @@ def capacity_median_e2el_s(c: int) -> float:
     return 1.03 * c
 
 
-def _level(rng, c: int, n: int, median_s: float, noise: Noise, run_factor: float) -> LevelResult:
+def _level(rng, c: int, n: int, median_s: float, noise: Noise, run_factor: float,
+           stop: StopRule | None = None) -> LevelResult:
     e2el = (median_s * run_factor * _factor(rng, noise.latency.sample, n)).tolist()
-    return level_from(_records(rng, e2el), c, None, 0, None)
+    records = _records(rng, e2el)
+    return level_from(records_until(records, stop) if stop else records, c, None, 0, None)
 
 
 def _serving(rng, noise: Noise, worse: float, run_factor: float) -> Serving:
@@ -137,8 +148,10 @@ def _serving(rng, noise: Noise, worse: float, run_factor: float) -> Serving:
 
 
 def _capacity(rng, noise: Noise, worse: float, run_factor: float) -> CapacityResult:
-    def measure(c: int) -> LevelResult:
-        return _level(rng, c, requests_for(c), capacity_median_e2el_s(c) * (1 + worse), noise, run_factor)
+    def measure(plan: RoundPlan) -> LevelResult:
+        c = plan.concurrency
+        return _level(rng, c, requests_for(c), capacity_median_e2el_s(c) * (1 + worse), noise, run_factor,
+                      plan.stop)
 
     return capacity_search(measure, 6.0, {"name": "agents", "max_tokens": 128}, limit=32)
 
