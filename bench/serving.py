@@ -309,10 +309,23 @@ def capacity_bounds(judged: dict[int, CapacityLevel], point: int) -> tuple[int, 
     return min(low, point), max(high, point)
 
 
+def decidable(level: CapacityLevel, most: int) -> bool:
+    """Whether `most` requests could still decide the level: meet the SLO if every request left
+    were within it, or miss it if they kept the attainment seen so far. One that can do neither
+    sits at the SLO, and more rounds would only leave it undecided."""
+    n, left = level.num_requests, most - level.num_requests
+    within = level.attainment * n
+    z = z_score(CONFIDENCE)
+    could_meet = wilson_interval(round(within) + left, most, z)[0] >= SLO_QUANTILE
+    could_miss = wilson_interval(within + left * level.attainment, most, z)[1] < SLO_QUANTILE
+    return could_meet or could_miss
+
+
 def settle(probe: CapacityProbe, c: int, most: int) -> CapacityLevel:
-    """Measure level c again, round by round, until it is decided or has `most` requests."""
+    """Measure level c again, round by round, until it is decided, has `most` requests, or can no
+    longer be decided by then."""
     level = probe.judged.get(c) or probe.measure_again(c)
-    while level.verdict == "undecided" and level.num_requests < most:
+    while level.verdict == "undecided" and level.num_requests < most and decidable(level, most):
         level = probe.measure_again(c)
     return level
 

@@ -10,6 +10,7 @@ from bench.serving import (
     binomial_cdf,
     capacity_bounds,
     capacity_search,
+    decidable,
     judge,
     level_from,
     level_verdict,
@@ -194,3 +195,28 @@ def test_binomial_cdf():
     assert binomial_cdf(0, 2, 0.95) == pytest.approx(0.0025)
     assert binomial_cdf(1, 3, 0.95) == pytest.approx(0.05 ** 3 + 3 * 0.95 * 0.05 ** 2)
     assert binomial_cdf(5, 5, 0.3) == pytest.approx(1.0)
+
+
+def test_a_level_sitting_at_the_slo_is_not_measured_again_once_52_requests_could_not_decide_it():
+    # Round 1 all within; round 2 has two beyond the SLO: 50 of 52 could no longer meet it, and
+    # at 92% the rest would not miss it either.
+    rounds = iter([[1.0] * 13, [1.0] * 11 + [7.0] * 2, [1.0] * 13, [1.0] * 13])
+    asked = []
+
+    def measure(plan):
+        asked.append(plan.concurrency)
+        return level_of(plan.concurrency, next(rounds) if plan.concurrency == 2 else [1.0] * 13, plan.stop)
+
+    result = capacity_search(measure, 6.0, {}, start=2, limit=2)
+    assert asked.count(2) == 2
+    level = next(lv for lv in result.levels if lv.concurrency == 2)
+    assert (level.num_requests, level.verdict) == (26, "undecided")
+
+
+def test_a_level_that_could_still_meet_or_miss_the_slo_is_decidable():
+    all_within = judge(level_of(1, [1.0] * 13), 6.0)
+    assert decidable(all_within, 52)
+    mostly_beyond = judge(level_of(1, [1.0] * 10 + [7.0] * 3), 6.0)
+    assert decidable(mostly_beyond, 52)
+    at_the_slo = judge(level_of(1, [1.0] * 24 + [7.0] * 2), 6.0)
+    assert not decidable(at_the_slo, 52)
