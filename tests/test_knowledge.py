@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -321,3 +322,27 @@ def test_search_falls_back_to_bm25_uncached_while_the_embeddings_server_is_down(
         answer = service.search("GPU fan profile")
         assert answer.vector_search == DEGRADED and not answer.cached
         assert [h.chunk.source for h in answer.hits] == ["fans.md"]
+
+
+def test_a_vector_search_at_a_version_just_read_runs_while_another_thread_holds_the_database(tmp_path):
+    # A search reads the version once; its scan of a current index then needs no connection, so
+    # it does not wait behind another thread's query (another agent's tool call, a write).
+    rng = np.random.default_rng(5)
+    store = SqliteKnowledgeStore(tmp_path / "knowledge.db")
+    service = KnowledgeService(store, embedder=None)
+    add_with_vectors(service, "\n".join(f"# part {i}\ntext {i}" for i in range(20)), "d.md", rng)
+    version = store.version()
+    store.vector_search(rng.standard_normal(16), 3)
+    answered = []
+    with store.lock:
+        worker = threading.Thread(target=lambda: answered.append(
+            store.vector_search(rng.standard_normal(16), 3, version)))
+        worker.start()
+        worker.join(timeout=5)
+        assert answered and len(answered[0]) == 3
+        blocked = threading.Thread(target=lambda: store.vector_search(rng.standard_normal(16), 3))
+        blocked.start()
+        blocked.join(timeout=0.3)
+        assert blocked.is_alive()   # without the version it reads it, and waits for the connection
+    blocked.join(timeout=5)
+    assert not blocked.is_alive()

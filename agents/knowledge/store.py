@@ -78,7 +78,7 @@ class KnowledgeStore(Protocol):
 
     def text_search(self, query: str, scopes: Sequence[str], limit: int) -> list[int]: ...
 
-    def vector_search(self, query: np.ndarray, limit: int) -> list[int]: ...
+    def vector_search(self, query: np.ndarray, limit: int, version: int | None = None) -> list[int]: ...
 
     def chunks(self, ids: Sequence[int]) -> dict[int, ChunkRecord]: ...
 
@@ -206,9 +206,10 @@ class SqliteKnowledgeStore:
                 (match, limit * TEXT_OVERFETCH, *scopes, limit)).fetchall()
         return [r[0] for r in rows]
 
-    def vector_search(self, query: np.ndarray, limit: int) -> list[int]:
-        """Chunk ids by cosine similarity, best first, from this process's index brought up to date."""
-        index = self.synced_index()
+    def vector_search(self, query: np.ndarray, limit: int, version: int | None = None) -> list[int]:
+        """Chunk ids by cosine similarity, best first, from this process's index brought up to date
+        (to `version` when the caller has just read it)."""
+        index = self.synced_index(version)
         if index is None:
             return []
         if query.shape[-1] != index.dim:
@@ -217,14 +218,17 @@ class SqliteKnowledgeStore:
         with index.lock:
             return [chunk for chunk, _ in index.search(query, limit)]
 
-    def synced_index(self) -> VectorIndex | None:
-        dim = self.dim()
-        if dim is None:
-            return None
+    def synced_index(self, version: int | None = None) -> VectorIndex | None:
+        """The index, up to date at `version` (read here when not given): a search that passes the
+        version it has just read uses no database connection while the index is current, so it
+        does not wait behind another thread's query."""
         if self.index is None:
+            dim = self.dim()
+            if dim is None:
+                return None
             self.index = VectorIndex(dim, self.vector_settings)
         with self.index.lock:
-            now = self.version()
+            now = self.version() if version is None else version
             if self.index.version >= now:
                 return self.index
             for batch in self.vector_batches(self.index.version, now):
