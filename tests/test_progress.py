@@ -121,33 +121,34 @@ def test_tables_in_a_terminal_are_box_drawn_and_in_a_log_are_markdown():
     assert [line.strip() for line in log[1:] if line.strip()] == ["| conc. |", "|-------|", "| 4     |"]
 
 
-def test_the_build_shows_progress_at_least_every_interval_when_piped(tmp_path):
-    # The 30 s rule, scaled down: lines every 0.5 s at most 1.5 s apart, through a 3 s silence.
+def fake_build(tmp_path, cmake_text: str, interval_s: float) -> tuple[int, list[tuple[float, str]], list[int]]:
+    """compile_with_progress over a fake `cmake`, piped: its exit code, timestamped lines and the
+    percentages it showed."""
     fake = tmp_path / "cmake"
-    fake.write_text(FAKE_CMAKE.replace("SILENCE", "3"))
+    fake.write_text(cmake_text)
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     script = ("from pathlib import Path; from model.llamacpp_build import compile_with_progress; "
               f"compile_with_progress([{str(fake)!r}], Path({str(tmp_path / 'build.log')!r}))")
-    env = {**os.environ, "DGXREADY_PROGRESS_INTERVAL_S": "0.5"}
+    env = {**os.environ, "DGXREADY_PROGRESS_INTERVAL_S": str(interval_s)}
     rc, lines = timestamped_lines([sys.executable, "-c", script], env)
+    percents = [int(m.group(1)) for _, text in lines if (m := re.match(r"llama\.cpp build: (\d+)% ", text))]
+    return rc, lines, percents
+
+
+def test_the_build_shows_progress_at_least_every_interval_when_piped(tmp_path):
+    # The 30 s rule, scaled down: lines every 0.5 s at most 1.5 s apart, through a 3 s silence.
+    rc, lines, percents = fake_build(tmp_path, FAKE_CMAKE.replace("SILENCE", "3"), 0.5)
     assert rc == 0, lines
     assert longest_silence(lines) <= 1.5, lines
-    percents = [int(m.group(1)) for _, text in lines if (m := re.match(r"llama\.cpp build: (\d+)% ", text))]
     assert len(percents) >= 4 and percents == sorted(percents) and max(percents) < 100, lines
     assert "[ 96%] Built target llama-quantize" in (tmp_path / "build.log").read_text()
 
 
 def test_the_build_reads_ninjas_counts_as_a_rising_percentage(tmp_path):
-    fake = tmp_path / "cmake"
-    fake.write_text("#!/bin/sh\nfor n in 1 50 107 150 213 214; do echo \"[$n/214] Building CXX object x$n.o\"; "
-                    "sleep 0.2; done\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    script = ("from pathlib import Path; from model.llamacpp_build import compile_with_progress; "
-              f"compile_with_progress([{str(fake)!r}], Path({str(tmp_path / 'build.log')!r}))")
-    env = {**os.environ, "DGXREADY_PROGRESS_INTERVAL_S": "0.05"}
-    rc, lines = timestamped_lines([sys.executable, "-c", script], env)
+    ninja = ("#!/bin/sh\nfor n in 1 50 107 150 213 214; do echo \"[$n/214] Building CXX object x$n.o\"; "
+             "sleep 0.2; done\n")
+    rc, lines, percents = fake_build(tmp_path, ninja, 0.05)
     assert rc == 0, lines
-    percents = [int(m.group(1)) for _, text in lines if (m := re.match(r"llama\.cpp build: (\d+)% ", text))]
     assert percents == sorted(percents) and 50 in percents and max(percents) == 99, lines
 
 
