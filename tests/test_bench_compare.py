@@ -33,14 +33,22 @@ def test_two_runs_drawn_from_the_same_distribution_are_not_flagged(seed):
     assert regressions(compare(before, after)) == []
 
 
-def test_a_planted_30_percent_change_is_flagged_where_the_samples_can_show_it():
-    rng = np.random.default_rng(11)
-    before, after = synthetic_baseline(rng, NOISE_QUIET_HOST), synthetic_baseline(rng, NOISE_QUIET_HOST, 0.3)
-    rows = verdicts(compare(before, after, run_spread=NOISE_QUIET_HOST.latency.run))
-    assert all(rows[f"stream {op} GB/s"] == "regressed" for op in ("copy", "scale", "add", "triad"))
-    assert rows["storage seq_read_1m MB/s"] == "regressed" and rows["net 127.0.0.1 Gbit/s"] == "regressed"
-    assert rows["serve c=16 E2EL p50 s"] == "regressed" and rows["serve c=16 TPOT p50 s"] == "regressed"
-    assert rows["serve c=16 output tok/s"] == "inconclusive"   # a lone figure cannot tell
+def test_a_planted_30_percent_change_is_flagged_in_most_quiet_host_comparisons():
+    # 20 seeded pairs without a capacity search (its rounds would shift every later draw); the
+    # same rates at 100 pairs are in bench/benchmarks/compare_false_alarms.py's docstring.
+    families = {"stream": lambda m: m.startswith("stream "), "storage": lambda m: m.startswith("storage "),
+                "E2EL": lambda m: "E2EL" in m}
+    detected = dict.fromkeys(families, 0)
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        before = synthetic_baseline(rng, NOISE_QUIET_HOST, with_capacity=False)
+        after = synthetic_baseline(rng, NOISE_QUIET_HOST, 0.3, with_capacity=False)
+        rows = verdicts(compare(before, after, run_spread=NOISE_QUIET_HOST.latency.run))
+        regressed = [metric for metric, verdict in rows.items() if verdict == "regressed"]
+        for family, member in families.items():
+            detected[family] += any(member(m) for m in regressed)
+        assert rows["serve c=16 output tok/s"] == "inconclusive"   # a lone figure cannot tell
+    assert detected["stream"] == 20 and detected["storage"] >= 18 and detected["E2EL"] >= 14, detected
 
 
 def test_a_planted_30_percent_change_in_host_figures_is_not_called_on_a_host_as_noisy_as_the_busy_vm():
