@@ -12,12 +12,14 @@ printed beside it for reference.
 Bars: a false-alarm rate of at most 5% of comparisons (any metric), and, on a quiet host, a
 planted 30% change detected in at least 90% of comparisons in STREAM, storage and serving E2EL.
 
-Last run (2-core VM, --pairs 100, real: 3 back-to-back bench.all runs, 3 pairs; the serving run
-spread is each noise model's own, as a user passes --run-spread). False alarms, any metric: busy
-VM 10% (stream 4%, each serving family 3-4%, capacity 1%), quiet host 1%, real runs 0 of 3 (the
-old threshold-only rule: 100%, 98%, 100%). Planted 30%: quiet host 100% of comparisons (STREAM
-100%, storage 94%, net 44%, E2EL 81%, TTFT 63%, TPOT 71%, capacity 24%); busy VM 54%: one run
-against one run cannot tell a 30% change from a run shift of 0.10 there."""
+Last run (2-core VM, --pairs 100, with the capacity search that stops a round at a clear miss and
+gives up on a level 52 requests could not decide; the serving run spread is each noise model's
+own, as a user passes --run-spread). False alarms, any metric: busy VM 5% (stream 1%, each serving
+family 2-3%, capacity 2%), quiet host 1% (the old threshold-only rule: 100%, 98%). Real runs, 3
+back-to-back bench.all on an unchanged host, each pair through bench.compare: 0 of 3. Planted
+30%: quiet host 100% of comparisons (STREAM 100%, storage 91%, net 54%, E2EL 89%, TTFT 66%, TPOT
+79%, capacity 24%); busy VM 52%: one run against one run cannot tell a 30% change from a run
+shift of 0.10 there."""
 from __future__ import annotations
 
 import argparse
