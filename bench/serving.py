@@ -24,9 +24,9 @@ REQUESTS_PER_ROUND = 13
 SETTLE_REQUESTS = 52
 CONFIDENCE = 0.90
 SLO_QUANTILE = 0.95
-# A round stops early once its level misses the SLO by an exact one-sided binomial test at this
-# level: had SLO_QUANTILE of the level's requests been within the SLO, so few would be below
-# this chance. The test runs after every request, so it is stricter than CONFIDENCE, and exact
+# A round stops early once its level misses the SLO by an exact one-sided binomial test: were
+# SLO_QUANTILE of its requests within the SLO, as few within as it has would come up with a chance
+# below this. The test runs after every request, so it is stricter than CONFIDENCE, and exact
 # because the Wilson interval is too narrow for the first few requests.
 EARLY_MISS_ALPHA = 0.01
 
