@@ -233,9 +233,11 @@ def misses_early(before: PooledLevel, slo_s: float) -> StopRule:
     return stop
 
 
-def records_until(records: list[RequestRecord], stop: StopRule) -> list[RequestRecord]:
-    """The records a round would have kept, taken in order, had `stop` been asked after each
-    (for simulated rounds; requests still in flight at the stop are not modelled)."""
+def records_until(records: list[RequestRecord], stop: StopRule | None) -> list[RequestRecord]:
+    """The records a round would have kept, taken in order, had `stop` (if any) been asked after
+    each (for simulated rounds; requests still in flight at the stop are not modelled)."""
+    if stop is None:
+        return records
     for n in range(1, len(records) + 1):
         if stop(records[:n]):
             return records[:n]

@@ -40,7 +40,7 @@ def test_metrics_follow_vllm_definitions():
 
 def level_of(c, e2el, stop=None):
     records = [rec(i * 0.1, 0.1, x, 10) for i, x in enumerate(e2el)]
-    return level_from(records_until(records, stop) if stop else records, c, None, 0, None)
+    return level_from(records_until(records, stop), c, None, 0, None)
 
 
 def steady(p95_at, n=16):

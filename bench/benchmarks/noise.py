@@ -136,8 +136,7 @@ def capacity_median_e2el_s(c: int) -> float:
 def _level(rng, c: int, n: int, median_s: float, noise: Noise, run_factor: float,
            stop: StopRule | None = None) -> LevelResult:
     e2el = (median_s * run_factor * _factor(rng, noise.latency.sample, n)).tolist()
-    records = _records(rng, e2el)
-    return level_from(records_until(records, stop) if stop else records, c, None, 0, None)
+    return level_from(records_until(_records(rng, e2el), stop), c, None, 0, None)
 
 
 def _serving(rng, noise: Noise, worse: float, run_factor: float) -> Serving:
