@@ -11,7 +11,8 @@ The model:
 - A closed loop of c agents, each sending its next request `think` seconds after its last answer.
   The engine interleaves the others' prefills with my decode, so a request of n output tokens takes
       E = pf + n * step(c) + (c - 1) * pf_mean * E / (E_mean + think)
-  solved for the mean request, then for the P95 request (the P95 prompt and output). TTFT is the
+  solved for the mean request, then for the P95 request (the P95 prompt and output; measured
+  outputs, where answers stop early, have a P95 nearer the cap than their mean). TTFT is the
   prefill, one step, and the others' prefills already running; aggregate output tok/s is
   c * n_mean / (E_mean + think).
 - eta, F and t_step come from a profile (bench/profiles.yaml, each citing its source): one set per
@@ -382,10 +383,13 @@ def workload_shape(name: str, max_tokens: int, roles: list[Role], think_s: float
 
 def scaled_to_measured(shape: WorkloadShape, level: LevelResult) -> WorkloadShape:
     """The shape with its prompt tokens scaled to what the server counted, and the outputs as
-    measured (agents may stop before max_tokens)."""
+    measured. Agents stop before max_tokens now and then: that shortens the mean output, not the
+    P95 request's, which still runs to the cap. So the P95 output is the level's own P95 where the
+    baseline has each request's output (schema version 3), and scaled with the mean otherwise."""
     prompt, output = measured_tokens(level)
     k = prompt / shape.prompt_mean
+    output_p95 = (_p95(level.output_token_samples) if level.output_token_samples
+                  else min(shape.output_p95, output * shape.output_p95 / shape.output_mean))
     return replace(shape, prompt_mean=prompt, prompt_p95=shape.prompt_p95 * k,
                    system_tokens=shape.system_tokens * k, history_tokens=shape.history_tokens * k,
-                   output_mean=output, output_p95=min(shape.output_p95, output * shape.output_p95 /
-                                                      shape.output_mean))
+                   output_mean=output, output_p95=output_p95)

@@ -1,8 +1,9 @@
 """The baseline document: one JSON per run, validated against a versioned JSON Schema that is
-generated from these models and committed as bench/schema/baseline-v2.schema.json. Version 2
-adds the samples that tell noise from change (per-request TPOT, STREAM repetitions, storage
-windows, network rounds) and the capacity range; a version-1 document is still read, checked
-against the version-1 schema that is kept beside it."""
+generated from these models and committed as bench/schema/baseline-v3.schema.json. Version 2
+added the samples that tell noise from change (per-request TPOT, STREAM repetitions, storage
+windows, network rounds) and the capacity range; version 3 adds each request's output tokens,
+whose spread the prediction's P95 request needs. Older documents are still read, each checked
+against its own version's schema, kept beside it."""
 from __future__ import annotations
 
 import json
@@ -24,9 +25,10 @@ from dgxready.errors import DgxReadyError
 from dgxready.files import atomic_write_text
 
 SCHEMA_DIR = Path(__file__).with_name("schema")
-SCHEMA_ID = "dgxready-bench-baseline/2"
-SCHEMA_PATH = SCHEMA_DIR / "baseline-v2.schema.json"
+SCHEMA_ID = "dgxready-bench-baseline/3"
+SCHEMA_PATH = SCHEMA_DIR / "baseline-v3.schema.json"
 READABLE_SCHEMAS = {"dgxready-bench-baseline/1": SCHEMA_DIR / "baseline-v1.schema.json",
+                    "dgxready-bench-baseline/2": SCHEMA_DIR / "baseline-v2.schema.json",
                     SCHEMA_ID: SCHEMA_PATH}
 
 
@@ -58,18 +60,21 @@ class ServingLevel(Doc):
     e2el_samples: list[float]
     ttft_samples: list[float]
     tpot_samples: list[float] | None = Field(None, description="absent before schema version 2")
+    output_token_samples: list[int] | None = Field(None, description="absent before schema version 3")
 
     @classmethod
     def of(cls, level: LevelResult) -> ServingLevel:
         return cls(concurrency=level.concurrency, request_rate=level.request_rate,
                    num_requests=level.num_requests, warmup_requests=level.warmup_requests,
                    metrics=level.metrics, e2el_samples=level.e2el_samples,
-                   ttft_samples=level.ttft_samples, tpot_samples=level.tpot_samples)
+                   ttft_samples=level.ttft_samples, tpot_samples=level.tpot_samples,
+                   output_token_samples=level.output_token_samples)
 
     def level_result(self) -> LevelResult:
         """The inverse of `of`; the ITL samples are not stored."""
         return LevelResult(self.concurrency, self.request_rate, self.num_requests, self.warmup_requests,
-                           self.metrics, self.e2el_samples, self.ttft_samples, [], self.tpot_samples or [])
+                           self.metrics, self.e2el_samples, self.ttft_samples, [], self.tpot_samples or [],
+                           self.output_token_samples or [])
 
 
 class Serving(Doc):

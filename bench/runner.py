@@ -130,14 +130,16 @@ def saturated(level: LevelResult, slo: Slo, factor: float = SATURATION_FACTOR) -
 
 
 def sweep(ep: Endpoint, workload_name: str, levels: list[int], max_tokens: int, slo: Slo,
-          out: Console, warmup: int = 2, stop_when_saturated: bool = True) -> list[LevelResult]:
+          out: Console, warmup: int = 2, stop_when_saturated: bool = True,
+          num_requests: int | None = None) -> list[LevelResult]:
+    """Each level with `num_requests` requests, or by default two per worker and at least 8."""
     workload = make_workload(workload_name, max_tokens=max_tokens)
     out.print(f"serving sweep: {workload_label(workload.describe())}, closed loop at concurrency "
               + ", ".join(map(str, levels)))
     results = []
     with step_progress(transient=True) as progress:
         for i, c in enumerate(levels):
-            n = requests_for(c, per_worker=2, minimum=8)
+            n = num_requests or requests_for(c, per_worker=2, minimum=8)
             results.append(measured_level(progress, f"{workload_name} c={c}", ep, workload, c, n,
                                           warmup, slo))
             out.print(level_line(results[-1]))
@@ -226,6 +228,7 @@ class AllOptions:
     net_peers: tuple[str, ...] = ()
     full_sweep: bool = False
     target_agents: int = 10
+    sweep_requests: int | None = None
 
 
 def serving_doc(tgt: Target, workload: dict, levels: list[LevelResult]) -> Serving:
@@ -244,7 +247,7 @@ def run_all(opts: AllOptions, out: Console) -> tuple[Path, Baseline]:
         env = capture_environment()
         ep = Endpoint(tgt.url, tgt.model)
         levels = sweep(ep, opts.sweep_workload, list(opts.levels), opts.max_tokens, slo, out,
-                       stop_when_saturated=not opts.full_sweep)
+                       stop_when_saturated=not opts.full_sweep, num_requests=opts.sweep_requests)
         serving = serving_doc(tgt, make_workload(opts.sweep_workload, max_tokens=opts.max_tokens).describe(),
                               levels)
         print_serving(serving, out)

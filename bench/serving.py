@@ -42,6 +42,7 @@ class LevelResult:
     ttft_samples: list[float] = field(default_factory=list)
     itl_samples: list[float] = field(default_factory=list, repr=False)
     tpot_samples: list[float] = field(default_factory=list)
+    output_token_samples: list[int] = field(default_factory=list)
 
 
 def level_from(records: list[RequestRecord], concurrency, rate, warmup, slo) -> LevelResult:
@@ -50,6 +51,7 @@ def level_from(records: list[RequestRecord], concurrency, rate, warmup, slo) -> 
         concurrency, rate, len(records), warmup, compute_metrics(records, slo),
         [r.e2el for r in ok if r.e2el is not None], [r.ttft for r in ok if r.ttft is not None],
         [g for r in ok for g in r.itl], [t for r in ok if (t := r.tpot) is not None],
+        [r.output_tokens for r in ok],
     )
 
 

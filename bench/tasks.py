@@ -84,7 +84,8 @@ def _save(partial: Baseline) -> Path:
     "concurrency": "closed-loop levels, comma-separated",
     "rate": "open-loop request rate per second (instead of --concurrency)",
     "burstiness": "gamma shape of arrivals with --rate; 1 is Poisson",
-    "num_requests": "requests per level (default: enough for a P95)",
+    "num_requests": "requests per level (default: two per worker and at least 8 in a closed loop, "
+                    "50 with --rate)",
     "workload": "synthetic or agents",
     "max_tokens": "output tokens per request (synthetic: the length; agents: the cap)",
     "slo_p95_e2e": "SLO in seconds, for goodput",
@@ -104,7 +105,8 @@ def serve(c, url=None, concurrency="1,2,4,8,16", rate=None, burstiness=1.0, num_
                                 float(burstiness), n, None, 2, slo)]
         else:
             results = runner.sweep(ep, workload, list(levels), int(max_tokens), slo, out,
-                                   stop_when_saturated=False)
+                                   stop_when_saturated=False,
+                                   num_requests=int(num_requests) if num_requests else None)
     hw_ = runner.hardware("generic")
     b = Baseline(created_at=now_stamp(), host=hw_.host.hostname, environment=capture_environment(),
                  hardware=hw_, serving=Serving(
@@ -153,6 +155,8 @@ def capacity(c, slo_p95_e2e=6.0, workload="agents", url=None, max_tokens=128, li
     "skip_micro": "skip the microbenchmarks",
     "skip_capacity": "skip the capacity search (and so the SLO verdict)",
     "full_sweep": "measure every --concurrency level, even after one whose P95 E2EL is beyond twice the SLO",
+    "sweep_requests": "requests at each sweep level (default: two per worker and at least 8); more "
+                      "give steadier P95s, e.g. to calibrate `bench.predict --profile measured`",
     "remote_dir": "with --host: the toolkit's checkout on that host",
     "net_peer": "HOST:PORT running `python -m bench.net --serve`, comma-separated (e.g. other hosts)",
     "ssh_config": "with --host: an ssh_config file to read instead of ~/.ssh/config",
@@ -161,10 +165,12 @@ def capacity(c, slo_p95_e2e=6.0, workload="agents", url=None, max_tokens=128, li
 def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", workload="agents",
          slo_p95_e2e=6.0, target_agents=10, slo_exit=False, max_tokens=128, limit=32, output_dir=None,
          skip_micro=False, skip_capacity=False, remote_dir="~/dgxready", ssh_config=None, net_peer="",
-         full_sweep=False, sweep_workload="synthetic"):
+         full_sweep=False, sweep_workload="synthetic", sweep_requests=0):
     """Everything: hardware, microbenchmarks, serving sweep, capacity, roofline, SLO verdict; JSON + plots."""
     check_verdict_options(int(target_agents), int(limit), skip_capacity, slo_exit)
     check_workloads(workload=workload, sweep_workload=sweep_workload)
+    if int(sweep_requests) < 0:
+        raise Exit(f"error: --sweep-requests {sweep_requests}: give a positive number, or 0 for the default", 1)
     if host:
         forwarded = ["--profile", profile, "--concurrency", concurrency, "--workload", workload,
                      "--sweep-workload", sweep_workload,
@@ -172,6 +178,7 @@ def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", wo
                      "--limit", str(limit)]
         forwarded += ["--skip-micro"] * bool(skip_micro) + ["--skip-capacity"] * bool(skip_capacity)
         forwarded += ["--full-sweep"] * bool(full_sweep)
+        forwarded += ["--sweep-requests", str(sweep_requests)] * bool(int(sweep_requests))
         path, baseline = fetched_run(RemoteRun(host, remote_dir, tuple(forwarded), ssh_config,
                                          Path(output_dir) if output_dir else None))
     else:
@@ -182,7 +189,8 @@ def all_(c, url=None, host=None, profile="generic", concurrency="1,2,4,8,16", wo
             slo_p95_e2e_s=float(slo_p95_e2e), max_tokens=int(max_tokens), capacity_limit=int(limit),
             output_dir=Path(output_dir) if output_dir else None, skip_micro=skip_micro,
             skip_capacity=skip_capacity, net_peers=tuple(p for p in net_peer.split(",") if p),
-            full_sweep=bool(full_sweep), target_agents=int(target_agents)))
+            full_sweep=bool(full_sweep), target_agents=int(target_agents),
+            sweep_requests=int(sweep_requests) or None))
     if baseline.capacity:
         verdict = judge_target(baseline.capacity, int(target_agents))
         print_verdict(verdict, out, path)

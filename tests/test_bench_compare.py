@@ -15,6 +15,7 @@ from bench.report import Micro, load_baseline, write_baseline
 from bench.serving import CapacityResult
 from bench.storage import IoResult, StorageResult
 from bench.stream import StreamResult
+from dgxready.errors import DgxReadyError
 
 
 def verdicts(rows):
@@ -136,11 +137,29 @@ def test_a_version_1_baseline_still_loads_and_compares(tmp_path):
     for job in doc["micro"]["storage"]["jobs"]:
         del job["iops_samples"]
     for lv in doc["serving"]["levels"]:
-        del lv["tpot_samples"]
+        del lv["tpot_samples"], lv["output_token_samples"]
     old = tmp_path / "v1.json"
     old.write_text(json.dumps(doc))
     rows = verdicts(compare(load_baseline(old), load_baseline(path)))
     assert rows["stream copy GB/s"] == "unchanged" and rows["serve c=1 E2EL p50 s"] == "unchanged"
+
+
+def test_a_version_2_baseline_without_output_token_samples_still_loads_and_compares(tmp_path):
+    rng = np.random.default_rng(6)
+    path = write_baseline(synthetic_baseline(rng, with_capacity=False), tmp_path)
+    doc = json.loads(path.read_text())
+    doc["schema"] = "dgxready-bench-baseline/2"
+    for lv in doc["serving"]["levels"]:
+        del lv["output_token_samples"]
+    old = tmp_path / "v2.json"
+    old.write_text(json.dumps(doc))
+    loaded = load_baseline(old)
+    assert all(lv.output_token_samples is None for lv in loaded.serving.levels)
+    assert verdicts(compare(loaded, load_baseline(path)))["serve c=1 E2EL p50 s"] == "unchanged"
+    doc["serving"]["levels"][0]["output_token_samples"] = [5]
+    old.write_text(json.dumps(doc))
+    with pytest.raises(DgxReadyError, match=r"v2.json: \$.serving"):
+        load_baseline(old)
 
 
 def test_the_table_gives_every_metric_a_verdict():

@@ -19,6 +19,7 @@ from bench.predict import (
     load_profiles,
     predict_level,
     prefill,
+    scaled_to_measured,
 )
 from bench.prediction import (
     SCHEMA_PATH,
@@ -206,3 +207,15 @@ def test_each_checked_level_is_predicted_with_the_tokens_its_own_requests_had():
     after = {c.concurrency: c for c in predict_from(req, CATALOG, PROFILES, ROLES, longer, "b").checks}
     assert after[4].predicted_e2el_p95_s > 1.2 * before[4].predicted_e2el_p95_s
     assert after[8] == before[8] and after[16] == before[16]
+
+
+def test_answers_that_stop_early_shorten_the_mean_output_but_not_the_p95_requests():
+    shape = WorkloadShape("agents", 500, 700, 300, 150, 128, 128)
+    records = [RequestRecord(sent_at=float(i), prompt_tokens=500, output_tokens=128 if i % 4 else 20,
+                             ttft=0.3, e2el=3.0, success=True, finish_reason="length", ended_at=i + 3.0)
+               for i in range(20)]
+    level = level_from(records, 1, None, 0, None)
+    measured = scaled_to_measured(shape, level)
+    assert measured.output_mean == pytest.approx(101) and measured.output_p95 == 128
+    without_samples = scaled_to_measured(shape, replace(level, output_token_samples=[]))
+    assert without_samples.output_p95 == pytest.approx(101)

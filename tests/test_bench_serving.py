@@ -125,6 +125,16 @@ def test_the_sweep_stops_after_a_level_beyond_twice_the_slo_unless_asked_for_eve
     assert [lv.concurrency for lv in full] == [1, 2]
 
 
+def test_a_sweep_asked_for_more_requests_sends_them_and_records_each_ones_output_tokens(served):
+    ep = Endpoint(served.base_url, probe(served.base_url))
+    console = runner.Console(record=True, width=200)
+    default, asked = (runner.sweep(ep, "synthetic", [1], 4, Slo(), console, warmup=0, num_requests=n)
+                      for n in (None, 11))
+    assert default[0].num_requests == 8 and asked[0].num_requests == 11
+    assert len(asked[0].output_token_samples) == 11
+    assert sum(asked[0].output_token_samples) == asked[0].metrics.total_output_tokens
+
+
 def test_bench_all_writes_a_valid_baseline_and_plots(isolated, llama_build, tmp_path):
     opts = runner.AllOptions(levels=(1, 2), capacity_limit=2, max_tokens=16, skip_micro=True,
                              output_dir=tmp_path / "out")
