@@ -161,6 +161,11 @@ def requested_model(model: str | None, fmt: str | None, baseline: Baseline | Non
     return model, fmt or next(iter(catalog.model(model).formats))
 
 
+# Below this many requests a level's TPOT median and P95 output move by tens of percent run to run
+STEADY_REQUESTS = 24
+FEW_REQUESTS_HINT = ": few for a steady fit, `bench.all --sweep-requests 32` gives more"
+
+
 def measured_setting(baseline: Baseline, model: ModelShape, roles: list[Role], source: str) -> Setting:
     """Calibrated on concurrency 1 and 2 of the baseline's sweep (of `model`, the one it served);
     STREAM gives the bandwidth."""
@@ -172,8 +177,11 @@ def measured_setting(baseline: Baseline, model: ModelShape, roles: list[Role], s
                             "without --skip-micro)")
     bandwidth = baseline.micro.stream.best_op[1]
     sweep = sweep_shape(baseline, roles, one)
-    params = calibrate(one, two, model, sweep, bandwidth, f"calibrated on concurrency 1 and 2 of {source} "
-                                                          f"({baseline.host}, {baseline.created_at})")
+    counts = one.metrics.completed, two.metrics.completed
+    hint = FEW_REQUESTS_HINT if min(counts) < STEADY_REQUESTS else ""
+    params = calibrate(one, two, model, sweep, bandwidth,
+                       f"calibrated on concurrency 1 and 2 of {source} ({baseline.host}, "
+                       f"{baseline.created_at}; {counts[0]} and {counts[1]} requests{hint})")
     return Setting(f"measured on {baseline.host}: STREAM {bandwidth:.1f} GB/s", baseline.serving.backend
                    or "llamacpp", bandwidth, params, False)
 

@@ -168,3 +168,4 @@ def print_checks(p: Prediction, out: Console) -> None:
                   f"{c.predicted_output_tokens_per_s:.1f}", f"{c.measured_output_tokens_per_s:.1f}",
                   f"{c.tokens_error:+.0%}", "yes" if c.within_bar else "no")
     out.print(t)
+    out.print(f"engine parameters {p.parameters.source}")

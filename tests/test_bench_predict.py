@@ -219,3 +219,15 @@ def test_answers_that_stop_early_shorten_the_mean_output_but_not_the_p95_request
     assert measured.output_mean == pytest.approx(101) and measured.output_p95 == 128
     without_samples = scaled_to_measured(shape, replace(level, output_token_samples=[]))
     assert without_samples.output_p95 == pytest.approx(101)
+
+
+def test_a_calibration_on_few_requests_says_so_and_how_to_get_more():
+    baseline = noise_baseline()
+    req = PredictRequest("measured", "smollm2-135m", "gguf-q4_1", "f16", "synthetic", 128, 10, 6.0)
+    source = predict_from(req, CATALOG, PROFILES, ROLES, baseline, "b.json").parameters.source
+    assert "8 and 8 requests" in source and "--sweep-requests" in source
+    more = [lv.model_copy(update={"metrics": replace(lv.metrics, completed=32)})
+            for lv in baseline.serving.levels]
+    steady = baseline.model_copy(update={"serving": baseline.serving.model_copy(update={"levels": more})})
+    source = predict_from(req, CATALOG, PROFILES, ROLES, steady, "b.json").parameters.source
+    assert "32 and 32 requests" in source and "--sweep-requests" not in source

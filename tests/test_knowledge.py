@@ -21,7 +21,7 @@ from agents.knowledge.embeddings import EmbeddingClient, EmbeddingSettings
 from agents.knowledge.service import DEGRADED, KnowledgeService, ServiceSettings
 from agents.knowledge.store import SqliteKnowledgeStore
 from agents.knowledge.types import Author, KnowledgeError, VectorBatch
-from agents.knowledge.vectors import VectorIndex, VectorSettings
+from agents.knowledge.vectors import ExactVectors, SketchSettings, VectorIndex, VectorSettings
 from agents.metrics import MuxMetrics
 from agents.mux import create_mux
 from agents.proxy import Turn
@@ -277,6 +277,39 @@ def test_exact_and_ann_search_agree_on_the_nearest_rows():
     recall = np.mean([len({c for c, _ in exact.search(q, 10)} & {c for c, _ in ann.search(q, 10)}) / 10
                       for q in queries])
     assert recall >= 0.95
+
+
+def full_scan(rows: ExactVectors, query: np.ndarray, k: int) -> list[int]:
+    scores = rows.matrix[:rows.count] @ query
+    return [int(rows.ids[i]) for i in np.argsort(-scores)[:k]]
+
+
+@pytest.mark.parametrize("rank", [8, 48, None], ids=["low-rank", "rank-near-the-sketch", "isotropic"])
+def test_the_sketch_pruned_exact_search_answers_as_the_full_scan_through_adds_and_removes(rank):
+    rng = np.random.default_rng(11)
+    dim = 96
+
+    projection = rng.standard_normal((rank, dim)) if rank else np.eye(dim)
+
+    def unit_rows(n: int) -> np.ndarray:
+        latent = rng.standard_normal((n, rank or dim)) @ projection
+        rows = latent + 0.05 * rng.standard_normal((n, dim))
+        return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+    settings = SketchSettings(dim=16, from_rows=1000, sample=500)
+    exact = ExactVectors(dim, settings)
+    exact.add(np.arange(1, 3001), unit_rows(3000))
+    assert exact.fit_sketch() is not None
+    exact.add(np.arange(3001, 4001), unit_rows(1000))
+    exact.remove(list(range(1, 4001, 7)))
+    pruned = 0
+    for _ in range(40):
+        query = unit_rows(1)[0] if rng.random() < 0.5 else exact.matrix[rng.integers(exact.count)]
+        found = exact.search(query, 50)
+        assert [c for c, _ in found] == full_scan(exact, query, 50)
+        pruned += exact._candidates(query, 50) is not None
+    if rank == 8:
+        assert pruned == 40, "on rows of rank 8, a 16-direction sketch rules most rows out"
 
 
 def test_another_process_update_reaches_a_subscribed_agents_next_turn_as_a_change_notice(tmp_path):

@@ -1,5 +1,6 @@
 """The vector side of retrieval, kept in memory by each process and brought up to the store's
-version before every search: exact numpy search while the store is small, a usearch HNSW index
+version before every search: exact numpy search while the store is small (past 20,000 rows
+pruned by a sketch of the rows' main directions, with the full scan's answer), a usearch HNSW index
 (saved beside the database, by version, so a restart only applies what changed since) once the
 live chunks reach `ann_threshold`. Vectors are L2-normalised, so inner product is cosine."""
 from __future__ import annotations
@@ -38,15 +39,80 @@ def as_matrix(blobs: list[bytes], dim: int) -> np.ndarray:
     return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim)
 
 
-class ExactVectors:
-    """Rows in a growing float32 matrix; a removed row is swapped with the last one."""
+@dataclass(frozen=True)
+class SketchSettings:
+    """`dim` principal directions, fitted on up to `sample` rows once there are `from_rows`, and
+    fitted again when the rows have grown `refit_growth` times since."""
+    dim: int = 64
+    from_rows: int = 20_000
+    sample: int = 20_000
+    refit_growth: float = 4.0
+    # float32 rounding in the sketch's products, far above it for unit vectors
+    margin: float = 1e-4
+    # beyond this share of the rows, gathering the candidates costs more than scanning them all
+    most_read: float = 0.25
 
-    def __init__(self, dim: int):
+
+def principal_basis(rows: np.ndarray, dim: int) -> np.ndarray:
+    """The `dim` directions of most energy in `rows` (orthonormal columns)."""
+    gram = rows.T.astype(np.float64) @ rows.astype(np.float64)
+    _, vectors = np.linalg.eigh(gram)
+    return np.ascontiguousarray(vectors[:, ::-1][:, :dim], dtype=np.float32)
+
+
+class Sketch:
+    """Each row's coordinates in a small orthonormal basis B and the norm of what B misses.
+    Since q.x = (qB).(xB) + q'.x' and |q'.x'| <= |q'| |x'| (the parts outside B), the sketch bounds
+    every row's score from a scan of `dim` columns instead of all of them: a row whose upper bound
+    is below the k-th best lower bound cannot be in the top k, and is never read in full. The
+    answer is the full scan's; a basis that fits the rows badly only leaves more rows to read."""
+
+    def __init__(self, basis: np.ndarray, capacity: int):
+        self.basis = basis
+        self.coords = np.zeros((capacity, basis.shape[1]), dtype=np.float32)
+        self.residual = np.zeros(capacity, dtype=np.float32)
+
+    def set_rows(self, start: int, rows: np.ndarray, block: int = 50_000) -> None:
+        for at in range(0, len(rows), block):
+            part = rows[at:at + block]
+            coords = part @ self.basis
+            self.coords[start + at:start + at + len(part)] = coords
+            outside = part - coords @ self.basis.T
+            self.residual[start + at:start + at + len(part)] = np.linalg.norm(outside, axis=1)
+
+    def move(self, src: int, dst: int) -> None:
+        self.coords[dst], self.residual[dst] = self.coords[src], self.residual[src]
+
+    def grown(self, capacity: int, count: int) -> Sketch:
+        bigger = Sketch(self.basis, capacity)
+        bigger.coords[:count], bigger.residual[:count] = self.coords[:count], self.residual[:count]
+        return bigger
+
+    def candidates(self, query: np.ndarray, count: int, k: int, margin: float) -> np.ndarray:
+        """The rows whose score could be among the k best, in row order."""
+        q = query @ self.basis
+        outside = float(np.linalg.norm(query - self.basis @ q))
+        approx = self.coords[:count] @ q
+        slack = self.residual[:count] * outside + margin * float(np.linalg.norm(query))
+        lower = approx - slack
+        kth_lower = np.partition(lower, count - k)[count - k]
+        return np.flatnonzero(approx + slack >= kth_lower)
+
+
+class ExactVectors:
+    """Rows in a growing float32 matrix; a removed row is swapped with the last one. Past
+    `sketch.from_rows` rows a search reads the sketch first and then only the rows that could
+    rank (see Sketch)."""
+
+    def __init__(self, dim: int, sketch: SketchSettings | None = None):
         self.dim = dim
         self.ids = np.zeros(0, dtype=np.int64)
         self.matrix = np.zeros((0, dim), dtype=np.float32)
         self.count = 0
         self.row_of: dict[int, int] = {}
+        self.sketch_settings = sketch or SketchSettings()
+        self.sketch: Sketch | None = None
+        self.sketch_fitted_at = 0
 
     def __len__(self) -> int:
         return self.count
@@ -60,12 +126,16 @@ class ExactVectors:
         matrix = np.zeros((capacity, self.dim), dtype=np.float32)
         ids[:self.count], matrix[:self.count] = self.ids[:self.count], self.matrix[:self.count]
         self.ids, self.matrix = ids, matrix
+        if self.sketch is not None:
+            self.sketch = self.sketch.grown(capacity, self.count)
 
     def add(self, ids: np.ndarray, rows: np.ndarray) -> None:
         self._reserve(len(ids))
         start = self.count
         self.ids[start:start + len(ids)] = ids
         self.matrix[start:start + len(ids)] = rows
+        if self.sketch is not None:
+            self.sketch.set_rows(start, self.matrix[start:start + len(ids)])
         self.row_of.update((int(i), start + n) for n, i in enumerate(ids))
         self.count += len(ids)
 
@@ -78,17 +148,41 @@ class ExactVectors:
             if row != last:
                 moved = int(self.ids[last])
                 self.ids[row], self.matrix[row] = moved, self.matrix[last]
+                if self.sketch is not None:
+                    self.sketch.move(last, row)
                 self.row_of[moved] = row
             self.count = last
+
+    def fit_sketch(self) -> Sketch | None:
+        """The sketch, fitted first where there are enough rows and none fits them yet."""
+        s = self.sketch_settings
+        if self.count < max(s.from_rows, 2 * s.dim) or s.dim >= self.dim:
+            return None
+        if self.sketch is None or self.count >= s.refit_growth * self.sketch_fitted_at:
+            step = max(1, self.count // s.sample)
+            sketch = Sketch(principal_basis(self.matrix[:self.count:step], s.dim), len(self.ids))
+            sketch.set_rows(0, self.matrix[:self.count])
+            self.sketch, self.sketch_fitted_at = sketch, self.count
+        return self.sketch
+
+    def _candidates(self, query: np.ndarray, k: int) -> np.ndarray | None:
+        """The rows the sketch could not rule out; None to scan them all."""
+        sketch = self.fit_sketch()
+        if sketch is None:
+            return None
+        rows = sketch.candidates(query, self.count, k, self.sketch_settings.margin)
+        return rows if len(rows) <= self.sketch_settings.most_read * self.count else None
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         if self.count == 0:
             return []
-        scores = self.matrix[:self.count] @ query
         k = min(k, self.count)
+        rows = self._candidates(query, k)
+        scores = self.matrix[rows] @ query if rows is not None else self.matrix[:self.count] @ query
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top])]
-        return [(int(self.ids[i]), float(scores[i])) for i in top]
+        found = rows[top] if rows is not None else top
+        return [(int(self.ids[i]), float(s)) for i, s in zip(found, scores[top], strict=True)]
 
 
 class AnnVectors:
@@ -171,11 +265,14 @@ class VectorIndex:
         self.version = batch.version
 
     def settle(self) -> None:
-        """After the last page of a sync: past the threshold, exact search gives way to the ANN
+        """After the last page of a sync: the exact rows' sketch is fitted if it is due, so that no
+        search pays for it; past the threshold, exact search gives way to the ANN
         index, which is saved as of this version."""
         if self.mode == "exact" and len(self.rows) >= self.settings.ann_threshold:
             self.rows = self.build_ann(self.rows)
             self.save()
+        elif isinstance(self.rows, ExactVectors):
+            self.rows.fit_sketch()
 
     def build_ann(self, exact: ExactVectors) -> AnnVectors:
         ann = AnnVectors(self.dim, self.settings)
