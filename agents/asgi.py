@@ -31,6 +31,16 @@ class ApiError(Exception):
                         media_type="application/json")
 
 
+def hangup_flag(send: Send) -> Callable[[], bool] | None:
+    """Whether the client has hung up, read off uvicorn's request cycle (its send() is a bound
+    method, and the cycle's `disconnected` turns true when the connection is lost): free, where
+    watching receive() costs a task per stream. None under a server without it."""
+    cycle = getattr(send, "__self__", None)
+    if not isinstance(getattr(cycle, "disconnected", None), bool):
+        return None
+    return lambda: cycle.disconnected
+
+
 def header_map(scope: dict[str, Any]) -> dict[str, str]:
     """Request headers, names lower-cased by the server; a repeated header keeps its last value."""
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}

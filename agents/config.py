@@ -52,7 +52,7 @@ class KnowledgeConfig(BaseModel):
     embeddings_model: str = Field("default", description="model name sent to the embeddings server")
     ann_threshold: int = Field(200_000, ge=1, description="live chunks from which an HNSW index (usearch) "
                                                           "replaces exact search")
-    ann_expansion_search: int = Field(128, ge=8, le=4096, description="HNSW search breadth (recall vs time)")
+    ann_expansion_search: int = Field(256, ge=8, le=4096, description="HNSW search breadth (recall vs time)")
     max_document_bytes: int = Field(2 << 20, ge=1024, description="larger documents are refused")
     max_chunk_chars: int = Field(1500, ge=200, le=20000, description="longest chunk; longer sections are cut")
     max_turtle_bytes: int = Field(256 * 1024, ge=1024, description="larger onto.assert payloads are refused")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 
-from agents.asgi import SSE_HEADERS, ApiError, Receive, Send, encode_headers, send_response
+from agents.asgi import SSE_HEADERS, ApiError, Receive, Send, encode_headers, hangup_flag, send_response
 from agents.backends import Backend
 from agents.config import AgentIdentity, key_digest
 from agents.messages import is_instruction
@@ -334,6 +334,7 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
     buffered allows. A backend failure ends it with an error event; a client that hangs up frees
     the backend slot at once."""
     gone: asyncio.Future | None = None
+    hung_up = hangup_flag(send)
     content = st.response.content
     failed = cancelled = False
     out = b""
@@ -347,14 +348,15 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 out = b""
-            # uvicorn's send() ignores a closed connection; receive() is what reports the hang-up.
-            # Watched from the second read on: a short answer ends before it, without a task.
-            if gone is None and reads:
+            # uvicorn's send() ignores a closed connection: its cycle's flag, or else receive(),
+            # reports the hang-up. receive() is watched from the second read on: a short answer
+            # ends before it, without a task.
+            if hung_up is None and gone is None and reads:
                 gone = asyncio.ensure_future(receive())
             reads += 1
             out += st.tally.feed(await content.readany())
             charge_output(mux, turn, st.tally)
-            if gone and gone.done() and gone.result()["type"] == "http.disconnect":
+            if hung_up() if hung_up else (gone and gone.done() and gone.result()["type"] == "http.disconnect"):
                 if st.tally.outcome.finish_reason is None:
                     raise ClientGone()
                 break  # the client had the whole answer and hung up before the stream's end

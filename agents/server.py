@@ -27,6 +27,8 @@ from agents.proxy import Turn, audit_client_tools, complete, open_stream, relay
 from agents.tools import ToolCall
 from dgxready.roles import Role
 
+# Backends answer without these; leaving them out saves the client their header work per request.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
 SESSION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -105,16 +107,23 @@ async def chat(mux: Mux, scope: dict, receive: Receive, send: Send) -> None:
     except ApiError as err:
         await err.send(send)
         return
+    if turn.session is None:
+        await answer(mux, turn, send, receive)
+        return
     async with mux.sessions.hold(turn.ident.name, turn.session):
-        prepare(mux, turn)
-        try:
-            if not turn.data.get("stream"):
-                await complete(mux, turn, send)
-                return
-            stream = await open_stream(mux, turn)
-            await relay(mux, turn, stream, send, receive)
-        except ApiError as err:
-            await err.send(send)
+        await answer(mux, turn, send, receive)
+
+
+async def answer(mux: Mux, turn: Turn, send: Send, receive: Receive) -> None:
+    prepare(mux, turn)
+    try:
+        if not turn.data.get("stream"):
+            await complete(mux, turn, send)
+            return
+        stream = await open_stream(mux, turn)
+        await relay(mux, turn, stream, send, receive)
+    except ApiError as err:
+        await err.send(send)
 
 
 async def models(request: Request) -> Response:
@@ -194,7 +203,8 @@ def create_app(mux: Mux) -> MuxApp:
     @asynccontextmanager
     async def lifespan(app):
         connector = aiohttp.TCPConnector(limit=mux.pool.capacity() + 64, limit_per_host=0)
-        mux.client = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+        mux.client = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
+                                           auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS)
 
         def notify(backend: Backend) -> None:
             mux.metrics.backend_up.labels(backend.name).set(1 if backend.up else 0)

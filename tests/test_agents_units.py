@@ -1,9 +1,12 @@
 """Scheduler, roles, keys and tools without any server."""
 import asyncio
+import inspect
 import time
 
 import pytest
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from agents.asgi import hangup_flag
 from agents.backends import BackendPool
 from agents.config import BackendConfig, load_keys, team_roles, write_keys
 from agents.mux import SessionLocks
@@ -139,3 +142,23 @@ def test_session_locks_serialise_a_session_and_are_dropped_when_idle():
     assert s_events == [("s", 1, "in"), ("s", 1, "out"), ("s", 2, "in"), ("s", 2, "out")]
     assert order.index(("t", 1, "in")) < order.index(("s", 1, "out"))  # other sessions run alongside
     assert held == {}
+
+
+def test_a_hang_up_is_read_off_the_servers_request_cycle_where_it_has_one_and_else_left_to_receive():
+    class Cycle:
+        disconnected = False
+
+        async def send(self, message):
+            pass
+
+    async def plain_send(message):
+        pass
+
+    cycle = Cycle()
+    hung_up = hangup_flag(cycle.send)
+    assert hung_up is not None and hung_up() is False
+    cycle.disconnected = True
+    assert hung_up() is True
+    assert hangup_flag(plain_send) is None, "without the flag, relay watches receive() instead"
+    assert "self.disconnected = False" in inspect.getsource(RequestResponseCycle.__init__), \
+        "uvicorn's request cycle still carries the flag (the test of a real hang-up uses it)"

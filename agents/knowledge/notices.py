@@ -34,7 +34,10 @@ def change_notice(service: KnowledgeService, agent: str, role: str, max_tokens: 
     """The notice for `agent`'s next turn, or None; the agent then counts as having seen `now`.
     An agent's first turn only records where it starts."""
     now = service.version()
+    if service.noticed.get(agent) == now:
+        return None
     seen = service.store.seen(agent)
+    service.noticed[agent] = now
     if seen is not None and now <= seen:
         return None
     service.store.mark_seen(agent, now)

@@ -71,6 +71,9 @@ class KnowledgeService:
         self.settings = settings or ServiceSettings()
         self.cache = VersionedCache(self.settings.cache_entries, on_cache_event)
         self.ontology = OntologyGraph(self.settings.ontology)
+        # The version each agent's notice was last decided at, so that a turn with nothing new
+        # skips reading and writing the agent's `seen` row. One entry per agent.
+        self.noticed: dict[str, int] = {}
 
     def version(self) -> int:
         return self.store.version()

@@ -108,6 +108,8 @@ class SqliteKnowledgeStore:
                 db.execute(statement)
         restrict(path)
         self.index: VectorIndex | None = None
+        self._version_mark: tuple[int, int] | None = None
+        self._version = 0
 
     def close(self) -> None:
         with self.lock:
@@ -119,8 +121,14 @@ class SqliteKnowledgeStore:
         return _Write(self)
 
     def version(self) -> int:
+        """Read again only after a commit: another connection's moves `data_version`, this
+        connection's moves `total_changes`. Every chat turn asks, so the cheap check matters."""
         with self.lock:
-            return self.db.execute("SELECT coalesce(max(version), 0) FROM changes").fetchone()[0]
+            mark = (self.db.execute("PRAGMA data_version").fetchone()[0], self.db.total_changes)
+            if mark != self._version_mark:
+                self._version = self.db.execute("SELECT coalesce(max(version), 0) FROM changes").fetchone()[0]
+                self._version_mark = mark
+            return self._version
 
     def dim(self) -> int | None:
         with self.lock:

@@ -24,7 +24,7 @@ class VectorSettings:
     ann_threshold: int = 200_000
     connectivity: int = 16
     expansion_add: int = 128
-    expansion_search: int = 128
+    expansion_search: int = 256
     ann_dtype: str = "f16"
     threads: int = 2
     index_dir: Path | None = None
