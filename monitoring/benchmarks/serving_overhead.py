@@ -6,7 +6,11 @@ servers), and `bench.serve`'s closed loop (bench.serving.run_level) drives it in
 rounds of about `--round-s` seconds, alternately with the monitoring stack on (monitoring.stack:
 Prometheus scraping the engine's /metrics, the exporter, node_exporter and Alertmanager at the
 scrape interval, rules evaluated, the exporter and webhook running) and off. Pairs run in ABBA
-order (on/off, off/on, ...) so that a drift in the machine's load weighs on both sides alike.
+order (on/off, off/on, ...) so that a drift in the machine's load weighs on both sides alike, and
+every round, on or off, starts after the same `--settle-s` of idle engine (a monitored round's
+counted from when the stack is ready), so that no side inherits a warm engine from the round before.
+Two warm-up rounds come first, neither counted: one sizes the rounds, one more lets a fresh
+engine's tok/s settle.
 
 Printed: tok/s per round with /proc/loadavg and, for the "on" rounds, the CPU the stack's
 processes spent; the mean of the on rounds over the mean of the off rounds, the per-pair ratios
@@ -136,6 +140,14 @@ def calibrate(ep: Endpoint, opts: Options) -> int:
     return requests
 
 
+def warm_up(ep: Endpoint, opts: Options, requests: int) -> None:
+    """A whole round more, not counted: a fresh engine's tok/s still rises over the first rounds,
+    and the first pair would take the rise for a difference between its sides."""
+    workload = make_workload(opts.workload, max_tokens=opts.max_tokens)
+    with waiting(f"warm-up round, not counted: {requests} requests at c={opts.concurrency}"):
+        run_level(ep, workload, opts.concurrency, requests, 0, None)
+
+
 def stack_settings(opts: Options) -> MonitoringSettings:
     # No multiplexer runs here: bench.serve's traffic goes straight to the engine.
     return MonitoringSettings(scrape_interval_s=opts.scrape_interval_s,
@@ -154,6 +166,14 @@ def monitored_round(ep: Endpoint, served: RunningModel, opts: Options, requests:
         stop_stack(settings)
         shutil.rmtree(Path(stack.paths.root) / "prometheus" / "data", ignore_errors=True)
         shutil.rmtree(Path(stack.paths.root) / "alertmanager" / "data", ignore_errors=True)
+
+
+def unmonitored_round(ep: Endpoint, opts: Options, requests: int, pair: int) -> RoundResult:
+    """The same idle time before the round as a monitored round has, so that neither side is the
+    one that starts on an engine still warm from the round before."""
+    with waiting(f"monitoring off: settling for {opts.settle_s:.0f} s"):
+        time.sleep(opts.settle_s)
+    return measure(ep, opts, requests, pair, OFF, None)
 
 
 def verdict(rounds: list[RoundResult]) -> Verdict:
@@ -199,12 +219,13 @@ def run(opts: Options) -> tuple[list[RoundResult], Verdict]:
                        settings=settings) as served:
         ep = Endpoint(served.base_url, probe(served.base_url))
         requests = calibrate(ep, opts)
+        warm_up(ep, opts, requests)
         for pair in range(opts.pairs):
             for side in ((ON, OFF) if pair % 2 == 0 else (OFF, ON)):
                 if side == ON:
                     rounds.append(monitored_round(ep, served, opts, requests, pair, settings))
                 else:
-                    rounds.append(measure(ep, opts, requests, pair, OFF, None))
+                    rounds.append(unmonitored_round(ep, opts, requests, pair))
     result = verdict(rounds)
     print_verdict(result)
     return rounds, result
@@ -218,7 +239,8 @@ def parse_args() -> tuple[Options, Path | None]:
     parser.add_argument("--max-tokens", type=int, default=128, help="bench.serve's default output cap")
     parser.add_argument("--workload", default="synthetic", help="bench.serve's default workload")
     parser.add_argument("--scrape-interval", type=float, default=15.0, help="Prometheus scrape interval, s")
-    parser.add_argument("--settle-s", type=float, default=10.0, help="wait after the stack is ready")
+    parser.add_argument("--settle-s", type=float, default=10.0,
+                        help="idle time before every round (monitored: after the stack is ready)")
     parser.add_argument("--threads", type=int, help="llama-server -t (default: all cores, as bench.serve)")
     parser.add_argument("--json", type=Path, help="write the rounds and the verdict here")
     args = parser.parse_args()
