@@ -94,6 +94,16 @@ class MuxMetrics:
                                        ["event"], registry=r)
         for event in sorted(KNOWLEDGE_CACHE_EVENTS):
             self.knowledge_cache.labels(event)
+        self.start_at_zero()
+
+    def start_at_zero(self) -> None:
+        """Every known agent's series exist from the start, at 0: rate() counts no increase for a
+        series' first sample, so an agent whose first request created its series would show no
+        traffic until its second (an agent of a feature cycle makes one or two)."""
+        for agent in sorted(self.known.agents):
+            self.agent(agent)
+            for backend in sorted(self.known.backends):
+                self.request(agent, backend, "ok")
 
     # Cached by the raw names, which come from bounded sets too: identify() admits only known keys.
     @cache  # noqa: B019 - one MuxMetrics per process; agents and backends are a small fixed set

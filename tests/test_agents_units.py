@@ -4,11 +4,13 @@ import inspect
 import time
 
 import pytest
+from prometheus_client import generate_latest
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from agents.asgi import hangup_flag
 from agents.backends import BackendPool
 from agents.config import BackendConfig, load_keys, team_roles, write_keys
+from agents.metrics import KnownLabels, MuxMetrics
 from agents.mux import SessionLocks
 from agents.scheduler import DeadlineExceeded, FairScheduler, QueueFull
 from dgxready.errors import ConfigError
@@ -162,3 +164,14 @@ def test_a_hang_up_is_read_off_the_servers_request_cycle_where_it_has_one_and_el
     assert hangup_flag(plain_send) is None, "without the flag, relay watches receive() instead"
     assert "self.disconnected = False" in inspect.getsource(RequestResponseCycle.__init__), \
         "uvicorn's request cycle still carries the flag (the test of a real hang-up uses it)"
+
+
+def test_every_known_agent_is_exported_at_zero_before_its_first_request_so_rate_counts_that_request():
+    metrics = MuxMetrics(KnownLabels(agents=frozenset({"developer-1", "qa-specialist-1"}),
+                                     backends=frozenset({"local"})))
+    text = generate_latest(metrics.registry).decode()
+    for agent in ("developer-1", "qa-specialist-1"):
+        assert f'dgxready_mux_requests_total{{agent="{agent}",backend="local",status="ok"}} 0.0' in text
+        assert f'dgxready_mux_request_duration_seconds_count{{agent="{agent}"}} 0.0' in text
+        assert f'dgxready_mux_tokens_total{{agent="{agent}",direction="completion"}} 0.0' in text
+    assert 'agent="unknown"' not in text
