@@ -6,6 +6,12 @@ The model:
   W: weight bytes read per token; ctx: the mean tokens in a stream's context; kv: KV-cache bytes
   per token; BW: memory bandwidth and eta the share of it a decode step achieves; P: parameters;
   F_decode: the batched decode's sustained compute (the lower bound); t_step: fixed cost per step.
+  Where the engine's own batch table was measured (`measured` with llama.cpp, bench/engine_table),
+  the compute side is the table's instead: c * 2P / F(c) + c * ctx * kv * a(c), with F(c) the
+  matrix products' compute at batch c and a(c) attention's seconds per KV byte, both read off the
+  table and interpolated in log2(c). On a CPU the per-stream cost of a step falls as the batch
+  grows (2 cores: 8.6 ms a token at batch 1, 3.6 at 16), and attention over a 512-token context
+  costs a third as much again, so neither the constant F nor KV bytes over bandwidth holds there.
 - Prefill costs (prompt - cached) * 2P / F_prefill, where `cached` is what the engine's prefix
   cache serves: the role's shared system prompt, or a session's earlier turns as well.
 - A closed loop of c agents, each sending its next request `think` seconds after its last answer.
@@ -15,15 +21,23 @@ The model:
   outputs, where answers stop early, have a P95 nearer the cap than their mean). TTFT is the
   prefill, one step, and the others' prefills already running; aggregate output tok/s is
   c * n_mean / (E_mean + think).
+- Agents whose answers run to the same cap move in lockstep: they finish together and send their
+  next prompts at once, so the last of a round waits for all c prefills (measured on the 2-core VM:
+  a level's TTFTs come in groups of c equal values). The P95 request and TTFT are the worse of the
+  two pictures: c * pf_p95 + n_p95 * step against the interleaved one above.
 - eta, F and t_step come from a profile (bench/profiles.yaml, each citing its source): one set per
   engine and profile, fitted to a published table. For `measured` they are calibrated from
-  concurrency 1 and 2 of a baseline's sweep on the machine itself (STREAM gives its bandwidth).
+  concurrency 1 and 2 of a baseline's sweep on the machine itself (STREAM gives its bandwidth):
+  the step at 1 and 2 streams is the median gap between tokens (TPOT less the other stream's
+  prefill where a baseline has no gaps). With the engine's batch table, F(c) and a(c) are the
+  table's and only t_step, the server's cost beyond the engine's, is fitted.
 
 Attention's own FLOPs and prefill chunking are left out; at 2k-token contexts on 7B models they
 are within the fitted constants.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -32,6 +46,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bench.engine_table import EngineTable
 from bench.serving import LevelResult
 from bench.workloads import SyntheticWorkload, make_workload
 from dgxready.config import load_yaml
@@ -51,10 +66,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class BatchPoint(Strict):
+    batch: int = Field(ge=1)
+    decode_tflops: float = Field(gt=0, description="the decode step's matrix products at this batch")
+    attention_s_per_gb: float = Field(ge=0, description="attention's cost per GB of KV cache a step "
+                                                        "attends over, at this batch")
+
+
 class EngineParams(Strict):
     eta: float = Field(gt=0, le=1.5, description="share of the memory bandwidth a decode step achieves")
     step_overhead_ms: float = Field(ge=0, description="fixed cost of a decode step")
     decode_tflops: float = Field(gt=0, description="sustained compute of a batched decode step")
+    batch_curve: list[BatchPoint] = Field(default_factory=list, description=(
+        "the engine's own compute by batch (from its batch table); empty: decode_tflops at every "
+        "batch, and attention in the KV bytes only"))
     prefill_tflops: float = Field(gt=0, description="sustained compute of prompt processing")
     prefix_cache: PrefixCache = "system"
     source: str
@@ -132,11 +157,36 @@ class LevelPrediction:
     bound: Literal["memory", "compute"]
 
 
+def curve_at(curve: list[BatchPoint], c: int) -> tuple[float, float]:
+    """(TFLOPS, attention s/GB) at batch c: linear in log2 of the batch between the measured ones,
+    the nearest measured one outside them."""
+    points = sorted(curve, key=lambda p: p.batch)
+    if c <= points[0].batch:
+        return points[0].decode_tflops, points[0].attention_s_per_gb
+    for lo, hi in itertools.pairwise(points):
+        if c <= hi.batch:
+            w = math.log2(c / lo.batch) / math.log2(hi.batch / lo.batch)
+            return (lo.decode_tflops + w * (hi.decode_tflops - lo.decode_tflops),
+                    lo.attention_s_per_gb + w * (hi.attention_s_per_gb - lo.attention_s_per_gb))
+    return points[-1].decode_tflops, points[-1].attention_s_per_gb
+
+
+def context_tokens(w: WorkloadShape) -> float:
+    return w.prompt_mean + w.output_mean / 2
+
+
+def engine_compute(engine: EngineParams, model: ModelShape, ctx: float, c: int) -> float:
+    if not engine.batch_curve:
+        return c * 2 * model.params / (engine.decode_tflops * 1e12)
+    tflops, attention = curve_at(engine.batch_curve, c)
+    return c * 2 * model.params / (tflops * 1e12) + c * ctx * model.kv_bytes_per_token * attention / 1e9
+
+
 def decode_step(sc: Scenario, c: int) -> tuple[float, Literal["memory", "compute"]]:
-    ctx = sc.workload.prompt_mean + sc.workload.output_mean / 2
+    ctx = context_tokens(sc.workload)
     memory = (sc.model.weight_bytes + c * ctx * sc.model.kv_bytes_per_token) / (
         sc.engine.eta * sc.bandwidth_gbps * 1e9)
-    compute = c * 2 * sc.model.params / (sc.engine.decode_tflops * 1e12)
+    compute = engine_compute(sc.engine, sc.model, ctx, c)
     overhead = sc.engine.step_overhead_ms / 1e3
     return (memory + overhead, "memory") if memory >= compute else (compute + overhead, "compute")
 
@@ -160,8 +210,9 @@ def predict_level(sc: Scenario, c: int) -> LevelPrediction:
     pf_mean, pf_p95 = prefill(sc, w.prompt_mean), prefill(sc, w.prompt_p95)
     e_mean = closed_loop_mean(pf_mean + w.output_mean * step, (c - 1) * pf_mean, w.think_s)
     busy = min((c - 1) * pf_mean / (e_mean + w.think_s), 0.95)
-    e_p95 = (pf_p95 + w.output_p95 * step) / (1 - busy)
-    ttft = pf_p95 + step + (c - 1) * pf_mean * pf_mean / (e_mean + w.think_s)
+    convoy_ttft = c * pf_p95 + step
+    e_p95 = max((pf_p95 + w.output_p95 * step) / (1 - busy), convoy_ttft + (w.output_p95 - 1) * step)
+    ttft = max(pf_p95 + step + (c - 1) * pf_mean * pf_mean / (e_mean + w.think_s), convoy_ttft)
     return LevelPrediction(c, e_mean, e_p95, ttft, step, c * w.output_mean / (e_mean + w.think_s), bound)
 
 
@@ -337,27 +388,84 @@ def measured_tokens(level: LevelResult) -> tuple[float, float]:
     return m.total_input_tokens / m.completed, m.total_output_tokens / m.completed
 
 
+def measured_steps(one: LevelResult, two: LevelResult) -> tuple[float, float, float]:
+    """(step at 1 stream, step at 2, prefill at 1). A step is the median gap between tokens,
+    which the few steps that also ran the other stream's prefill do not move; without gaps, TPOT,
+    less at 2 the other stream's prefill spread over the output. The prefill is TTFT at 1 less a
+    step."""
+    gaps = one.metrics.itl and two.metrics.itl
+    s1 = one.metrics.itl.median if gaps else one.metrics.tpot.median
+    pf = max(one.metrics.ttft.median - s1, 1e-4)
+    if gaps:
+        return s1, max(two.metrics.itl.median, s1), pf
+    _, output = measured_tokens(one)
+    return s1, max(two.metrics.tpot.median - pf / max(output - 1, 1), s1), pf
+
+
 def calibrate(one: LevelResult, two: LevelResult, model: ModelShape, workload: WorkloadShape,
-              bandwidth_gbps: float, source: str) -> EngineParams:
+              bandwidth_gbps: float, source: str, curve: list[BatchPoint] | None = None) -> EngineParams:
     """Engine parameters that reproduce concurrency 1 and 2 of a measured sweep: the prefill rate
-    from TTFT at 1, then the step's fixed and per-stream costs from TPOT at 1 and 2 (the other
-    stream's prefills, which TPOT at 2 also holds, taken out)."""
+    from TTFT at 1, then the step's fixed and per-stream costs from the steps at 1 and 2. With the
+    engine's batch curve the per-stream costs are the curve's, and the fixed cost is what the
+    server adds to the engine's steps at 1 and 2, on average."""
     if not (one.metrics.tpot and two.metrics.tpot and one.metrics.ttft):
         raise CalibrationError("calibration needs TPOT and TTFT at concurrency 1 and 2")
-    s1, tpot2 = one.metrics.tpot.median, two.metrics.tpot.median
+    s1, s2, pf = measured_steps(one, two)
     prompt, output = measured_tokens(one)
-    pf = max(one.metrics.ttft.median - s1, 1e-4)
-    s2 = max(tpot2 - pf / max(output - 1, 1), s1)
+    uncached = max(prompt - workload.cached("system"), 1)
+    prefill_tflops = uncached * 2 * model.params / pf / 1e12
+    if curve:
+        return curve_calibrated(s1, s2, one, two, model, workload, bandwidth_gbps, source, curve,
+                                prefill_tflops)
     memory = (model.weight_bytes + (prompt + output / 2) * model.kv_bytes_per_token) / (bandwidth_gbps * 1e9)
     per_stream = s2 - s1
     if per_stream < memory:
         per_stream = max((s2 - (s1 - memory)) / 2, per_stream)
     overhead = max(s1 - max(memory, per_stream), 0.0)
-    uncached = max(prompt - workload.cached("system"), 1)
     return EngineParams(eta=1.0, step_overhead_ms=overhead * 1e3,
                         decode_tflops=2 * model.params / per_stream / 1e12,
-                        prefill_tflops=uncached * 2 * model.params / pf / 1e12,
-                        prefix_cache="system", source=source)
+                        prefill_tflops=prefill_tflops, prefix_cache="system", source=source)
+
+
+def curve_calibrated(s1: float, s2: float, one: LevelResult, two: LevelResult, model: ModelShape,
+                     workload: WorkloadShape, bandwidth_gbps: float, source: str, curve: list[BatchPoint],
+                     prefill_tflops: float) -> EngineParams:
+    """The engine's curve scaled by one factor, the least-squares fit of the server's steps at 1
+    and 2 streams to the engine's at the same contexts (which weighs 2 streams, the nearer to the
+    levels predicted, the more)."""
+    engine = EngineParams(eta=1.0, step_overhead_ms=0.0, decode_tflops=curve_at(curve, 1)[0],
+                          prefill_tflops=prefill_tflops, batch_curve=curve, source=source)
+    e1, e2 = (engine_compute(engine, model, context_tokens(level_shape(workload, lv)), c)
+              for lv, c in ((one, 1), (two, 2)))
+    k = (s1 * e1 + s2 * e2) / (e1 * e1 + e2 * e2)
+    scaled = [p.model_copy(update={"decode_tflops": p.decode_tflops / k,
+                                   "attention_s_per_gb": p.attention_s_per_gb * k}) for p in curve]
+    return engine.model_copy(update={"batch_curve": scaled, "decode_tflops": scaled[0].decode_tflops,
+                                     "source": f"{source}; the server's steps are {k:.2f}x the engine's"})
+
+
+def level_shape(workload: WorkloadShape, level: LevelResult) -> WorkloadShape:
+    prompt, output = measured_tokens(level)
+    return replace(workload, prompt_mean=prompt, output_mean=output)
+
+
+def batch_curve(table: EngineTable, model: ModelShape) -> list[BatchPoint]:
+    """F(B) and a(B) of `model` from its engine table: attention's cost is the step's growth from
+    context 0 to the table's depth, over that many tokens of KV per stream; the products' is what
+    is left of the step at context 0 (whose tokens attend over half the test's prompt)."""
+    deep = max(table.depths)
+    kv = model.kv_bytes_per_token
+    out = []
+    for b in table.batches:
+        shallow = table.point(b, 0)
+        if shallow is None:
+            continue
+        grown = table.point(b, deep).step_s - shallow.step_s if deep else 0.0
+        per_byte = max(grown, 0.0) / (b * deep * kv) if deep else 0.0
+        products = max(shallow.step_s - b * table.prompt_tokens / 2 * kv * per_byte, 0.05 * shallow.step_s)
+        out.append(BatchPoint(batch=b, decode_tflops=b * 2 * model.params / products / 1e12,
+                              attention_s_per_gb=per_byte * 1e9))
+    return out
 
 
 def model_shape(catalog: Catalog, name: str, fmt: str, kv_dtype: str) -> ModelShape:

@@ -1,6 +1,7 @@
 """bench.predict's document: the predicted curve, capacity, output-length limit and levers for a
 profile, model and workload, and (for `measured`) how the prediction fared against the levels it
-was not calibrated on. Validated on write against bench/schema/prediction-v1.schema.json, which
+was not calibrated on. Validated on write against bench/schema/prediction-v2.schema.json (version 2
+adds the engine's batch curve to the parameters), which
 is generated from these models."""
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from bench.predict import (
     ModelShape,
     Scenario,
     WorkloadShape,
+    batch_curve,
     calibrate,
     capacity,
     longest_output,
@@ -36,8 +38,8 @@ from dgxready.files import atomic_write_text
 from dgxready.roles import Role
 from model.catalog import Catalog
 
-SCHEMA_ID = "dgxready-bench-prediction/1"
-SCHEMA_PATH = Path(__file__).with_name("schema") / "prediction-v1.schema.json"
+SCHEMA_ID = "dgxready-bench-prediction/2"
+SCHEMA_PATH = Path(__file__).with_name("schema") / "prediction-v2.schema.json"
 CHECK_BAR = 0.20
 CALIBRATION_LEVELS = (1, 2)
 
@@ -168,7 +170,8 @@ FEW_REQUESTS_HINT = ": few for a steady fit, `bench.all --sweep-requests 32` giv
 
 def measured_setting(baseline: Baseline, model: ModelShape, roles: list[Role], source: str) -> Setting:
     """Calibrated on concurrency 1 and 2 of the baseline's sweep (of `model`, the one it served);
-    STREAM gives the bandwidth."""
+    STREAM gives the bandwidth, and the engine's batch table, where the baseline has one, the
+    decode step's compute by batch."""
     one, two = (serving_level(baseline, c) for c in CALIBRATION_LEVELS)
     if not (one and two and baseline.serving):
         raise DgxReadyError(f"{source}: --profile measured needs a sweep with concurrency 1 and 2")
@@ -179,9 +182,14 @@ def measured_setting(baseline: Baseline, model: ModelShape, roles: list[Role], s
     sweep = sweep_shape(baseline, roles, one)
     counts = one.metrics.completed, two.metrics.completed
     hint = FEW_REQUESTS_HINT if min(counts) < STEADY_REQUESTS else ""
+    table = baseline.micro.engine
+    curve = batch_curve(table, model) if table else []
+    batches = (f"; the engine's steps at batch {', '.join(map(str, table.batches))} and context "
+               f"{', '.join(map(str, table.depths))} from llama-bench") if table else ""
     params = calibrate(one, two, model, sweep, bandwidth,
                        f"calibrated on concurrency 1 and 2 of {source} ({baseline.host}, "
-                       f"{baseline.created_at}; {counts[0]} and {counts[1]} requests{hint})")
+                       f"{baseline.created_at}; {counts[0]} and {counts[1]} requests{hint}){batches}",
+                       curve)
     return Setting(f"measured on {baseline.host}: STREAM {bandwidth:.1f} GB/s", baseline.serving.backend
                    or "llamacpp", bandwidth, params, False)
 

@@ -1,9 +1,10 @@
 """The baseline document: one JSON per run, validated against a versioned JSON Schema that is
-generated from these models and committed as bench/schema/baseline-v3.schema.json. Version 2
+generated from these models and committed as bench/schema/baseline-v4.schema.json. Version 2
 added the samples that tell noise from change (per-request TPOT, STREAM repetitions, storage
 windows, network rounds) and the capacity range; version 3 adds each request's output tokens,
-whose spread the prediction's P95 request needs. Older documents are still read, each checked
-against its own version's schema, kept beside it."""
+whose spread the prediction's P95 request needs; version 4 the engine's own decode step by batch
+and context (`micro.engine`), which bench.predict's measured profile calibrates with. Older
+documents are still read, each checked against its own version's schema, kept beside it."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ConfigDict, Field
 
+from bench.engine_table import EngineTable
 from bench.environment import Environment
 from bench.hw import Check, GpuReport, HostFacts
 from bench.metrics import ServingMetrics
@@ -25,10 +27,11 @@ from dgxready.errors import DgxReadyError
 from dgxready.files import atomic_write_text
 
 SCHEMA_DIR = Path(__file__).with_name("schema")
-SCHEMA_ID = "dgxready-bench-baseline/3"
-SCHEMA_PATH = SCHEMA_DIR / "baseline-v3.schema.json"
+SCHEMA_ID = "dgxready-bench-baseline/4"
+SCHEMA_PATH = SCHEMA_DIR / "baseline-v4.schema.json"
 READABLE_SCHEMAS = {"dgxready-bench-baseline/1": SCHEMA_DIR / "baseline-v1.schema.json",
                     "dgxready-bench-baseline/2": SCHEMA_DIR / "baseline-v2.schema.json",
+                    "dgxready-bench-baseline/3": SCHEMA_DIR / "baseline-v3.schema.json",
                     SCHEMA_ID: SCHEMA_PATH}
 
 
@@ -49,6 +52,8 @@ class Micro(Doc):
     storage: StorageResult | None = None
     network: list[NetResult] = Field(default_factory=list)
     gpu: dict[str, float] | None = None
+    engine: EngineTable | None = Field(None, description="absent before schema version 4, and where "
+                                                         "the sweep's engine was not llama.cpp started here")
 
 
 class ServingLevel(Doc):

@@ -3,6 +3,7 @@ printing each part as soon as it is measured."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -11,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bench import plots
+from bench.engine_table import BATCHES, EngineTable, run_engine_table
 from bench.environment import capture_environment
 from bench.hw import check_profile, gpu_reports, host_facts, last_level_cache
 from bench.labels import workload_label
@@ -29,17 +31,19 @@ from bench.summary import (
     level_line,
     prediction_headline,
     print_capacity,
+    print_engine_table,
     print_hardware,
     print_micro,
     print_roofline,
     print_serving,
 )
-from bench.workloads import Workload, make_workload
+from bench.workloads import Workload, for_round, make_workload
 from dgxready.errors import DgxReadyError
 from dgxready.progress import AnyProgress, step_progress
 from dgxready.roles import load_roles
 from dgxready.settings import BASELINES_DIR, REPO_ROOT, load_settings
 from model.catalog import load_catalog
+from model.llamacpp_build import require_binary
 from model.running import running_model
 
 BASELINES = BASELINES_DIR
@@ -55,6 +59,7 @@ class Target:
     backend: str | None
     started: bool
     weight_bytes: int | None
+    model_path: Path | None = None
 
 
 def safe_name(text: str) -> str:
@@ -71,7 +76,7 @@ def target(url: str | None, parallel: int, ctx: int, out: Console) -> Iterator[T
         return
     with running_model(parallel=parallel, ctx_per_slot=ctx) as served:
         yield Target(served.base_url, probe(served.base_url), served.state.backend, True,
-                     served.weight_bytes)
+                     served.weight_bytes, served.model_path)
 
 
 def hardware(profile: str) -> Hardware:
@@ -111,6 +116,20 @@ def micro(store_dir: Path, out: Console, stream_reps: int = 10, io_bytes: int = 
     return result
 
 
+def engine_steps(tgt: Target, out: Console) -> EngineTable | None:
+    """The served engine's decode step by batch and context, where it is llama.cpp started here
+    (llama-bench beside llama-server, on the same model file); before the sweep, while the server
+    idles."""
+    if not (tgt.started and tgt.backend == "llamacpp" and tgt.model_path):
+        return None
+    with step_progress() as progress:
+        progress.add_task("engine batch table (llama-bench: batches "
+                          + ", ".join(map(str, BATCHES)) + ", contexts 0 and 512)", total=None)
+        table = run_engine_table(require_binary("llama-bench"), tgt.model_path)
+    print_engine_table(table, out)
+    return table
+
+
 def measured_level(progress: AnyProgress, label: str, ep: Endpoint, workload: Workload, concurrency: int,
                    num_requests: int, warmup: int, slo: Slo, stop: StopRule | None = None) -> LevelResult:
     """One closed-loop level, its requests counted on a progress task of its own."""
@@ -140,8 +159,8 @@ def sweep(ep: Endpoint, workload_name: str, levels: list[int], max_tokens: int, 
     with step_progress(transient=True) as progress:
         for i, c in enumerate(levels):
             n = num_requests or requests_for(c, per_worker=2, minimum=8)
-            results.append(measured_level(progress, f"{workload_name} c={c}", ep, workload, c, n,
-                                          warmup, slo))
+            results.append(measured_level(progress, f"{workload_name} c={c}", ep, for_round(workload, i),
+                                          c, n, warmup, slo))
             out.print(level_line(results[-1]))
             rest = levels[i + 1:]
             if rest and stop_when_saturated and saturated(results[-1], slo):
@@ -157,11 +176,13 @@ def capacity(ep: Endpoint, workload_name: str, slo_s: float, max_tokens: int, li
     workload = make_workload(workload_name, max_tokens=max_tokens)
     out.print(f"capacity search: P95 E2EL <= {slo_s:g} s, {workload_label(workload.describe())}, "
               f"up to {limit} concurrent agents")
+    rounds = itertools.count()
     with step_progress(transient=True) as progress:
         def measure_at(plan: RoundPlan) -> LevelResult:
             c = plan.concurrency
-            return measured_level(progress, f"capacity c={c}", ep, workload, c, requests_for(c),
-                                  min(c, 4) if plan.warm_up else 0, Slo(e2el_p95_s=slo_s), plan.stop)
+            return measured_level(progress, f"capacity c={c}", ep, for_round(workload, next(rounds)), c,
+                                  requests_for(c), min(c, 4) if plan.warm_up else 0, Slo(e2el_p95_s=slo_s),
+                                  plan.stop)
 
         return capacity_search(measure_at, slo_s, workload.describe(), limit=limit,
                                on_level=lambda lv: out.print(capacity_level_line(lv)))
@@ -245,6 +266,8 @@ def run_all(opts: AllOptions, out: Console) -> tuple[Path, Baseline]:
     with target(opts.url, parallel, 2048, out) as tgt:
         # After the target is up, so that a llama.cpp build made for it is in the record.
         env = capture_environment()
+        if not opts.skip_micro:
+            mic = mic.model_copy(update={"engine": engine_steps(tgt, out)})
         ep = Endpoint(tgt.url, tgt.model)
         levels = sweep(ep, opts.sweep_workload, list(opts.levels), opts.max_tokens, slo, out,
                        stop_when_saturated=not opts.full_sweep, num_requests=opts.sweep_requests)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from bench.engine_table import EngineTable
 from bench.labels import agents_meet, workload_label
 from bench.metrics import ServingMetrics
 from bench.prediction import CHECK_BAR, Prediction
@@ -42,6 +43,14 @@ def print_micro(micro: Micro, out: Console) -> None:
             f"{j.name} {j.bandwidth_mbps:.0f} MB/s {j.iops:.0f} IOPS" for j in micro.storage.jobs))
     for n in micro.network:
         out.print(f"network {n.target}: {n.throughput_gbps:.1f} Gbit/s, RTT p50 {n.rtt_p50_us:.0f} us")
+
+
+def print_engine_table(table: EngineTable, out: Console) -> None:
+    """A step's time by batch at each context, and what it costs each stream."""
+    for depth in table.depths:
+        steps = [(b, table.point(b, depth).step_s) for b in table.batches]
+        out.print(f"engine decode step at context {depth} (llama-bench, {table.threads} threads): "
+                  + ", ".join(f"batch {b} {s * 1e3:.1f} ms ({s * 1e3 / b:.1f} a stream)" for b, s in steps))
 
 
 def serving_row(level_name: str, m: ServingMetrics) -> list[str]:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dgxready.roles import Role, load_roles
 
@@ -42,9 +42,10 @@ class SyntheticWorkload:
     output_tokens: tuple[int, int] = (96, 128)
     system_prompt: str | None = None
     name: str = "synthetic"
+    round_index: int = 0
 
     def session(self, index: int) -> SyntheticSession:
-        return SyntheticSession(self, random.Random(f"{self.seed}:{index}"))
+        return SyntheticSession(self, random.Random(f"{self.seed}:{self.round_index}:{index}"))
 
     def describe(self) -> dict:
         return {"name": self.name, "seed": self.seed, "input_words": list(self.input_words),
@@ -76,10 +77,11 @@ class AgentsWorkload:
     turns_per_conversation: int = 4
     roles: tuple[Role, ...] = field(default_factory=lambda: tuple(load_roles().values()))
     name: str = "agents"
+    round_index: int = 0
 
     def session(self, index: int) -> AgentSession:
         return AgentSession(self, self.roles[index % len(self.roles)],
-                            random.Random(f"{self.seed}:{index}"))
+                            random.Random(f"{self.seed}:{self.round_index}:{index}"))
 
     def describe(self) -> dict:
         return {"name": self.name, "seed": self.seed, "max_tokens": self.max_tokens,
@@ -109,6 +111,14 @@ class AgentSession:
 
 
 Workload = SyntheticWorkload | AgentsWorkload
+
+
+def for_round(workload: Workload, round_index: int) -> Workload:
+    """The workload with sessions of its own for one level or round of a run. With the same
+    sessions, a level would repeat the last level's prompts, which the engine still holds in its
+    prefix cache (llama-server's slots, vLLM's automatic prefix caching), and answer them faster
+    than new ones."""
+    return replace(workload, round_index=round_index)
 
 
 WORKLOAD_NAMES = ("synthetic", "agents")

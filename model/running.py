@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from dgxready.ports import free_port
 from dgxready.progress import console
@@ -19,6 +20,7 @@ from model.serve import ServeRequest, ServerState, serve, stop
 class RunningModel:
     state: ServerState
     weight_bytes: int
+    model_path: Path
 
     @property
     def base_url(self) -> str:
@@ -37,13 +39,14 @@ def running_model(name: str | None = None, *, parallel: int | None = None, ctx_p
     if backend != "vllm":
         build_llamacpp(settings)
     result = pull(name, engine="vllm" if backend == "vllm" else "llamacpp", settings=settings)
-    spec = resolve_format(catalog, store_for(settings), name, result.fmt).spec
+    store = store_for(settings)
+    spec = resolve_format(catalog, store, name, result.fmt).spec
     state = serve(ServeRequest(model=name, fmt=result.fmt, backend=backend, port=port or free_port(),
                                parallel=parallel, ctx_per_slot=ctx_per_slot, extra_args=extra_args,
                                embeddings=embeddings), settings)
     console.print(f"started {state.backend} for {name} at {state.base_url}")
     try:
-        yield RunningModel(state, spec.weight_bytes)
+        yield RunningModel(state, spec.weight_bytes, store.file_path(name, result.fmt, spec.entry_file))
     finally:
         stop(port=state.port, settings=settings)
         console.print(f"stopped the server on port {state.port}")

@@ -131,7 +131,7 @@ def test_a_version_1_baseline_still_loads_and_compares(tmp_path):
     path = write_baseline(synthetic_baseline(rng, with_capacity=False), tmp_path)
     doc = json.loads(path.read_text())
     doc["schema"] = "dgxready-bench-baseline/1"
-    del doc["micro"]["stream"]["gbps_samples"]
+    del doc["micro"]["stream"]["gbps_samples"], doc["micro"]["engine"]
     for net in doc["micro"]["network"]:
         del net["throughput_samples_gbps"], net["rtt_p50_samples_us"]
     for job in doc["micro"]["storage"]["jobs"]:
@@ -149,6 +149,7 @@ def test_a_version_2_baseline_without_output_token_samples_still_loads_and_compa
     path = write_baseline(synthetic_baseline(rng, with_capacity=False), tmp_path)
     doc = json.loads(path.read_text())
     doc["schema"] = "dgxready-bench-baseline/2"
+    del doc["micro"]["engine"]
     for lv in doc["serving"]["levels"]:
         del lv["output_token_samples"]
     old = tmp_path / "v2.json"

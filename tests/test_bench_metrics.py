@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from bench import runner
 from bench.loadgen import Endpoint, StreamProgress, closed_loop, observe_line
 from bench.metrics import RequestRecord, Slo, compute_metrics
-from bench.workloads import make_workload
+from bench.serving import level_from
+from bench.workloads import for_round, make_workload
 
 SSE = Path(__file__).parent / "fixtures" / "sse"
 SENT_AT = 100.0
@@ -92,3 +94,28 @@ def test_the_load_generator_reads_a_served_recording_as_the_replay_does():
     assert all(r.success for r in records)
     assert [len(r.itl) for r in records] == [4, 4]
     assert all(r.output_tokens == 4 and r.ttft is not None for r in records)
+
+
+@pytest.mark.parametrize("name", ["synthetic", "agents"])
+def test_each_round_of_a_run_asks_prompts_of_its_own_and_a_round_asks_the_same_ones_again(name):
+    def first_prompts(workload) -> list[str]:
+        return [workload.session(i).next_request().messages[-1]["content"] for i in range(8)]
+
+    base = make_workload(name, max_tokens=16)
+    rounds = [first_prompts(for_round(base, r)) for r in range(3)]
+    assert rounds[0] != rounds[1] != rounds[2]
+    assert first_prompts(for_round(base, 1)) == rounds[1]
+    assert for_round(base, 2).describe() == base.describe()
+
+
+def test_a_sweep_gives_every_level_a_round_of_its_own(monkeypatch):
+    seen = []
+
+    def level(progress, label, ep, workload, concurrency, *rest, **kw):
+        seen.append(workload.round_index)
+        return level_from([], concurrency, None, 0, None)
+
+    monkeypatch.setattr(runner, "measured_level", level)
+    runner.sweep(Endpoint("http://127.0.0.1:1", "m"), "agents", [1, 2, 4], 16, Slo(), runner.Console(quiet=True),
+                 stop_when_saturated=False)
+    assert seen == [0, 1, 2]

@@ -9,14 +9,17 @@ import pytest
 import yaml
 
 from bench import runner
+from bench.engine_table import parse_table
 from bench.metrics import RequestRecord
 from bench.predict import (
     ModelShape,
     Scenario,
     WorkloadShape,
+    batch_curve,
     calibrate,
     decode_step,
     load_profiles,
+    model_shape,
     predict_level,
     prefill,
     scaled_to_measured,
@@ -30,6 +33,7 @@ from bench.prediction import (
     serving_level,
     write_prediction,
 )
+from bench.report import load_baseline, write_baseline
 from bench.serving import level_from
 from bench.summary import prediction_headline
 from dgxready.errors import DgxReadyError
@@ -129,7 +133,7 @@ def test_the_prediction_document_is_schema_valid_and_the_committed_schema_is_cur
     assert json.loads(SCHEMA_PATH.read_text()) == generated_schema()
     json_path, png = runner.write_prediction_files(spark_prediction(), tmp_path)
     doc = json.loads(json_path.read_text())
-    assert doc["schema"] == "dgxready-bench-prediction/1" and doc["capacity"] == 0
+    assert doc["schema"] == "dgxready-bench-prediction/2" and doc["capacity"] == 0
     assert png.stat().st_size > 10_000
     broken = spark_prediction().model_copy(update={"capacity": -1})
     with pytest.raises(DgxReadyError, match="capacity.*minimum"):
@@ -231,3 +235,91 @@ def test_a_calibration_on_few_requests_says_so_and_how_to_get_more():
     steady = baseline.model_copy(update={"serving": baseline.serving.model_copy(update={"levels": more})})
     source = predict_from(req, CATALOG, PROFILES, ROLES, steady, "b.json").parameters.source
     assert "32 and 32 requests" in source and "--sweep-requests" not in source
+
+
+ENGINE_FIXTURE = Path(__file__).parent / "fixtures" / "bench" / "llama-bench-batches.json"
+ENGINE_TABLE = parse_table(ENGINE_FIXTURE.read_text(), ENGINE_FIXTURE.name)
+SMOLLM = model_shape(CATALOG, "smollm2-135m", "gguf-q4_1", "f16")
+
+
+def engine_scenario(curve, prompt_tokens: float, output_tokens: float = 0.0) -> Scenario:
+    """Compute-bound by construction (a bandwidth no step could reach), to read the curve alone."""
+    engine = PROFILES["dgx-spark"].engines["llamacpp"].model_copy(update={
+        "eta": 1.0, "step_overhead_ms": 0.0, "batch_curve": curve, "prefix_cache": "none"})
+    workload = WorkloadShape("engine", prompt_tokens, prompt_tokens, 0, 0, output_tokens, output_tokens)
+    return Scenario(1e6, engine, SMOLLM, workload)
+
+
+def test_the_batch_curve_gives_back_the_engines_own_step_at_every_measured_batch_and_context():
+    curve = batch_curve(ENGINE_TABLE, SMOLLM)
+    for depth in ENGINE_TABLE.depths:
+        sc = engine_scenario(curve, depth + ENGINE_TABLE.prompt_tokens / 2)
+        for b in ENGINE_TABLE.batches:
+            measured = ENGINE_TABLE.point(b, depth).step_s
+            assert decode_step(sc, b)[0] == pytest.approx(measured, rel=0.01), (b, depth)
+    sc = engine_scenario(curve, 256)
+    steps = {c: decode_step(sc, c)[0] for c in (8, 12, 16, 128)}
+    assert steps[8] < steps[12] < steps[16]
+    assert steps[128] / 128 == pytest.approx(steps[16] / 16 * (decode_step(sc, 64)[0] / 64) / (steps[16] / 16),
+                                             rel=0.01), "beyond the table a stream costs what it did at its end"
+
+
+def simulated_server_level(curve, c: int, factor: float, prompt: int, output: int, rng) -> object:
+    """What llama-server would report if its steps were `factor` times the engine's table: every
+    gap between tokens that step, 2% noise, and one gap in ten holding another stream's prefill.
+    Simulated, to test the calibration against a known engine."""
+    step = factor * decode_step(engine_scenario(curve, prompt + output / 2), c)[0]
+    records = []
+    for i in range(32):
+        gaps = [step * rng.normal(1, 0.02) * (4 if g % 10 == 9 else 1) for g in range(output - 1)]
+        ttft = 0.12 * rng.normal(1, 0.02)
+        records.append(RequestRecord(sent_at=float(i), prompt_tokens=prompt, output_tokens=output, ttft=ttft,
+                                     e2el=ttft + sum(gaps), itl=gaps, success=True, finish_reason="length",
+                                     ended_at=i + ttft + sum(gaps)))
+    return level_from(records, c, None, 0, None)
+
+
+def test_calibration_with_the_engines_curve_predicts_the_steps_of_larger_batches_where_a_constant_rate_cannot():
+    curve = batch_curve(ENGINE_TABLE, SMOLLM)
+    rng = np.random.default_rng(3)
+    one, two, sixteen = (simulated_server_level(curve, c, 1.1, 500, 100, rng) for c in (1, 2, 16))
+    workload = WorkloadShape("agents", 500, 500, 0, 0, 100, 100)
+    with_curve = calibrate(one, two, SMOLLM, workload, 30.0, "simulated", curve)
+    constant = calibrate(one, two, SMOLLM, workload, 30.0, "simulated")
+    measured = sixteen.metrics.itl.median
+    step_with_curve = decode_step(Scenario(30.0, with_curve, SMOLLM, workload), 16)[0]
+    step_constant = decode_step(Scenario(30.0, constant, SMOLLM, workload), 16)[0]
+    assert step_with_curve == pytest.approx(measured, rel=0.05)
+    assert step_constant > 1.15 * measured
+    assert "1.10x the engine's" in with_curve.source
+
+
+def with_engine_table(baseline):
+    return baseline.model_copy(update={"micro": baseline.micro.model_copy(update={"engine": ENGINE_TABLE})})
+
+
+def test_a_measured_prediction_uses_the_baselines_engine_table_and_says_so():
+    baseline = noise_baseline()
+    with_table = with_engine_table(baseline)
+    req = PredictRequest("measured", "smollm2-135m", "gguf-q4_1", "f16", "synthetic", 128, 10, 6.0)
+    plain, tabled = (predict_from(req, CATALOG, PROFILES, ROLES, b, "b.json") for b in (baseline, with_table))
+    assert not plain.parameters.batch_curve and "llama-bench" not in plain.parameters.source
+    assert [p.batch for p in tabled.parameters.batch_curve] == ENGINE_TABLE.batches
+    assert "batch 1, 2, 4, 8, 16, 32, 64 and context 0, 512 from llama-bench" in tabled.parameters.source
+    assert {c.concurrency for c in tabled.checks} == {4, 8, 16}
+
+
+def test_a_baseline_keeps_its_engine_table_and_an_older_version_may_not_carry_one(tmp_path):
+    baseline = noise_baseline()
+    with_table = with_engine_table(baseline)
+    path = write_baseline(with_table, tmp_path)
+    assert load_baseline(path).micro.engine == ENGINE_TABLE
+    doc = json.loads(path.read_text())
+    doc["schema"] = "dgxready-bench-baseline/3"
+    old = tmp_path / "v3.json"
+    old.write_text(json.dumps(doc))
+    with pytest.raises(DgxReadyError, match=r"v3.json: \$.micro"):
+        load_baseline(old)
+    del doc["micro"]["engine"]
+    old.write_text(json.dumps(doc))
+    assert load_baseline(old).micro.engine is None

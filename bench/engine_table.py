@@ -1,0 +1,88 @@
+"""The engine's own decode step by batch and context: llama.cpp's llama-bench processing a short
+prompt in micro-batches of B tokens, which runs the same matrix products as a decode step of B
+streams (`-ub B`), at context 0 and at `depth` (`-d`), where attention over the earlier tokens
+adds its cost. bench.predict's `measured` profile reads it: on a CPU the per-stream cost of a
+step falls as the batch grows, which concurrency 1 and 2 of a sweep alone cannot show."""
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from dgxready.errors import DgxReadyError
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+DEPTH = 512
+PROMPT_TOKENS = 64
+TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class EnginePoint:
+    batch: int
+    depth: int
+    tokens_per_s: float
+    stddev_tokens_per_s: float
+
+    @property
+    def step_s(self) -> float:
+        """One step of `batch` streams."""
+        return self.batch / self.tokens_per_s
+
+
+@dataclass(frozen=True)
+class EngineTable:
+    model_file: str
+    threads: int
+    prompt_tokens: int
+    points: list[EnginePoint]
+
+    def point(self, batch: int, depth: int) -> EnginePoint | None:
+        return next((p for p in self.points if p.batch == batch and p.depth == depth), None)
+
+    @property
+    def depths(self) -> list[int]:
+        return sorted({p.depth for p in self.points})
+
+    @property
+    def batches(self) -> list[int]:
+        """The batches measured at every depth."""
+        return sorted(b for b in {p.batch for p in self.points}
+                      if all(self.point(b, d) for d in self.depths))
+
+
+def bench_command(binary: Path, model: Path, batches: tuple[int, ...] = BATCHES, depth: int = DEPTH,
+                  repetitions: int = 3) -> list[str]:
+    tokens = max(PROMPT_TOKENS, max(batches))
+    return [str(binary), "-m", str(model), "-p", str(tokens), "-n", "0", "-b", str(tokens),
+            "-ub", ",".join(map(str, batches)), "-d", f"0,{depth}", "-r", str(repetitions), "-o", "json"]
+
+
+def parse_table(text: str, source: str) -> EngineTable:
+    """llama-bench's `-o json`: one object per (ubatch, depth) test."""
+    try:
+        rows = json.loads(text)
+        points = [EnginePoint(int(r["n_ubatch"]), int(r["n_depth"]), float(r["avg_ts"]),
+                              float(r["stddev_ts"])) for r in rows]
+        first = rows[0]
+        table = EngineTable(str(first["model_filename"]), int(first["n_threads"]), int(first["n_prompt"]),
+                            points)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise DgxReadyError(f"{source}: not llama-bench's JSON output ({type(exc).__name__}: {exc})") from None
+    if not table.batches or 1 not in table.batches or any(p.tokens_per_s <= 0 for p in points):
+        raise DgxReadyError(f"{source}: no batch-1 test, or a test with no tokens per second")
+    return table
+
+
+def run_engine_table(binary: Path, model: Path, batches: tuple[int, ...] = BATCHES, depth: int = DEPTH,
+                     repetitions: int = 3) -> EngineTable:
+    cmd = bench_command(binary, model, batches, depth, repetitions)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise DgxReadyError(f"{binary.name}: no result within {TIMEOUT_S} s") from None
+    if done.returncode != 0:
+        tail = " ".join(done.stderr.strip().splitlines()[-3:])
+        raise DgxReadyError(f"{binary.name} exited {done.returncode}: {tail[:300]}")
+    return parse_table(done.stdout, binary.name)
