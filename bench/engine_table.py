@@ -82,6 +82,8 @@ def run_engine_table(binary: Path, model: Path, batches: tuple[int, ...] = BATCH
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         raise DgxReadyError(f"{binary.name}: no result within {TIMEOUT_S} s") from None
+    except OSError as exc:
+        raise DgxReadyError(f"{binary}: cannot run: {exc.strerror}") from None
     if done.returncode != 0:
         tail = " ".join(done.stderr.strip().splitlines()[-3:])
         raise DgxReadyError(f"{binary.name} exited {done.returncode}: {tail[:300]}")

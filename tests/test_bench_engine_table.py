@@ -79,3 +79,13 @@ def test_the_real_llama_bench_measures_the_default_model(isolated, llama_build):
     assert table.batches == [1, 4] and table.depths == [0, 64]
     assert Path(table.model_file) == served.model_path
     assert all(p.tokens_per_s > 1 for p in table.points)
+
+
+def test_a_missing_llama_bench_is_named_and_bench_all_goes_on_without_the_table(tmp_path, monkeypatch):
+    with pytest.raises(DgxReadyError, match="llama-bench: cannot run: No such file"):
+        run_engine_table(tmp_path / "llama-bench", tmp_path / "m.gguf")
+    monkeypatch.setattr(runner, "require_binary", lambda name: tmp_path / name)
+    console = runner.Console(record=True, width=200)
+    tgt = runner.Target("http://127.0.0.1:1", "m", "llamacpp", True, 1000, tmp_path / "m.gguf")
+    assert runner.engine_steps(tgt, console) is None
+    assert "engine batch table skipped: " in console.export_text()

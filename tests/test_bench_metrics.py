@@ -116,6 +116,6 @@ def test_a_sweep_gives_every_level_a_round_of_its_own(monkeypatch):
         return level_from([], concurrency, None, 0, None)
 
     monkeypatch.setattr(runner, "measured_level", level)
-    runner.sweep(Endpoint("http://127.0.0.1:1", "m"), "agents", [1, 2, 4], 16, Slo(), runner.Console(quiet=True),
-                 stop_when_saturated=False)
+    runner.sweep(Endpoint("http://127.0.0.1:1", "m"), "agents", [1, 2, 4], 16, Slo(),
+                 runner.Console(quiet=True), stop_when_saturated=False)
     assert seen == [0, 1, 2]
