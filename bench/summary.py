@@ -112,7 +112,7 @@ def print_roofline(r: Roofline, out: Console) -> None:
 def print_verdict(v: SloVerdict, out: Console, baseline: Path | None = None) -> None:
     colour = {"met": "green", "not met": "red", "undecided": "yellow"}[v.outcome]
     out.print(f"[bold {colour}]{v.headline}[/]")
-    hint = tuning_hint(str(baseline) if baseline else "FILE")
+    hint = tuning_hint(str(baseline) if baseline else "FILE", v)
     if v.outcome == "undecided":
         out.print(f"this run cannot decide it; to meet it with margin, see {hint}")
     elif v.outcome == "not met":

@@ -8,9 +8,19 @@ from bench.labels import agents_meet, workload_label
 from bench.serving import CapacityResult
 
 
-def tuning_hint(baseline: str = "FILE") -> str:
+def predict_command(baseline: str, verdict: SloVerdict | None = None) -> str:
+    """bench.predict on the run's own question: its workload, output cap, target and SLO."""
+    cmd = f"invoke bench.predict --profile measured --baseline {baseline}"
+    if verdict is None:
+        return cmd
+    cmd += (f" --workload {verdict.workload_name} --agents {verdict.target_agents}"
+            f" --slo-p95-e2e {verdict.slo_p95_e2el_s:g}")
+    return cmd + (f" --max-tokens {verdict.max_tokens}" if verdict.max_tokens else "")
+
+
+def tuning_hint(baseline: str = "FILE", verdict: SloVerdict | None = None) -> str:
     """Where to look next; `baseline` is the run's JSON when it is known."""
-    return (f"`invoke bench.predict --profile measured --baseline {baseline}` for the levers ranked by their "
+    return (f"`{predict_command(baseline, verdict)}` for the levers ranked by their "
             "predicted effect, and runbooks/serving.md, row 'P95 latency above the SLO'; sized by "
             "`invoke model.plan NAME --agents N`: a quantized format (`invoke model.quantize`), "
             "fewer concurrent agents, shorter outputs (`--max-tokens`, the roles' max_tokens)")
@@ -28,6 +38,8 @@ class SloVerdict:
     capacity_low: int
     capacity_high: int
     workload: str
+    workload_name: str = "agents"
+    max_tokens: int | None = None
 
     @property
     def outcome(self) -> Outcome:
@@ -74,4 +86,11 @@ def judge_target(capacity: CapacityResult, target_agents: int) -> SloVerdict:
         capacity_low=point if capacity.capacity_low is None else capacity.capacity_low,
         capacity_high=point if capacity.capacity_high is None else capacity.capacity_high,
         workload=workload_label(capacity.workload),
+        workload_name=str(capacity.workload.get("name", "agents")), max_tokens=output_cap(capacity.workload),
     )
+
+
+def output_cap(workload: dict) -> int | None:
+    """The longest answer a workload asks for: agents' max_tokens, synthetic's output range's top."""
+    cap = workload.get("max_tokens") or max(workload.get("output_tokens") or [0])
+    return int(cap) or None

@@ -54,7 +54,9 @@ def test_a_capacity_below_the_target_is_told_as_not_met_with_the_levers_to_pull(
     print_verdict(verdict, out, Path("bench/baselines/vm/20261122T064752Z.json"))
     text = buffer.getvalue()
     assert not verdict.met and verdict.exit_code == 1
-    assert "bench.predict --profile measured --baseline bench/baselines/vm/20261122T064752Z.json" in text
+    run = "bench/baselines/vm/20261122T064752Z.json"
+    own_question = "--workload agents --agents 10 --slo-p95-e2e 6 --max-tokens 128`"
+    assert f"bench.predict --profile measured --baseline {run} {own_question}" in text
     assert "The 10-agent SLO is not met on this host: only 4 concurrent agents meet P95 E2EL <= 6 s" in text
     assert "agents workload, max_tokens 128" in text
     assert "runbooks/serving.md" in text and "model.plan" in text and "quantiz" in text
