@@ -9,6 +9,9 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from dgxready.errors import DgxReadyError
 
@@ -20,10 +23,10 @@ TIMEOUT_S = 600
 
 @dataclass(frozen=True)
 class EnginePoint:
-    batch: int
-    depth: int
-    tokens_per_s: float
-    stddev_tokens_per_s: float
+    batch: Annotated[int, Field(ge=1)]
+    depth: Annotated[int, Field(ge=0)]
+    tokens_per_s: Annotated[float, Field(gt=0)]
+    stddev_tokens_per_s: Annotated[float, Field(ge=0)]
 
     @property
     def step_s(self) -> float:
@@ -34,9 +37,9 @@ class EnginePoint:
 @dataclass(frozen=True)
 class EngineTable:
     model_file: str
-    threads: int
-    prompt_tokens: int
-    points: list[EnginePoint]
+    threads: Annotated[int, Field(ge=1)]
+    prompt_tokens: Annotated[int, Field(ge=1)]
+    points: Annotated[list[EnginePoint], Field(min_length=1)]
 
     def point(self, batch: int, depth: int) -> EnginePoint | None:
         return next((p for p in self.points if p.batch == batch and p.depth == depth), None)

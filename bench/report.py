@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
 from bench.engine_table import EngineTable
@@ -128,10 +128,18 @@ def schema_for(doc: object, source: str) -> dict:
     return committed_schema(READABLE_SCHEMAS[version])
 
 
+def deepest(error: ValidationError) -> ValidationError:
+    """An optional part (`anyOf` of a schema and null) that fails is reported where it fails
+    inside, not as the whole part's dump."""
+    while error.context:
+        error = max(error.context, key=lambda e: len(e.absolute_path))
+    return error
+
+
 def validate_document(doc: object, source: str) -> None:
     """Raise with the JSON path of every schema violation."""
-    errors = sorted(Draft202012Validator(schema_for(doc, source)).iter_errors(doc),
-                    key=lambda e: list(e.absolute_path))
+    errors = sorted((deepest(e) for e in Draft202012Validator(schema_for(doc, source)).iter_errors(doc)),
+                    key=lambda e: [str(part) for part in e.absolute_path])
     if errors:
         lines = [f"{source}: {e.json_path}: {e.message[:200]}" for e in errors[:20]]
         raise DgxReadyError("baseline does not match the schema:\n" + "\n".join(lines))

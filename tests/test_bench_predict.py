@@ -323,3 +323,29 @@ def test_a_baseline_keeps_its_engine_table_and_an_older_version_may_not_carry_on
     del doc["micro"]["engine"]
     old.write_text(json.dumps(doc))
     assert load_baseline(old).micro.engine is None
+
+
+def test_a_baseline_whose_engine_table_has_a_zero_rate_or_no_points_is_refused_naming_the_field(tmp_path):
+    path = write_baseline(with_engine_table(noise_baseline()), tmp_path)
+    doc = json.loads(path.read_text())
+    doc["micro"]["engine"]["points"][3]["tokens_per_s"] = 0
+    zero = tmp_path / "zero.json"
+    zero.write_text(json.dumps(doc))
+    with pytest.raises(DgxReadyError, match=r"zero.json: \$.micro.engine.points\[3\].tokens_per_s"):
+        load_baseline(zero)
+    doc["micro"]["engine"]["points"] = []
+    zero.write_text(json.dumps(doc))
+    with pytest.raises(DgxReadyError, match=r"zero.json: \$.micro.engine.points"):
+        load_baseline(zero)
+
+
+def test_a_table_at_one_context_or_with_a_deeper_step_no_slower_gives_attention_no_cost():
+    shallow_only = replace(ENGINE_TABLE, points=[p for p in ENGINE_TABLE.points if p.depth == 0])
+    def faster_deeper(p):
+        return replace(p, tokens_per_s=ENGINE_TABLE.point(p.batch, 0).tokens_per_s * 1.1) if p.depth else p
+
+    flat = replace(ENGINE_TABLE, points=[faster_deeper(p) for p in ENGINE_TABLE.points])
+    for table in (shallow_only, flat):
+        curve = batch_curve(table, SMOLLM)
+        assert [p.batch for p in curve] == table.batches
+        assert all(p.attention_s_per_gb == 0 and p.decode_tflops > 0 for p in curve)
