@@ -30,7 +30,7 @@ The model:
   concurrency 1 and 2 of a baseline's sweep on the machine itself (STREAM gives its bandwidth):
   the step at 1 and 2 streams is the median gap between tokens (TPOT less the other stream's
   prefill where a baseline has no gaps). With the engine's batch table, F(c) and a(c) are the
-  table's and only t_step, the server's cost beyond the engine's, is fitted.
+  table's, scaled by one factor fitted to those two steps: what the server adds to the engine's.
 
 Attention's own FLOPs and prefill chunking are left out; at 2k-token contexts on 7B models they
 are within the fitted constants.
@@ -406,8 +406,7 @@ def calibrate(one: LevelResult, two: LevelResult, model: ModelShape, workload: W
               bandwidth_gbps: float, source: str, curve: list[BatchPoint] | None = None) -> EngineParams:
     """Engine parameters that reproduce concurrency 1 and 2 of a measured sweep: the prefill rate
     from TTFT at 1, then the step's fixed and per-stream costs from the steps at 1 and 2. With the
-    engine's batch curve the per-stream costs are the curve's, and the fixed cost is what the
-    server adds to the engine's steps at 1 and 2, on average."""
+    engine's batch curve, the curve scaled by one factor that fits the steps at 1 and 2."""
     if not (one.metrics.tpot and two.metrics.tpot and one.metrics.ttft):
         raise CalibrationError("calibration needs TPOT and TTFT at concurrency 1 and 2")
     s1, s2, pf = measured_steps(one, two)
@@ -415,8 +414,7 @@ def calibrate(one: LevelResult, two: LevelResult, model: ModelShape, workload: W
     uncached = max(prompt - workload.cached("system"), 1)
     prefill_tflops = uncached * 2 * model.params / pf / 1e12
     if curve:
-        return curve_calibrated(s1, s2, one, two, model, workload, bandwidth_gbps, source, curve,
-                                prefill_tflops)
+        return curve_calibrated(s1, s2, one, two, model, workload, source, curve, prefill_tflops)
     memory = (model.weight_bytes + (prompt + output / 2) * model.kv_bytes_per_token) / (bandwidth_gbps * 1e9)
     per_stream = s2 - s1
     if per_stream < memory:
@@ -428,7 +426,7 @@ def calibrate(one: LevelResult, two: LevelResult, model: ModelShape, workload: W
 
 
 def curve_calibrated(s1: float, s2: float, one: LevelResult, two: LevelResult, model: ModelShape,
-                     workload: WorkloadShape, bandwidth_gbps: float, source: str, curve: list[BatchPoint],
+                     workload: WorkloadShape, source: str, curve: list[BatchPoint],
                      prefill_tflops: float) -> EngineParams:
     """The engine's curve scaled by one factor, the least-squares fit of the server's steps at 1
     and 2 streams to the engine's at the same contexts (which weighs 2 streams, the nearer to the
