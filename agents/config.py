@@ -83,6 +83,10 @@ class MuxConfig(BaseModel):
     session_max_turns: int = Field(100, ge=1, description="turns a session keeps; the oldest are pruned")
     session_max_bytes: int = Field(1 << 20, ge=1024, description="bytes of messages a session keeps "
                                                                  "(its newest turn always)")
+    session_commit_ms: float = Field(0.0, ge=0, le=1000, description="turns answered within this many "
+                                     "milliseconds share one commit to the state file; a crash loses at most "
+                                     "the turns of this window (0: the turns that end in one pass of the event "
+                                     "loop share a commit made before it waits again, as safe as one each)")
     retention_days: float = Field(30.0, gt=0, description="audit rows, task-board items and sessions "
                                                           "idle longer are pruned")
     health_interval_s: float = Field(2.0, gt=0)

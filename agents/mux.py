@@ -3,6 +3,8 @@ tools, metrics, and per-agent rate limits and session locks."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from agents.scheduler import FairScheduler
 from agents.state import StateStore
 from agents.tools import ToolRegistry, ToolSettings
 from dgxready.roles import Role
+
+log = logging.getLogger("dgxready.mux")
 
 
 @dataclass
@@ -77,6 +81,26 @@ class Mux:
     known_keys: dict[str, AgentIdentity] = field(default_factory=dict)
     typical_output: dict[str, float] = field(default_factory=dict)
     knowledge: KnowledgeService | None = None
+    commit_handle: asyncio.Handle | None = None
+
+    def save_turn(self, agent: str, session: str, messages: list[dict]) -> None:
+        """A session's turn: in its history at once, in the file with the turns that end in the
+        same pass of the event loop, or within `session_commit_ms` of it (one commit for all)."""
+        self.store.append_turn(agent, session, messages, defer=True)
+        if self.commit_handle is None and self.store.pending_turns:
+            loop = asyncio.get_running_loop()
+            delay = self.config.session_commit_ms / 1000
+            self.commit_handle = loop.call_later(delay, self.commit_turns) if delay else \
+                loop.call_soon(self.commit_turns)
+
+    def commit_turns(self) -> None:
+        if self.commit_handle is not None:
+            self.commit_handle.cancel()
+            self.commit_handle = None
+        try:
+            self.store.flush_turns()
+        except sqlite3.Error as exc:
+            log.error("mux.session_write_failed", extra={"error": str(exc), "path": str(self.store.path)})
 
     def identify(self, auth: str) -> tuple[AgentIdentity, Role]:
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""

@@ -3,6 +3,8 @@ byte has reached the client, relay the stream, and account for what the turn pro
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -81,10 +83,11 @@ class Outcome:
     finish_reason: str | None = None
 
 
-USAGE_MARK = re.compile(rb'"usage"|"finish_reason": ?"')
-# The events parsed: every data line when the text is kept, else those carrying usage or a finish.
+# The events parsed: every data line when the text is kept, else only those carrying usage (some
+# servers send `"usage": null` in every event); a finish reason is read without parsing.
 DATA_LINE = re.compile(rb"^data:.*$", re.M)
-MARKED_LINE = re.compile(rb'^data:.*(?:"usage"|"finish_reason": ?").*$', re.M)
+USAGE_MARK = re.compile(rb'"usage": ?\{')
+FINISH_REASON = re.compile(rb'"finish_reason": ?"([A-Za-z_]+)"')
 TOOL_CALLS_MARK = b'"tool_calls"'
 
 
@@ -132,10 +135,21 @@ class SseTally:
             self.events += whole.count(b"data:")
             if TOOL_CALLS_MARK in whole or self.guard.note_pending:
                 whole = screened_events(whole, self.guard)
-            if self.keep_text or USAGE_MARK.search(whole):
-                for line in (DATA_LINE if self.keep_text else MARKED_LINE).finditer(whole):
+            if self.keep_text:
+                for line in DATA_LINE.finditer(whole):
                     self.parse(line.group())
+            else:
+                self.skim(whole)
         return whole
+
+    def skim(self, whole: bytes) -> None:
+        for reason in FINISH_REASON.findall(whole):
+            self.outcome.finish_reason = reason.decode()
+        mark = USAGE_MARK.search(whole)
+        while mark:
+            end = whole.find(b"\n", mark.end()) % (len(whole) + 1)
+            self.parse(whole[whole.rfind(b"\n", 0, mark.start()) + 1:end])
+            mark = USAGE_MARK.search(whole, end)
 
     def parse(self, line: bytes) -> None:
         chunk = event_of(line)
@@ -192,8 +206,14 @@ def retried(mux: Mux, turn: Turn, grant: Grant, exc: Exception) -> None:
     mux.metrics.request(turn.ident.name, grant.backend.name, "retried").inc()
 
 
+@functools.lru_cache(maxsize=1024)
+def client_timeout(seconds: int) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=seconds, sock_connect=5.0)
+
+
 def timeout_of(turn: Turn) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=max(1.0, turn.deadline - time.monotonic()), sock_connect=5.0)
+    """The turn's time left, rounded up to whole seconds (as aiohttp rounds a timer over 5 s)."""
+    return client_timeout(max(1, math.ceil(turn.deadline - time.monotonic())))
 
 
 def answer_headers(turn: Turn, grant: Grant, sent: float) -> dict[str, str]:
@@ -265,7 +285,7 @@ def finish(mux: Mux, turn: Turn, grant: Grant, outcome: Outcome, sent: float, fi
     mux.typical_output[name] = 0.8 * last + 0.2 * outcome.completion_tokens
     if turn.session:
         new = [x for x in turn.messages if not is_instruction(x)]
-        mux.store.append_turn(name, turn.session, new + [{"role": "assistant", "content": outcome.text}])
+        mux.save_turn(name, turn.session, new + [{"role": "assistant", "content": outcome.text}])
 
 
 @dataclass

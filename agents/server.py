@@ -216,6 +216,7 @@ def create_app(mux: Mux) -> MuxApp:
             yield
         finally:
             checker.cancel()
+            mux.commit_turns()
             await mux.client.close()
 
     app = Starlette(routes=[

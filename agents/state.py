@@ -1,8 +1,10 @@
 """Durable state in one SQLite file (WAL, mode 600): sessions keyed by (agent, session) with one
 row per turn, the tool audit log, idempotency records, leases with fencing tokens, the workspace
-and the task board. Each turn commits in one transaction, so a crash between turns loses nothing.
-A session keeps its newest turns within a turn and byte bound; the audit log, the task board
-and idle sessions are pruned after a retention period (idempotency records by agents.tools)."""
+and the task board. A turn commits in one transaction with its pruning; a turn appended with
+`defer` waits for `flush_turns()` (the multiplexer's group commit, a few milliseconds later) or for
+the next read of the file, so many turns share one commit. A session keeps its newest turns within
+a turn and byte bound; the audit log, the task board and idle sessions are pruned after a
+retention period (idempotency records by agents.tools)."""
 from __future__ import annotations
 
 import json
@@ -46,6 +48,8 @@ DAY_S = 86400.0
 # writer of its sessions), so a turn neither reads its history nor its counters from the file.
 CACHED_SESSIONS = 512
 CACHED_TURNS = 32
+# Deferred turns beyond which an append writes them at once.
+PENDING_TURNS_MAX = 256
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,12 @@ class SessionState:
 
 @dataclass
 class CachedSession:
-    """A session's counters and the messages of its newest kept turns, oldest first."""
+    """A session's counters, the sizes of its kept turns and the messages of the newest of
+    them, oldest first."""
     turns: int
     kept: int
     kept_bytes: int
+    sizes: deque = field(default_factory=deque)
     recent: deque = field(default_factory=lambda: deque(maxlen=CACHED_TURNS))
 
     def history(self, turns: int) -> list[dict] | None:
@@ -83,12 +89,37 @@ class CachedSession:
             return None
         return [m for messages in list(self.recent)[max(0, held - turns):] for m in messages]
 
-    def add(self, messages: list[dict], kept: int, kept_bytes: int) -> None:
+    def add(self, messages: list[dict], size: int, limits: StateLimits) -> None:
+        """The next turn, then the oldest dropped while the bounds are exceeded (the newest stays)."""
         self.turns += 1
-        self.kept, self.kept_bytes = kept, kept_bytes
+        self.kept += 1
+        self.kept_bytes += size
+        self.sizes.append(size)
         self.recent.append(messages)
-        while len(self.recent) > kept:
+        while self.kept > 1 and (self.kept > limits.session_max_turns
+                                 or self.kept_bytes > limits.session_max_bytes):
+            self.kept -= 1
+            self.kept_bytes -= self.sizes.popleft()
+        while len(self.recent) > self.kept:
             self.recent.popleft()
+
+    @property
+    def first_kept(self) -> int:
+        return self.turns - self.kept + 1
+
+
+@dataclass(frozen=True)
+class PendingTurn:
+    """A turn's row and its session's counters after it, not yet written."""
+    agent: str
+    session: str
+    number: int
+    payload: str
+    size: int
+    first_kept: int
+    kept: int
+    kept_bytes: int
+    updated: float
 
 
 @dataclass(frozen=True)
@@ -121,6 +152,7 @@ class StateStore:
         self._lock = threading.RLock()
         self._depth = 0
         self._sessions: OrderedDict[tuple[str, str], CachedSession] = OrderedDict()
+        self._pending: list[PendingTurn] = []
         create_private(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -135,6 +167,7 @@ class StateStore:
 
     def close(self) -> None:
         with self._lock:
+            self._flush_locked()
             self._db.close()
 
     def tx(self):
@@ -150,15 +183,16 @@ class StateStore:
             db.execute(statement)
         for agent, session, history, turns, updated in old:
             chunks = split_turns(json.loads(history))
-            last = max(turns, len(chunks))
-            sizes = [self._insert_turn(db, agent, session, number, json.dumps(messages))
-                     for number, messages in enumerate(chunks, start=last - len(chunks) + 1)]
-            kept, kept_bytes = self._prune_session(db, agent, session, len(sizes), sum(sizes))
-            self._save_session(db, agent, session, last, kept, kept_bytes, updated)
+            cached = CachedSession(max(turns, len(chunks)) - len(chunks), 0, 0)
+            for messages in chunks:
+                payload = json.dumps(messages)
+                cached.add(messages, len(payload.encode()), self.limits)
+                self._write_turns(db, [self._pending_turn(agent, session, cached, payload, updated)])
 
     def session(self, agent: str, session: str) -> SessionState:
         """The session's counters and every turn it keeps (the GET session endpoint)."""
         with self._lock:
+            self._flush_locked()
             row = self._db.execute("SELECT turns, kept_turns FROM sessions WHERE agent=? AND session=?",
                                    (agent, session)).fetchone()
             rows = self._db.execute("SELECT messages FROM session_turns WHERE agent=? AND session=? "
@@ -177,6 +211,7 @@ class StateStore:
             held = cached.history(turns) if cached else None
             if held is not None:
                 return held
+            self._flush_locked()
             rows = self._db.execute("SELECT messages FROM session_turns WHERE agent=? AND session=? "
                                     "ORDER BY turn DESC LIMIT ?", (agent, session, turns)).fetchall()
         return [m for (text,) in reversed(rows) for m in orjson.loads(text)]
@@ -187,12 +222,18 @@ class StateStore:
             self._sessions.move_to_end((agent, session))
         return cached
 
-    def _load_session(self, db: sqlite3.Connection, agent: str, session: str) -> CachedSession:
-        """The session's counters and newest turns from the file, now held in memory."""
+    def _load_session(self, agent: str, session: str) -> CachedSession:
+        """The session's counters, kept turns' sizes and newest turns from the file, now held in
+        memory (what is deferred is written first: it may be an evicted session's)."""
+        self._flush_locked()
+        db = self._db
         row = db.execute("SELECT turns, kept_turns, kept_bytes FROM sessions WHERE agent=? AND session=?",
                          (agent, session)).fetchone()
-        cached = CachedSession(*(row or (0, 0, 0)))
+        cached = CachedSession(row[0] if row else 0, 0, 0)
         if row:
+            cached.sizes.extend(size for (size,) in db.execute(
+                "SELECT bytes FROM session_turns WHERE agent=? AND session=? ORDER BY turn", (agent, session)))
+            cached.kept, cached.kept_bytes = len(cached.sizes), sum(cached.sizes)
             rows = db.execute("SELECT messages FROM session_turns WHERE agent=? AND session=? "
                               "ORDER BY turn DESC LIMIT ?", (agent, session, CACHED_TURNS)).fetchall()
             cached.recent.extend(orjson.loads(text) for (text,) in reversed(rows))
@@ -201,46 +242,64 @@ class StateStore:
             self._sessions.popitem(last=False)
         return cached
 
-    def append_turn(self, agent: str, session: str, messages: list[dict]) -> int:
-        """Adds one turn's row and prunes the oldest beyond the bounds; earlier turns are not read."""
+    def append_turn(self, agent: str, session: str, messages: list[dict], defer: bool = False) -> int:
+        """Adds one turn's row and prunes the oldest beyond the bounds; earlier turns are not read.
+        With `defer`, the row is written by the next flush; the turn is in the history at once."""
         payload = orjson.dumps(messages)
-        try:
-            with self.tx() as db:
-                cached = self._cached(agent, session) or self._load_session(db, agent, session)
-                size = self._insert_turn(db, agent, session, cached.turns + 1, payload.decode(), len(payload))
-                kept, kept_bytes = self._prune_session(db, agent, session, cached.kept + 1,
-                                                       cached.kept_bytes + size)
-                self._save_session(db, agent, session, cached.turns + 1, kept, kept_bytes, time.time())
-                cached.add(messages, kept, kept_bytes)
-        except BaseException:
-            self._sessions.pop((agent, session), None)
-            raise
+        with self._lock:
+            try:
+                cached = self._cached(agent, session) or self._load_session(agent, session)
+                cached.add(messages, len(payload), self.limits)
+                self._pending.append(self._pending_turn(agent, session, cached, payload.decode(), time.time()))
+                if not defer or len(self._pending) >= PENDING_TURNS_MAX:
+                    self._flush_locked()
+            except BaseException:
+                self._sessions.pop((agent, session), None)
+                raise
         self.retention_due()
         return cached.turns
 
-    def _insert_turn(self, db: sqlite3.Connection, agent: str, session: str, number: int,
-                     payload: str, size: int | None = None) -> int:
-        size = len(payload.encode()) if size is None else size
-        db.execute("INSERT INTO session_turns(agent, session, turn, messages, bytes) VALUES(?,?,?,?,?)",
-                   (agent, session, number, payload, size))
-        return size
+    @staticmethod
+    def _pending_turn(agent: str, session: str, cached: CachedSession, payload: str, updated: float
+                      ) -> PendingTurn:
+        return PendingTurn(agent, session, cached.turns, payload, cached.sizes[-1], cached.first_kept,
+                           cached.kept, cached.kept_bytes, updated)
 
-    def _prune_session(self, db: sqlite3.Connection, agent: str, session: str, kept: int,
-                       kept_bytes: int) -> tuple[int, int]:
-        limits = self.limits
-        while kept > 1 and (kept > limits.session_max_turns or kept_bytes > limits.session_max_bytes):
-            (size,) = db.execute("DELETE FROM session_turns WHERE agent=? AND session=? AND turn="
-                                 "(SELECT min(turn) FROM session_turns WHERE agent=? AND session=?) "
-                                 "RETURNING bytes", (agent, session, agent, session)).fetchone()
-            kept, kept_bytes = kept - 1, kept_bytes - size
-        return kept, kept_bytes
+    @property
+    def pending_turns(self) -> int:
+        return len(self._pending)
 
-    def _save_session(self, db: sqlite3.Connection, agent: str, session: str, turns: int, kept: int,
-                      kept_bytes: int, updated: float) -> None:
-        db.execute("INSERT INTO sessions(agent, session, turns, kept_turns, kept_bytes, updated) "
-                   "VALUES(?,?,?,?,?,?) ON CONFLICT(agent, session) DO UPDATE SET turns=excluded.turns, "
-                   "kept_turns=excluded.kept_turns, kept_bytes=excluded.kept_bytes, updated=excluded.updated",
-                   (agent, session, turns, kept, kept_bytes, updated))
+    def flush_turns(self) -> int:
+        """Writes the deferred turns in one transaction; returns how many."""
+        with self._lock:
+            return self._flush_locked()
+
+    def _flush_locked(self) -> int:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return 0
+        try:
+            with self.tx() as db:
+                self._write_turns(db, pending)
+        except BaseException:
+            # The file lacks these turns: their sessions are read from it again next time.
+            for turn in pending:
+                self._sessions.pop((turn.agent, turn.session), None)
+            raise
+        return len(pending)
+
+    @staticmethod
+    def _write_turns(db: sqlite3.Connection, turns: list[PendingTurn]) -> None:
+        db.executemany("INSERT INTO session_turns(agent, session, turn, messages, bytes) VALUES(?,?,?,?,?)",
+                       [(t.agent, t.session, t.number, t.payload, t.size) for t in turns])
+        last = {(t.agent, t.session): t for t in turns}
+        db.executemany("DELETE FROM session_turns WHERE agent=? AND session=? AND turn<?",
+                       [(t.agent, t.session, t.first_kept) for t in last.values() if t.first_kept > 1])
+        db.executemany("INSERT INTO sessions(agent, session, turns, kept_turns, kept_bytes, updated) "
+                       "VALUES(?,?,?,?,?,?) ON CONFLICT(agent, session) DO UPDATE SET turns=excluded.turns, "
+                       "kept_turns=excluded.kept_turns, kept_bytes=excluded.kept_bytes, "
+                       "updated=excluded.updated",
+                       [(t.agent, t.session, t.number, t.kept, t.kept_bytes, t.updated) for t in last.values()])
 
     def audit(self, agent: str, session: str | None, tool: str, outcome: str, detail: str) -> None:
         with self.tx() as db:
@@ -264,6 +323,7 @@ class StateStore:
     def prune_older_than(self, cutoff: float) -> Pruned:
         """Audit rows and task-board items written before `cutoff`, and sessions idle since."""
         with self.tx() as db:
+            self._flush_locked()
             self._sessions.clear()
             audit = db.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)).rowcount
             taskboard = db.execute("DELETE FROM taskboard WHERE ts < ?", (cutoff,)).rowcount

@@ -4,6 +4,7 @@ body it receives."""
 import asyncio
 import contextlib
 import json
+import sqlite3
 import threading
 import time
 from types import SimpleNamespace
@@ -119,6 +120,27 @@ def test_a_sessions_next_turn_waits_and_then_carries_the_turn_before_it(tmp_path
     assert "first question" in said and a.json()["choices"][0]["message"]["content"] in said
     assert said.index("first question") < said.index("second question")
     assert "second question" not in [m["content"] for m in first["messages"]]
+
+
+def stored_turns(path, session: str) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute("SELECT count(*) FROM session_turns WHERE session=?", (session,)).fetchone()[0]
+
+
+def test_a_sessions_turn_reaches_the_state_file_by_the_group_commit_or_at_shutdown(tmp_path):
+    with RecordingBackend() as instant:
+        mux = start_mux(tmp_path, [("instant", instant.url, 4)], rate_limits=False, session_commit_ms=1000)
+        try:
+            key = mux.key("developer")
+            assert post(mux.url, key, "early", stream=True).status_code == 200
+            deadline = time.monotonic() + 5
+            while stored_turns(tmp_path / "mux.db", "early") == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert stored_turns(tmp_path / "mux.db", "early") == 1, "no later request was needed"
+            assert post(mux.url, key, "late").status_code == 200
+        finally:
+            mux.mux.stop()
+    assert stored_turns(tmp_path / "mux.db", "late") == 1, "the shutdown wrote the last turn"
 
 
 def test_agents_serve_uses_a_configured_backend_that_answers_and_starts_no_model(monkeypatch):

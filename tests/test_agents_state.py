@@ -244,3 +244,79 @@ def test_the_history_held_in_memory_is_what_the_file_holds(tmp_path):
     assert store.recent_history("dev", "s", CACHED_TURNS + 8) == store.session("dev", "s").history
     assert reopened.append_turn("dev", "s", turn(99)) == CACHED_TURNS + 21
     assert reopened.recent_history("dev", "s", 2) == turn(CACHED_TURNS + 19) + turn(99)
+
+
+def file_turns(path, agent: str, session: str) -> list[int]:
+    """The turn numbers the file holds for a session, read over a connection of its own."""
+    with sqlite3.connect(path) as db:
+        return [n for (n,) in db.execute("SELECT turn FROM session_turns WHERE agent=? AND session=? "
+                                         "ORDER BY turn", (agent, session))]
+
+
+def test_deferred_turns_are_in_the_history_at_once_and_in_the_file_after_one_flush(tmp_path):
+    store = StateStore(tmp_path / "s.db")
+    assert store.append_turn("dev", "s", turn(1)) == 1
+    assert [store.append_turn("dev", "s", turn(n), defer=True) for n in (2, 3)] == [2, 3]
+    assert store.recent_history("dev", "s", 2) == turn(2) + turn(3)
+    assert file_turns(tmp_path / "s.db", "dev", "s") == [1] and store.pending_turns == 2
+    assert store.flush_turns() == 2 and store.pending_turns == 0
+    assert file_turns(tmp_path / "s.db", "dev", "s") == [1, 2, 3]
+
+
+def test_every_read_of_the_file_and_closing_it_write_the_deferred_turns_first(tmp_path):
+    store = StateStore(tmp_path / "s.db")
+    store.append_turn("dev", "s", turn(1), defer=True)
+    assert store.session("dev", "s").history == turn(1)
+    store.append_turn("dev", "s", turn(2), defer=True)
+    store.close()
+    assert file_turns(tmp_path / "s.db", "dev", "s") == [1, 2]
+
+
+@pytest.mark.parametrize("limits", [StateLimits(session_max_turns=3),
+                                    StateLimits(session_max_bytes=len(orjson.dumps(turn(10))) * 3 + 5)])
+def test_a_group_commit_leaves_the_file_as_committing_each_turn_does_pruning_included(tmp_path, limits):
+    alone = StateStore(tmp_path / "alone.db", limits)
+    grouped = StateStore(tmp_path / "grouped.db", limits)
+    for n in range(12):
+        messages = turn(n) if n % 4 else [{"role": "user", "content": "x" * 40 * n}]
+        alone.append_turn("dev", f"s{n % 2}", messages)
+        grouped.append_turn("dev", f"s{n % 2}", messages, defer=True)
+        if n % 5 == 4:
+            grouped.flush_turns()
+    grouped.flush_turns()
+    for session in ("s0", "s1"):
+        assert grouped.session("dev", session) == alone.session("dev", session)
+        grouped_rows = file_turns(tmp_path / "grouped.db", "dev", session)
+        assert grouped_rows == file_turns(tmp_path / "alone.db", "dev", session)
+    reopened = StateStore(tmp_path / "grouped.db", limits)
+    assert reopened.append_turn("dev", "s0", turn(99)) == alone.append_turn("dev", "s0", turn(99))
+    assert reopened.session("dev", "s0") == alone.session("dev", "s0")
+
+
+def test_a_session_evicted_with_deferred_turns_is_read_back_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr("agents.state.CACHED_SESSIONS", 2)
+    store = StateStore(tmp_path / "s.db")
+    store.append_turn("dev", "a", turn(1), defer=True)
+    store.append_turn("dev", "b", turn(2), defer=True)
+    store.append_turn("dev", "c", turn(3), defer=True)  # "a" leaves the memory before its row is written
+    assert store.append_turn("dev", "a", turn(4), defer=True) == 2
+    assert store.recent_history("dev", "a", 8) == turn(1) + turn(4)
+
+
+def test_a_failed_group_commit_loses_only_its_turns_and_the_memory_follows_the_file(tmp_path, monkeypatch):
+    store = StateStore(tmp_path / "s.db")
+    store.append_turn("dev", "s", turn(1))
+    store.append_turn("dev", "s", turn(2), defer=True)
+    write = StateStore._write_turns
+
+    def disk_full(db, turns):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(StateStore, "_write_turns", staticmethod(disk_full))
+    with pytest.raises(sqlite3.OperationalError):
+        store.flush_turns()
+    monkeypatch.setattr(StateStore, "_write_turns", staticmethod(write))
+    assert store.pending_turns == 0
+    assert store.recent_history("dev", "s", 8) == turn(1), "the history is the file's again"
+    assert store.append_turn("dev", "s", turn(3)) == 2
+    assert file_turns(tmp_path / "s.db", "dev", "s") == [1, 2]

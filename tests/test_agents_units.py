@@ -3,7 +3,10 @@ import asyncio
 import inspect
 import time
 
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
@@ -12,6 +15,8 @@ from agents.backends import BackendPool
 from agents.config import BackendConfig, load_keys, team_roles, write_keys
 from agents.metrics import KnownLabels, MuxMetrics
 from agents.mux import SessionLocks
+from agents.policy import StreamGuard, ToolScope
+from agents.proxy import SseTally
 from agents.scheduler import DeadlineExceeded, FairScheduler, QueueFull
 from dgxready.errors import ConfigError
 from dgxready.roles import ROLE_ORDER, ROLES_DIR, load_roles
@@ -175,3 +180,30 @@ def test_every_known_agent_is_exported_at_zero_before_its_first_request_so_rate_
         assert f'dgxready_mux_request_duration_seconds_count{{agent="{agent}"}} 0.0' in text
         assert f'dgxready_mux_tokens_total{{agent="{agent}",direction="completion"}} 0.0' in text
     assert 'agent="unknown"' not in text
+
+
+def sse(*events: dict) -> bytes:
+    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+# The last event's text looks like a finish and a usage, after the real ones.
+TRICKY_STREAM = sse(
+    {"choices": [{"index": 0, "delta": {"content": "hello"}, "finish_reason": None}], "usage": None},
+    {"choices": [{"index": 0, "delta": {"content": " done"}, "finish_reason": "stop"}], "usage": None},
+    {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}},
+    {"choices": [{"index": 0, "delta": {"content": ' "finish_reason": "length", "usage": {"x": 1}'},
+                  "finish_reason": None}]})
+
+
+@given(cuts=st.lists(st.integers(min_value=0, max_value=len(TRICKY_STREAM)), max_size=12),
+       keep_text=st.booleans())
+def test_the_stream_tally_reads_finish_and_usage_however_the_bytes_are_split_and_whatever_the_text_says(
+        cuts, keep_text):
+    tally = SseTally(keep_text, StreamGuard(ToolScope("developer", ())))
+    bounds = [0, *sorted(cuts), len(TRICKY_STREAM)]
+    passed = b"".join(tally.feed(TRICKY_STREAM[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
+    assert passed + tally.pending == TRICKY_STREAM
+    out = tally.outcome
+    assert (out.finish_reason, out.prompt_tokens, out.completion_tokens) == ("stop", 7, 2)
+    assert tally.events == 5
+    assert out.text == ('hello done "finish_reason": "length", "usage": {"x": 1}' if keep_text else "")

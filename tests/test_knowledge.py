@@ -312,6 +312,21 @@ def test_the_sketch_pruned_exact_search_answers_as_the_full_scan_through_adds_an
         assert pruned == 40, "on rows of rank 8, a 16-direction sketch rules most rows out"
 
 
+def test_a_relaxed_version_check_sees_its_own_commits_at_once_and_anothers_after_the_interval(tmp_path):
+    mine = KnowledgeService(SqliteKnowledgeStore(tmp_path / "knowledge.db"))
+    other = KnowledgeService(SqliteKnowledgeStore(tmp_path / "knowledge.db"))
+    assert mine.version(60.0) == 0
+    other.add_text("# A\nfirst", "a.md", ME)
+    assert mine.version(60.0) == 0, "another connection's commit waits for the interval"
+    assert mine.version() == 1, "a strict check sees it at once"
+    other.add_text("# B\nsecond", "b.md", ME)
+    mine.add_text("# C\nthird", "c.md", ME)
+    assert mine.version(60.0) == 3, "a commit of its own makes it look again"
+    other.add_text("# D\nfourth", "d.md", ME)
+    assert mine.version(60.0) == 3
+    assert mine.version(0.0) == 4
+
+
 def test_another_process_update_reaches_a_subscribed_agents_next_turn_as_a_change_notice(tmp_path):
     roles = load_roles()
     config = MuxConfig(port=0, backends=[BackendConfig(name="local", url="http://127.0.0.1:1")],

@@ -7,6 +7,9 @@ from agents.knowledge.types import Change
 
 MAX_CHANGES = 50
 CHARS_PER_TOKEN = 4
+# How stale the version a turn's notice starts from may be, for another process's commits (this
+# process's own are seen at once): one check per turn would cost a query on every chat request.
+VERSION_FRESH_S = 0.25
 
 
 def change_line(change: Change) -> str:
@@ -33,7 +36,7 @@ def notice_text(changes: list[Change], seen: int, now: int, max_tokens: int) -> 
 def change_notice(service: KnowledgeService, agent: str, role: str, max_tokens: int) -> str | None:
     """The notice for `agent`'s next turn, or None; the agent then counts as having seen `now`.
     An agent's first turn only records where it starts."""
-    now = service.version()
+    now = service.version(VERSION_FRESH_S)
     if service.noticed.get(agent) == now:
         return None
     seen = service.store.seen(agent)

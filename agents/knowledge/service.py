@@ -75,8 +75,8 @@ class KnowledgeService:
         # skips reading and writing the agent's `seen` row. One entry per agent.
         self.noticed: dict[str, int] = {}
 
-    def version(self) -> int:
-        return self.store.version()
+    def version(self, fresh_within_s: float = 0.0) -> int:
+        return self.store.version(fresh_within_s)
 
     # Documents
 

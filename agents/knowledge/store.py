@@ -72,7 +72,7 @@ def fts_query(text: str) -> str | None:
 class KnowledgeStore(Protocol):
     """What the knowledge service needs of a store; SqliteKnowledgeStore is the embedded one."""
 
-    def version(self) -> int: ...
+    def version(self, fresh_within_s: float = 0.0) -> int: ...
 
     def add_document(self, doc: NewDocument, embeddings: np.ndarray | None) -> StoredDocument: ...
 
@@ -110,6 +110,7 @@ class SqliteKnowledgeStore:
         self.index: VectorIndex | None = None
         self._version_mark: tuple[int, int] | None = None
         self._version = 0
+        self._external_checked = 0.0
 
     def close(self) -> None:
         with self.lock:
@@ -120,11 +121,18 @@ class SqliteKnowledgeStore:
     def write(self) -> _Write:
         return _Write(self)
 
-    def version(self) -> int:
+    def version(self, fresh_within_s: float = 0.0) -> int:
         """Read again only after a commit: another connection's moves `data_version`, this
-        connection's moves `total_changes`. Every chat turn asks, so the cheap check matters."""
+        connection's moves `total_changes`. Every chat turn asks, so the cheap check matters: with
+        `fresh_within_s`, another process's commit is looked for at most that often."""
         with self.lock:
-            mark = (self.db.execute("PRAGMA data_version").fetchone()[0], self.db.total_changes)
+            changes = self.db.total_changes
+            mark = self._version_mark
+            now = time.monotonic()
+            if mark is not None and mark[1] == changes and now < self._external_checked + fresh_within_s:
+                return self._version
+            self._external_checked = now
+            mark = (self.db.execute("PRAGMA data_version").fetchone()[0], changes)
             if mark != self._version_mark:
                 self._version = self.db.execute("SELECT coalesce(max(version), 0) FROM changes").fetchone()[0]
                 self._version_mark = mark
