@@ -51,5 +51,13 @@ def message_text(message: dict) -> str:
     return text
 
 
+def message_chars(message: dict) -> int:
+    """len(message_text(message)), without building the text for a plain one."""
+    content = message.get("content")
+    if isinstance(content, str) and "tool_calls" not in message:
+        return len(content)
+    return len(message_text(message))
+
+
 def estimate_tokens(prompt: list[dict], max_tokens: int) -> float:
-    return sum(len(message_text(m)) for m in prompt) / 4.0 + max_tokens
+    return sum(map(message_chars, prompt)) / 4.0 + max_tokens

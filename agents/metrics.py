@@ -1,14 +1,20 @@
 """Prometheus metrics of the multiplexer, named after LiteLLM's. A label value comes only from a
 known set (agents of the keys file, roles, the multiplexer's tools, configured backends, the
 statuses the multiplexer itself names or an HTTP status) and is `unknown` otherwise, so no client
-can mint series; no session id is ever a label."""
+can mint series; no session id is ever a label. The series every chat request updates are kept
+by this module on the event loop's thread, without prometheus_client's lock per update, and
+exported through a collector in the same registry."""
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from dgxready.roles import TOOLS
 
@@ -47,32 +53,99 @@ class KnownLabels:
         return status if status in REQUEST_STATUSES or HTTP_STATUS_RE.match(status) else UNKNOWN
 
 
+class LoopCounter:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class LoopHistogram:
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        running, out = 0, []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append((floatToGoString(bound), running))
+        return out
+
+
+@dataclass
+class LoopFamily:
+    """A labelled counter (no buckets) or histogram, updated only on the event loop's thread."""
+    name: str
+    documentation: str
+    labelnames: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None
+    children: dict[tuple[str, ...], LoopCounter | LoopHistogram] = field(default_factory=dict)
+
+    def labels(self, *values: str) -> LoopCounter | LoopHistogram:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = LoopHistogram(self.buckets) if self.buckets else LoopCounter()
+        return child
+
+    def metric(self) -> Metric:
+        if self.buckets is None:
+            family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+            for values, child in self.children.items():
+                family.add_metric(values, child.value)
+            return family
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in self.children.items():
+            family.add_metric(values, child.cumulative(), child.total)
+        return family
+
+
+@dataclass(eq=False)
+class LoopCollector:
+    families: list[LoopFamily]
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.metric()
+
+
 @dataclass(frozen=True)
 class AgentSeries:
     """One agent's labelled series, looked up once instead of on every request."""
-    queue_wait: Histogram
-    ttft: Histogram
-    duration: Histogram
-    prompt_tokens: Counter
-    completion_tokens: Counter
+    queue_wait: LoopHistogram
+    ttft: LoopHistogram
+    duration: LoopHistogram
+    prompt_tokens: LoopCounter
+    completion_tokens: LoopCounter
 
 
 class MuxMetrics:
     def __init__(self, known: KnownLabels | None = None) -> None:
         self.known = known or KnownLabels()
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("dgxready_mux_requests", "Requests by agent, backend and status",
-                                ["agent", "backend", "status"], registry=r)
+        self.requests = LoopFamily("dgxready_mux_requests", "Requests by agent, backend and status",
+                                   ("agent", "backend", "status"))
         self.queue_depth = Gauge("dgxready_mux_queue_depth", "Requests waiting for a slot", registry=r)
-        self.queue_wait = Histogram("dgxready_mux_queue_wait_seconds", "Time waiting for a slot",
-                                    ["agent"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("dgxready_mux_ttft_seconds", "Time to first token at the multiplexer",
-                              ["agent"], buckets=LATENCY_BUCKETS, registry=r)
-        self.duration = Histogram("dgxready_mux_request_duration_seconds", "Whole request",
-                                  ["agent"], buckets=LATENCY_BUCKETS, registry=r)
-        self.overhead = Histogram("dgxready_mux_overhead_seconds",
-                                  "Time the multiplexer itself adds (excluding queue and backend)",
-                                  buckets=OVERHEAD_BUCKETS, registry=r)
+        self.queue_wait = LoopFamily("dgxready_mux_queue_wait_seconds", "Time waiting for a slot",
+                                     ("agent",), LATENCY_BUCKETS)
+        self.ttft = LoopFamily("dgxready_mux_ttft_seconds", "Time to first token at the multiplexer",
+                               ("agent",), LATENCY_BUCKETS)
+        self.duration = LoopFamily("dgxready_mux_request_duration_seconds", "Whole request",
+                                   ("agent",), LATENCY_BUCKETS)
+        overhead = LoopFamily("dgxready_mux_overhead_seconds",
+                              "Time the multiplexer itself adds (excluding queue and backend)",
+                              buckets=OVERHEAD_BUCKETS)
+        self.overhead = overhead.labels()
         self.inflight = Gauge("dgxready_mux_backend_inflight", "Requests in flight", ["backend"], registry=r)
         self.backend_up = Gauge("dgxready_mux_backend_up", "1 if the backend is healthy", ["backend"],
                                 registry=r)
@@ -80,8 +153,9 @@ class MuxMetrics:
                                  registry=r)
         self.rejections = Counter("dgxready_mux_rejections", "Rejected requests by reason", ["reason"],
                                   registry=r)
-        self.tokens = Counter("dgxready_mux_tokens", "Tokens by agent and direction",
-                              ["agent", "direction"], registry=r)
+        self.tokens = LoopFamily("dgxready_mux_tokens", "Tokens by agent and direction", ("agent", "direction"))
+        r.register(LoopCollector([self.requests, self.queue_wait, self.ttft, self.duration, overhead,
+                                  self.tokens]))
         self.tool_calls = Counter("dgxready_mux_tool_calls", "Tool calls by agent, tool and outcome",
                                   ["agent", "tool", "outcome"], registry=r)
         self.client_tools = Counter("dgxready_mux_client_tools",
@@ -113,7 +187,7 @@ class MuxMetrics:
                            self.tokens.labels(name, "prompt"), self.tokens.labels(name, "completion"))
 
     @cache  # noqa: B019
-    def request(self, agent: str, backend: str, status: str) -> Counter:
+    def request(self, agent: str, backend: str, status: str) -> LoopCounter:
         k = self.known
         return self.requests.labels(k.agent(agent), k.backend(backend), k.status(status))
 

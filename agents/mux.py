@@ -6,7 +6,6 @@ import asyncio
 import logging
 import sqlite3
 import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -46,23 +45,38 @@ class SessionLocks:
     """One lock per (agent, session), kept only while a turn holds it or waits for it."""
     held: dict[tuple[str, str], tuple[asyncio.Lock, int]] = field(default_factory=dict)
 
-    @asynccontextmanager
-    async def hold(self, agent: str, session: str | None):
-        if session is None:
-            yield
-            return
-        key = (agent, session)
-        lock, users = self.held.get(key) or (asyncio.Lock(), 0)
-        self.held[key] = (lock, users + 1)
+    def hold(self, agent: str, session: str) -> SessionTurn:
+        return SessionTurn(self.held, (agent, session))
+
+
+class SessionTurn:
+    """`async with`: the session's lock held for one turn (a class, not a generator: it is on
+    every session turn's path)."""
+    __slots__ = ("held", "key", "lock")
+
+    def __init__(self, held: dict[tuple[str, str], tuple[asyncio.Lock, int]], key: tuple[str, str]):
+        self.held, self.key = held, key
+        lock, users = held.get(key) or (asyncio.Lock(), 0)
+        held[key] = (lock, users + 1)
+        self.lock = lock
+
+    async def __aenter__(self) -> None:
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self.held[key]
-            if users == 1:
-                del self.held[key]
-            else:
-                self.held[key] = (lock, users - 1)
+            await self.lock.acquire()
+        except BaseException:
+            self.leave()
+            raise
+
+    async def __aexit__(self, *exc) -> None:
+        self.lock.release()
+        self.leave()
+
+    def leave(self) -> None:
+        lock, users = self.held[self.key]
+        if users == 1:
+            del self.held[self.key]
+        else:
+            self.held[self.key] = (lock, users - 1)
 
 
 @dataclass

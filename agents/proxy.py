@@ -85,7 +85,6 @@ class Outcome:
 
 # The events parsed: every data line when the text is kept, else only those carrying usage (some
 # servers send `"usage": null` in every event); a finish reason is read without parsing.
-DATA_LINE = re.compile(rb"^data:.*$", re.M)
 USAGE_MARK = re.compile(rb'"usage": ?\{')
 FINISH_REASON = re.compile(rb'"finish_reason": ?"([A-Za-z_]+)"')
 TOOL_CALLS_MARK = b'"tool_calls"'
@@ -136,11 +135,23 @@ class SseTally:
             if TOOL_CALLS_MARK in whole or self.guard.note_pending:
                 whole = screened_events(whole, self.guard)
             if self.keep_text:
-                for line in DATA_LINE.finditer(whole):
-                    self.parse(line.group())
+                self.read_events(whole)
             else:
                 self.skim(whole)
         return whole
+
+    def read_events(self, whole: bytes) -> None:
+        """Every event of `whole`, parsed as one JSON array (one call instead of one per event);
+        one by one when some event is malformed, which is then skipped."""
+        bodies = [line[5:] for line in whole.split(b"\n") if line.startswith(b"data:")]
+        bodies = [b for b in bodies if b.strip() != b"[DONE]"]
+        try:
+            chunks = orjson.loads(b"[" + b",".join(bodies) + b"]")
+        except orjson.JSONDecodeError:
+            chunks = [event_of(b"data:" + b) for b in bodies]
+        for chunk in chunks:
+            if isinstance(chunk, dict):
+                self.take(chunk)
 
     def skim(self, whole: bytes) -> None:
         for reason in FINISH_REASON.findall(whole):
@@ -153,8 +164,10 @@ class SseTally:
 
     def parse(self, line: bytes) -> None:
         chunk = event_of(line)
-        if chunk is None:
-            return
+        if chunk is not None:
+            self.take(chunk)
+
+    def take(self, chunk: dict) -> None:
         out = self.outcome
         for choice in chunk.get("choices") or []:
             out.text += (choice.get("delta") or {}).get("content") or ""

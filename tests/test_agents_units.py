@@ -7,13 +7,14 @@ import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from agents.asgi import hangup_flag
 from agents.backends import BackendPool
 from agents.config import BackendConfig, load_keys, team_roles, write_keys
-from agents.metrics import KnownLabels, MuxMetrics
+from agents.messages import message_chars, message_text
+from agents.metrics import LATENCY_BUCKETS, KnownLabels, LoopCollector, LoopFamily, MuxMetrics
 from agents.mux import SessionLocks
 from agents.policy import StreamGuard, ToolScope
 from agents.proxy import SseTally
@@ -151,6 +152,30 @@ def test_session_locks_serialise_a_session_and_are_dropped_when_idle():
     assert held == {}
 
 
+def test_a_turn_cancelled_while_it_waits_for_its_session_leaves_no_lock_behind():
+    async def run():
+        locks = SessionLocks()
+        release = asyncio.Event()
+
+        async def turn():
+            async with locks.hold("dev", "s"):
+                await release.wait()
+
+        first = asyncio.create_task(turn())
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(turn())
+        await asyncio.sleep(0)
+        assert locks.held[("dev", "s")][1] == 2
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert locks.held[("dev", "s")][1] == 1
+        release.set()
+        await first
+        return locks.held
+
+    assert asyncio.run(run()) == {}
+
+
 def test_a_hang_up_is_read_off_the_servers_request_cycle_where_it_has_one_and_else_left_to_receive():
     class Cycle:
         disconnected = False
@@ -195,15 +220,56 @@ TRICKY_STREAM = sse(
                   "finish_reason": None}]})
 
 
-@given(cuts=st.lists(st.integers(min_value=0, max_value=len(TRICKY_STREAM)), max_size=12),
-       keep_text=st.booleans())
+# A malformed event among them is skipped; the others still count.
+BROKEN_STREAM = TRICKY_STREAM.replace(b"data: [DONE]", b"data: {not json]\n\ndata: []\n\ndata: [DONE]")
+
+
+@given(cuts=st.lists(st.integers(min_value=0, max_value=len(BROKEN_STREAM)), max_size=12),
+       keep_text=st.booleans(), broken=st.booleans())
 def test_the_stream_tally_reads_finish_and_usage_however_the_bytes_are_split_and_whatever_the_text_says(
-        cuts, keep_text):
+        cuts, keep_text, broken):
+    stream = BROKEN_STREAM if broken else TRICKY_STREAM
     tally = SseTally(keep_text, StreamGuard(ToolScope("developer", ())))
-    bounds = [0, *sorted(cuts), len(TRICKY_STREAM)]
-    passed = b"".join(tally.feed(TRICKY_STREAM[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
-    assert passed + tally.pending == TRICKY_STREAM
+    bounds = [0, *sorted(c for c in cuts if c <= len(stream)), len(stream)]
+    passed = b"".join(tally.feed(stream[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
+    assert passed + tally.pending == stream
     out = tally.outcome
     assert (out.finish_reason, out.prompt_tokens, out.completion_tokens) == ("stop", 7, 2)
-    assert tally.events == 5
+    assert tally.events == 5 + 2 * broken
     assert out.text == ('hello done "finish_reason": "length", "usage": {"x": 1}' if keep_text else "")
+
+
+TEXT_PARTS = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20)}),
+                      max_size=3)
+MESSAGES = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool"]),
+     "content": st.one_of(st.none(), st.text(max_size=40), TEXT_PARTS)},
+    optional={"tool_calls": st.lists(st.fixed_dictionaries(
+        {"function": st.fixed_dictionaries({"name": st.text(max_size=8), "arguments": st.text(max_size=20)})}),
+        max_size=2)})
+
+
+@given(MESSAGES)
+def test_a_messages_length_for_the_token_estimate_is_the_length_of_its_text(message):
+    assert message_chars(message) == len(message_text(message))
+
+
+def exposition(registry: CollectorRegistry) -> list[str]:
+    return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+
+@given(st.lists(st.one_of(st.sampled_from(LATENCY_BUCKETS), st.floats(min_value=0, max_value=100)),
+                max_size=30))
+def test_the_loop_kept_series_export_as_prometheus_clients_own_would_bucket_bounds_included(values):
+    ours = LoopFamily("x_seconds", "help", ("agent",), LATENCY_BUCKETS)
+    counted = LoopFamily("x_events", "help", ("agent",))
+    registry, reference = CollectorRegistry(), CollectorRegistry()
+    registry.register(LoopCollector([ours, counted]))
+    theirs = Histogram("x_seconds", "help", ["agent"], buckets=LATENCY_BUCKETS, registry=reference)
+    their_count = Counter("x_events", "help", ["agent"], registry=reference)
+    for value in values:
+        ours.labels("a").observe(value)
+        theirs.labels("a").observe(value)
+        counted.labels("a").inc(value)
+        their_count.labels("a").inc(value)
+    assert exposition(registry) == exposition(reference)
