@@ -16,6 +16,7 @@ from agents.config import AgentIdentity, MuxConfig, key_digest
 from agents.knowledge.service import KnowledgeService
 from agents.knowledge.setup import open_knowledge
 from agents.metrics import KnownLabels, MuxMetrics
+from agents.policy import ToolScope
 from agents.scheduler import FairScheduler
 from agents.state import StateStore
 from agents.tools import ToolRegistry, ToolSettings
@@ -95,6 +96,7 @@ class Mux:
     known_keys: dict[str, AgentIdentity] = field(default_factory=dict)
     typical_output: dict[str, float] = field(default_factory=dict)
     knowledge: KnowledgeService | None = None
+    scopes: dict[str, ToolScope] = field(default_factory=dict)
     commit_handle: asyncio.Handle | None = None
 
     def save_turn(self, agent: str, session: str, messages: list[dict]) -> None:
@@ -136,4 +138,5 @@ def create_mux(config: MuxConfig, roles: dict[str, Role], keys: dict[str, AgentI
     tools = ToolRegistry(store, ToolSettings.from_config(config), knowledge=knowledge,
                          on_outcome=lambda c, o: metrics.tool_call(c.agent, c.tool, o).inc())
     scheduler = FairScheduler(pool, config.queue_max, config.queue_per_agent_max)
-    return Mux(config, roles, keys, store, metrics, pool, scheduler, tools, knowledge=knowledge)
+    scopes = {name: ToolScope(name, tuple(role.client_tools)) for name, role in roles.items()}
+    return Mux(config, roles, keys, store, metrics, pool, scheduler, tools, knowledge=knowledge, scopes=scopes)
