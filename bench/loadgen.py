@@ -172,15 +172,23 @@ def make_client(concurrency: int) -> aiohttp.ClientSession:
                                  timeout=aiohttp.ClientTimeout(total=None))
 
 
+def closed_warmup(warmup: int, concurrency: int) -> int:
+    """A closed loop's warm-up, when it has one: at least every stream's first request. All streams
+    start at once, a burst of first turns that a running fleet lacks, and an agent's first turn
+    finds no prompt of its role in the server's cache; the measured requests are agents' later
+    turns, as the serving SLO means them."""
+    return max(warmup, concurrency) if warmup else 0
+
+
 async def closed_loop(ep: Endpoint, workload: Workload, concurrency: int, num_requests: int,
                       warmup: int = 0, on_done: Callable[[RequestRecord], None] | None = None,
                       stop: StopRule | None = None) -> list[RequestRecord]:
-    """`num_requests` measured after `warmup`; when `stop` says so, given the records so far, no
-    further request is sent and those in flight are waited for."""
+    """`num_requests` measured after the warm-up (`closed_warmup`); when `stop` says so, given the
+    records so far, no further request is sent and those in flight are waited for."""
     sessions = [workload.session(i) for i in range(concurrency)]
     async with make_client(concurrency) as client:
         if warmup:
-            await _run_workers(client, ep, sessions, warmup, None, None)
+            await _run_workers(client, ep, sessions, closed_warmup(warmup, concurrency), None, None)
         return await _run_workers(client, ep, sessions, num_requests, on_done, stop)
 
 

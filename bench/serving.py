@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from bench.loadgen import Endpoint, StopRule, closed_loop, open_loop
+from bench.loadgen import Endpoint, StopRule, closed_loop, closed_warmup, open_loop
 from bench.metrics import RequestRecord, ServingMetrics, Slo, compute_metrics
 from bench.workloads import Workload
 
@@ -64,7 +64,7 @@ def run_level(ep: Endpoint, workload: Workload, concurrency: int, num_requests: 
               slo: Slo | None, on_done: Callable[[RequestRecord], None] | None = None,
               stop: StopRule | None = None) -> LevelResult:
     records = asyncio.run(closed_loop(ep, workload, concurrency, num_requests, warmup, on_done, stop))
-    return level_from(records, concurrency, None, warmup, slo)
+    return level_from(records, concurrency, None, closed_warmup(warmup, concurrency), slo)
 
 
 def run_rate(ep: Endpoint, workload: Workload, rate: float, burstiness: float, num_requests: int,

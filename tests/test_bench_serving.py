@@ -15,9 +15,10 @@ import httpx
 import pytest
 
 from bench import runner
-from bench.loadgen import Endpoint, closed_loop, probe
+from bench.loadgen import Endpoint, closed_loop, closed_warmup, probe
 from bench.metrics import Slo, compute_metrics
 from bench.report import load_baseline
+from bench.serving import run_level
 from bench.workloads import make_workload
 from dgxready.errors import DgxReadyError
 from dgxready.ports import free_port
@@ -53,6 +54,39 @@ def test_agents_workload_is_multi_turn_with_shared_system_prompts(served):
     assert first[0].messages[0]["role"] == "system" and first[0].role != first[1].role
     records = asyncio.run(closed_loop(ep, wl, 2, 6))
     assert sum(r.success for r in records) == 6
+
+
+class TurnLog:
+    """A workload whose sessions note (stream, turn) as each request is asked of them."""
+
+    def __init__(self, inner):
+        self.inner, self.asked = inner, []
+
+    def session(self, index):
+        return LoggedSession(self.inner.session(index), index, self.asked)
+
+
+class LoggedSession:
+    def __init__(self, inner, index, asked):
+        self.inner, self.index, self.asked, self.turn = inner, index, asked, 0
+
+    def next_request(self):
+        self.turn += 1
+        self.asked.append((self.index, self.turn))
+        return self.inner.next_request()
+
+    def observe(self, reply):
+        self.inner.observe(reply)
+
+
+def test_a_levels_warm_up_is_every_streams_first_turn_so_the_measured_requests_are_later_turns(served):
+    ep = Endpoint(served.base_url, probe(served.base_url))
+    workload = TurnLog(make_workload("agents", max_tokens=4))
+    level = run_level(ep, workload, 3, 6, warmup=2, slo=None)
+    assert level.warmup_requests == 3 and level.metrics.completed == 6
+    assert sorted(workload.asked[:3]) == [(0, 1), (1, 1), (2, 1)]
+    assert all(turn >= 2 for _, turn in workload.asked[3:]) and len(workload.asked) == 9
+    assert closed_warmup(0, 8) == 0 and closed_warmup(2, 1) == 2
 
 
 def test_unreachable_endpoint_fails_before_the_run():
