@@ -93,8 +93,13 @@ TOOL_CALLS_MARK = b'"tool_calls"'
 def event_of(line: bytes) -> dict | None:
     if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
         return None
+    return event_body(line[5:])
+
+
+def event_body(body: bytes) -> dict | None:
+    """An event's JSON object, or None when it is not one."""
     try:
-        chunk = orjson.loads(line[5:])
+        chunk = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
     return chunk if isinstance(chunk, dict) else None
@@ -148,7 +153,7 @@ class SseTally:
         try:
             chunks = orjson.loads(b"[" + b",".join(bodies) + b"]")
         except orjson.JSONDecodeError:
-            chunks = [event_of(b"data:" + b) for b in bodies]
+            chunks = [event_body(b) for b in bodies]
         for chunk in chunks:
             if isinstance(chunk, dict):
                 self.take(chunk)

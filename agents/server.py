@@ -22,7 +22,7 @@ from agents.config import AgentIdentity
 from agents.knowledge.notices import notice_messages
 from agents.messages import estimate_tokens, is_instruction, valid_messages
 from agents.mux import Mux
-from agents.policy import ToolScope, screen_request
+from agents.policy import screen_request
 from agents.proxy import Turn, audit_client_tools, complete, open_stream, relay
 from agents.tools import ToolCall
 from dgxready.roles import Role
@@ -68,7 +68,7 @@ def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[str, str], d
         deadline_s = math.nan
     if not (math.isfinite(deadline_s) and deadline_s > 0):
         raise ApiError(400, "x-deadline-s must be a positive number of seconds", "invalid_request_error")
-    scope = mux.scopes.get(role.name) or ToolScope(role.name, tuple(role.client_tools))
+    scope = mux.scopes[role.name]
     screened = screen_request(data, role.sampling.max_tokens, scope)
     turn = Turn(ident, role, session, messages, data, time.monotonic() + deadline_s, arrived,
                 screened.forward, scope, screened.max_tokens)

@@ -50,6 +50,9 @@ CACHED_SESSIONS = 512
 CACHED_TURNS = 32
 # Deferred turns beyond which an append writes them at once.
 PENDING_TURNS_MAX = 256
+SAVE_SESSION = ("INSERT INTO sessions(agent, session, turns, kept_turns, kept_bytes, updated) "
+                "VALUES(?,?,?,?,?,?) ON CONFLICT(agent, session) DO UPDATE SET turns=excluded.turns, "
+                "kept_turns=excluded.kept_turns, kept_bytes=excluded.kept_bytes, updated=excluded.updated")
 
 
 @dataclass(frozen=True)
@@ -184,10 +187,14 @@ class StateStore:
         for agent, session, history, turns, updated in old:
             chunks = split_turns(json.loads(history))
             cached = CachedSession(max(turns, len(chunks)) - len(chunks), 0, 0)
+            rows = []
             for messages in chunks:
                 payload = json.dumps(messages)
                 cached.add(messages, len(payload.encode()), self.limits)
-                self._write_turns(db, [self._pending_turn(agent, session, cached, payload, updated)])
+                rows.append(self._pending_turn(agent, session, cached, payload, updated))
+            self._write_turns(db, rows)
+            if not rows:
+                db.execute(SAVE_SESSION, (agent, session, cached.turns, 0, 0, updated))
 
     def session(self, agent: str, session: str) -> SessionState:
         """The session's counters and every turn it keeps (the GET session endpoint)."""
@@ -295,11 +302,8 @@ class StateStore:
         last = {(t.agent, t.session): t for t in turns}
         db.executemany("DELETE FROM session_turns WHERE agent=? AND session=? AND turn<?",
                        [(t.agent, t.session, t.first_kept) for t in last.values() if t.first_kept > 1])
-        db.executemany("INSERT INTO sessions(agent, session, turns, kept_turns, kept_bytes, updated) "
-                       "VALUES(?,?,?,?,?,?) ON CONFLICT(agent, session) DO UPDATE SET turns=excluded.turns, "
-                       "kept_turns=excluded.kept_turns, kept_bytes=excluded.kept_bytes, "
-                       "updated=excluded.updated",
-                       [(t.agent, t.session, t.number, t.kept, t.kept_bytes, t.updated) for t in last.values()])
+        db.executemany(SAVE_SESSION, [(t.agent, t.session, t.number, t.kept, t.kept_bytes, t.updated)
+                                      for t in last.values()])
 
     def audit(self, agent: str, session: str | None, tool: str, outcome: str, detail: str) -> None:
         with self.tx() as db:

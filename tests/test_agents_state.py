@@ -161,10 +161,12 @@ def test_a_database_from_the_first_schema_opens_with_its_sessions_as_turns(tmp_p
         db.executescript(FIRST_SCHEMA)
         db.execute("INSERT INTO sessions VALUES(?,?,?,?,?)",
                    ("dev", "s", json.dumps(turn(0) + turn(1) + turn(2)), 3, time.time()))
+        db.execute("INSERT INTO sessions VALUES(?,?,?,?,?)", ("dev", "empty", "[]", 5, time.time()))
         db.execute("INSERT INTO taskboard(ts, agent, item) VALUES(?,?,?)", (time.time(), "dev", "kept"))
     store = StateStore(path, StateLimits(session_max_turns=2))
     view = store.session("dev", "s")
     assert view.turns == 3 and view.history == turn(1) + turn(2)
+    assert store.session("dev", "empty").turns == 5, "a session with no history keeps its count"
     assert store.append_turn("dev", "s", turn(3)) == 4
     assert store.recent_history("dev", "s", 1) == turn(3)
     store.close()
