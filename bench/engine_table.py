@@ -6,6 +6,7 @@ step falls as the batch grows, which concurrency 1 and 2 of a sweep alone cannot
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,11 +63,20 @@ def bench_command(binary: Path, model: Path, batches: tuple[int, ...] = BATCHES,
             "-ub", ",".join(map(str, batches)), "-d", f"0,{depth}", "-r", str(repetitions), "-o", "json"]
 
 
+def typical_rate(row: dict) -> float:
+    """The median of a test's repetitions, where llama-bench lists them: on a shared host one
+    repetition that lost its cores pulls the mean down by a third (batch 8 at context 512 once
+    averaged 104 tok/s, stddev 67, between neighbours of 197 and 227), which the model then reads
+    as a slower step at that batch."""
+    samples = row.get("samples_ts")
+    return float(statistics.median(samples)) if samples else float(row["avg_ts"])
+
+
 def parse_table(text: str, source: str) -> EngineTable:
     """llama-bench's `-o json`: one object per (ubatch, depth) test."""
     try:
         rows = json.loads(text)
-        points = [EnginePoint(int(r["n_ubatch"]), int(r["n_depth"]), float(r["avg_ts"]),
+        points = [EnginePoint(int(r["n_ubatch"]), int(r["n_depth"]), typical_rate(r),
                               float(r["stddev_ts"])) for r in rows]
         first = rows[0]
         table = EngineTable(str(first["model_filename"]), int(first["n_threads"]), int(first["n_prompt"]),

@@ -1,8 +1,8 @@
 """bench.predict's document: the predicted curve, capacity, output-length limit and levers for a
 profile, model and workload, and (for `measured`) how the prediction fared against the levels it
-was not calibrated on. Validated on write against bench/schema/prediction-v2.schema.json (version 2
-adds the engine's batch curve to the parameters), which
-is generated from these models."""
+was not calibrated on. Validated on write against bench/schema/prediction-v3.schema.json (version 2
+added the engine's batch curve to the parameters, version 3 each check's request count), which is
+generated from these models."""
 from __future__ import annotations
 
 import json
@@ -38,10 +38,14 @@ from dgxready.files import atomic_write_text
 from dgxready.roles import Role
 from model.catalog import Catalog
 
-SCHEMA_ID = "dgxready-bench-prediction/2"
-SCHEMA_PATH = Path(__file__).with_name("schema") / "prediction-v2.schema.json"
+SCHEMA_ID = "dgxready-bench-prediction/3"
+SCHEMA_PATH = Path(__file__).with_name("schema") / "prediction-v3.schema.json"
 CHECK_BAR = 0.20
 CALIBRATION_LEVELS = (1, 2)
+# The model predicts a steady closed loop. A level's tok/s is its output over its whole duration,
+# which ends with the last round draining to its slowest agent: with two rounds at 16 agents on the
+# 2-core VM that read 15-20% below steady state, with four 5%.
+STEADY_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -55,13 +59,23 @@ class LevelCheck:
     measured_output_tokens_per_s: float
     e2el_error: float
     tokens_error: float
+    measured_requests: int
 
     @classmethod
     def of(cls, concurrency: int, workload: str, predicted: LevelPrediction, e2el_p95_s: float,
-           tokens_per_s: float) -> LevelCheck:
+           tokens_per_s: float, requests: int) -> LevelCheck:
         return cls(concurrency, workload, predicted.e2el_p95_s, e2el_p95_s, predicted.output_tokens_per_s,
                    tokens_per_s, predicted.e2el_p95_s / e2el_p95_s - 1,
-                   predicted.output_tokens_per_s / tokens_per_s - 1)
+                   predicted.output_tokens_per_s / tokens_per_s - 1, requests)
+
+    @property
+    def rounds(self) -> float:
+        """Requests per agent: how many turns each of the level's agents took."""
+        return self.measured_requests / self.concurrency
+
+    @property
+    def steady(self) -> bool:
+        return self.rounds >= STEADY_ROUNDS
 
     @property
     def within_bar(self) -> bool:
@@ -215,7 +229,7 @@ def checks_against(baseline: Baseline, setting: Setting, model: ModelShape, role
         sc = Scenario(setting.bandwidth_gbps, setting.params, model,
                       sweep_shape(baseline, roles, lv.level_result()))
         out.append(LevelCheck.of(lv.concurrency, sc.workload.name, predict_level(sc, lv.concurrency),
-                                 m.e2el.p95, m.output_throughput))
+                                 m.e2el.p95, m.output_throughput, m.completed))
     return out
 
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from bench.engine_table import EngineTable
 from bench.labels import agents_meet, workload_label
 from bench.metrics import ServingMetrics
-from bench.prediction import CHECK_BAR, Prediction
+from bench.prediction import CHECK_BAR, STEADY_ROUNDS, Prediction
 from bench.report import Baseline, Hardware, Micro, Serving
 from bench.roofline import Roofline
 from bench.serving import CapacityLevel, CapacityResult, LevelResult
@@ -168,13 +168,20 @@ def print_prediction(p: Prediction, out: Console) -> None:
 
 def print_checks(p: Prediction, out: Console) -> None:
     t = new_table(out, f"the model against levels it was not calibrated on (bar: within {CHECK_BAR:.0%})")
-    for col in ("agents", "workload", "P95 E2EL predicted", "measured", "error", "tok/s predicted", "measured",
-                "error", "within bar"):
+    for col in ("agents", "workload", "rounds", "P95 E2EL predicted", "measured", "error", "tok/s predicted",
+                "measured", "error", "within bar"):
         t.add_column(col, justify="right")
     for c in p.checks:
-        t.add_row(str(c.concurrency), c.workload, f"{c.predicted_e2el_p95_s:.2f}",
+        t.add_row(str(c.concurrency), c.workload, f"{c.rounds:.1f}", f"{c.predicted_e2el_p95_s:.2f}",
                   f"{c.measured_e2el_p95_s:.2f}", f"{c.e2el_error:+.0%}",
                   f"{c.predicted_output_tokens_per_s:.1f}", f"{c.measured_output_tokens_per_s:.1f}",
                   f"{c.tokens_error:+.0%}", "yes" if c.within_bar else "no")
     out.print(t)
+    short = [c for c in p.checks if not c.steady]
+    if short:
+        most = max(c.concurrency for c in short)
+        out.print(f"[yellow]{', '.join(str(c.concurrency) for c in short)} agents: fewer than {STEADY_ROUNDS} "
+                  "rounds, so measured tok/s includes the last round draining to its slowest agent (the "
+                  f"prediction is a steady loop); `bench.all --sweep-requests {STEADY_ROUNDS * most}` "
+                  "measures enough[/]")
     out.print(f"engine parameters {p.parameters.source}")

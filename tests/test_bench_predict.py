@@ -1,5 +1,6 @@
 """bench.predict: the published DGX Spark figures reproduced by one set of parameters per engine,
 the answer to the 10-agent question, calibration, the document and bad input."""
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from rich.console import Console
 
 from bench import runner
 from bench.engine_table import parse_table
@@ -35,7 +37,7 @@ from bench.prediction import (
 )
 from bench.report import load_baseline, write_baseline
 from bench.serving import level_from
-from bench.summary import prediction_headline
+from bench.summary import prediction_headline, print_checks
 from dgxready.errors import DgxReadyError
 from dgxready.roles import load_roles
 from model.catalog import load_catalog
@@ -133,7 +135,7 @@ def test_the_prediction_document_is_schema_valid_and_the_committed_schema_is_cur
     assert json.loads(SCHEMA_PATH.read_text()) == generated_schema()
     json_path, png = runner.write_prediction_files(spark_prediction(), tmp_path)
     doc = json.loads(json_path.read_text())
-    assert doc["schema"] == "dgxready-bench-prediction/2" and doc["capacity"] == 0
+    assert doc["schema"] == "dgxready-bench-prediction/3" and doc["capacity"] == 0
     assert png.stat().st_size > 10_000
     broken = spark_prediction().model_copy(update={"capacity": -1})
     with pytest.raises(DgxReadyError, match="capacity.*minimum"):
@@ -349,3 +351,28 @@ def test_a_table_at_one_context_or_with_a_deeper_step_no_slower_gives_attention_
         curve = batch_curve(table, SMOLLM)
         assert [p.batch for p in curve] == table.batches
         assert all(p.attention_s_per_gb == 0 and p.decode_tflops > 0 for p in curve)
+
+
+def checked_levels_text(baseline) -> str:
+    req = PredictRequest("measured", "smollm2-135m", "gguf-q4_1", "f16", "synthetic", 128, 10, 6.0)
+    out = Console(file=io.StringIO(), width=400)
+    print_checks(predict_from(req, CATALOG, PROFILES, ROLES, baseline, "b.json"), out)
+    return out.file.getvalue()
+
+
+def with_requests(baseline, requests: dict[int, int]):
+    levels = [lv.model_copy(update={"metrics": replace(lv.metrics, completed=requests[lv.concurrency])})
+              if lv.concurrency in requests else lv for lv in baseline.serving.levels]
+    return baseline.model_copy(update={"serving": baseline.serving.model_copy(update={"levels": levels})})
+
+
+def test_a_check_of_fewer_than_four_rounds_says_its_tok_s_includes_the_drain_and_how_to_measure_more():
+    two_rounds = with_requests(noise_baseline(), {4: 16, 8: 32, 16: 32})
+    req = PredictRequest("measured", "smollm2-135m", "gguf-q4_1", "f16", "synthetic", 128, 10, 6.0)
+    checks = {c.concurrency: c for c in predict_from(req, CATALOG, PROFILES, ROLES, two_rounds, "b").checks}
+    assert (checks[4].rounds, checks[8].rounds, checks[16].rounds) == (4.0, 4.0, 2.0)
+    assert [c.steady for c in checks.values()] == [True, True, False]
+    text = checked_levels_text(two_rounds)
+    assert "16 agents: fewer than 4 rounds" in text and "--sweep-requests 64" in text
+    assert "8 agents" not in text.split("fewer than")[0].splitlines()[-1]
+    assert "fewer than" not in checked_levels_text(with_requests(noise_baseline(), {4: 16, 8: 32, 16: 64}))
