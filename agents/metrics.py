@@ -22,7 +22,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 6, 8, 12, 
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 UNKNOWN = "unknown"
 NO_BACKEND = "none"
-REQUEST_STATUSES = frozenset({"ok", "retried", "failed", "failed_midstream", "client_gone", "bad_answer"})
+REQUEST_STATUSES = frozenset({"ok", "retried", "failed", "failed_midstream", "timeout", "client_gone",
+                              "bad_answer"})
 HTTP_STATUS_RE = re.compile(r"^[1-5][0-9][0-9]$")
 CLIENT_TOOL_ACTIONS = frozenset({"dropped", "refused", "blocked"})
 KNOWLEDGE_CACHE_EVENTS = frozenset({"hit", "miss", "invalidation"})

@@ -169,3 +169,74 @@ def test_agents_serve_starts_the_default_model_when_no_backend_answers(monkeypat
         assert [(b.url, b.kind, b.max_concurrency) for b in used.backends] == [
             ("http://127.0.0.1:18080", "llamacpp", 6)]
     assert started == [{"parallel": 6, "ctx_per_slot": 4096}]
+
+
+class StallingBackend(RecordingBackend):
+    """Takes a chat request, sends `events` stream events (none: not even the response's start),
+    then nothing more until the caller hangs up."""
+
+    def __init__(self, events: int):
+        super().__init__()
+        self.events = events
+
+    async def record(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            return await self.app(scope, receive, send)
+        while (await receive()).get("more_body"):
+            pass
+        if self.events:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+        for _ in range(self.events):
+            event = {"choices": [{"index": 0, "delta": {"content": "so far"}, "finish_reason": None}]}
+            await send({"type": "http.response.body", "body": f"data: {json.dumps(event)}\n\n".encode(),
+                        "more_body": True})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
+def outstanding(url: str) -> int:
+    return httpx.get(f"{url}/health").json()["backends"]["stalled"]["outstanding"]
+
+
+def test_a_backend_that_never_answers_gets_a_504_at_the_turns_deadline_and_gives_its_slot_back(tmp_path):
+    with StallingBackend(events=0) as stalled:
+        mux = start_mux(tmp_path, [("stalled", stalled.url, 1)], rate_limits=False)
+        try:
+            key = mux.key("developer")
+            for stream in (False, True):
+                began = time.monotonic()
+                resp = httpx.post(f"{mux.url}/v1/chat/completions", timeout=30,
+                                  headers={"Authorization": f"Bearer {key}", "X-Deadline-S": "1"},
+                                  json={"model": "m", "stream": stream,
+                                        "messages": [{"role": "user", "content": "hi"}]})
+                assert resp.status_code == 504, resp.text
+                assert "deadline passed before the backend answered" in resp.json()["error"]["message"]
+                assert 0.9 < time.monotonic() - began < 5
+                assert outstanding(mux.url) == 0
+            assert 'status="timeout"' in httpx.get(f"{mux.url}/metrics").text
+        finally:
+            mux.mux.stop()
+
+
+def test_a_stream_that_stalls_ends_at_the_turns_deadline_with_an_error_event_and_frees_its_slot(tmp_path):
+    with StallingBackend(events=2) as stalled:
+        mux = start_mux(tmp_path, [("stalled", stalled.url, 1)], rate_limits=False)
+        try:
+            began = time.monotonic()
+            with httpx.stream("POST", f"{mux.url}/v1/chat/completions", timeout=30,
+                              headers={"Authorization": f"Bearer {mux.key('developer')}", "X-Deadline-S": "1",
+                                       "X-Session-Id": "s"},
+                              json={"model": "m", "stream": True,
+                                    "messages": [{"role": "user", "content": "hi"}]}) as resp:
+                assert resp.status_code == 200
+                events = [line[5:].strip() for line in resp.iter_lines() if line.startswith("data:")]
+            assert 0.9 < time.monotonic() - began < 5
+            assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:2]] == ["so far"] * 2
+            error = json.loads(events[2])["error"]
+            assert error["type"] == "timeout" and "the turn's deadline passed" in error["message"]
+            assert events[3:] == ["[DONE]"]
+            assert outstanding(mux.url) == 0
+            assert stored_turns(tmp_path / "mux.db", "s") == 0, "a cut-off answer is not a session's turn"
+        finally:
+            mux.mux.stop()

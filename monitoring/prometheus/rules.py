@@ -12,7 +12,7 @@ RECORDING_GROUP = "dgxready-slo"
 ALERT_GROUP = "dgxready-alerts"
 EXPORTER_JOB = "dgxready-exporter"
 # Final outcomes that are failures (a "retried" attempt is not an outcome; 4xx are the client's).
-ERROR_STATUSES = "failed|failed_midstream|bad_answer|5.."
+ERROR_STATUSES = "failed|failed_midstream|timeout|bad_answer|5.."
 THROTTLE_REASONS = "queue_full|agent_queue_full|rate_limited"
 
 P95_E2E = "dgxready:mux_request_duration_seconds:p95"
