@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bench import plots
-from bench.engine_table import BATCHES, DEPTH, EngineTable, run_engine_table
+from bench.engine_table import BATCHES, DEPTH, ENGINE_PASSES, EngineTable, run_engine_table
 from bench.environment import capture_environment
 from bench.hw import check_profile, gpu_reports, host_facts, last_level_cache
 from bench.labels import workload_label
@@ -124,8 +124,8 @@ def engine_steps(tgt: Target, out: Console) -> EngineTable | None:
         return None
     try:
         with step_progress() as progress:
-            progress.add_task("engine batch table (llama-bench: batches "
-                              + ", ".join(map(str, BATCHES)) + f", contexts 0 and {DEPTH})", total=None)
+            progress.add_task("engine batch table (llama-bench: batches " + ", ".join(map(str, BATCHES))
+                              + f", contexts 0 and {DEPTH}, {ENGINE_PASSES} passes)", total=None)
             table = run_engine_table(require_binary("llama-bench"), tgt.model_path)
     except DgxReadyError as exc:
         out.print(f"[yellow]engine batch table skipped: {exc}")

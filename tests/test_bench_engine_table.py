@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from bench import runner
-from bench.engine_table import EngineTable, bench_command, parse_table, run_engine_table
+from bench.engine_table import EngineTable, bench_command, merged, parse_table, run_engine_table
 from dgxready.errors import DgxReadyError
 from model.running import running_model
 
@@ -39,6 +39,30 @@ def test_one_repetition_that_lost_its_cores_does_not_set_a_batchs_step():
     del eight["samples_ts"]
     assert parse_table(json.dumps(rows), "t.json").point(8, 512).tokens_per_s == eight["avg_ts"], \
         "an older llama-bench without the repetitions: its mean"
+
+
+def test_passes_are_merged_point_by_point_so_a_slow_spell_in_one_pass_does_not_set_the_step():
+    rows = json.loads(FIXTURE.read_text())
+    def slowed(factor: float, batches: set[int]) -> EngineTable:
+        return parse_table(json.dumps([{**r, "samples_ts": [x / factor for x in r["samples_ts"]]}
+                                       if r["n_ubatch"] in batches else r for r in rows]), "t.json")
+    fair = fixture_table()
+    table = merged([fair, slowed(1.4, {16, 32, 64}), slowed(1.05, {1, 2, 4, 8, 16, 32, 64})])
+    assert table.batches == fair.batches and table.depths == fair.depths
+    for p in table.points:
+        mine = fair.point(p.batch, p.depth).tokens_per_s
+        assert p.tokens_per_s == pytest.approx(mine / 1.05 if p.batch in (16, 32, 64) else mine)
+        assert (p.stddev_tokens_per_s > 0.1 * mine) == (p.batch in (16, 32, 64))
+
+
+def test_every_pass_of_the_real_command_is_one_repetition(tmp_path):
+    fake = tmp_path / "llama-bench"
+    calls = tmp_path / "calls"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\ncat {FIXTURE}\n")
+    fake.chmod(0o755)
+    table = run_engine_table(fake, tmp_path / "m.gguf", passes=3)
+    assert [line.split(" -r ")[1].split()[0] for line in calls.read_text().splitlines()] == ["1"] * 3
+    assert [p.tokens_per_s for p in table.points] == [p.tokens_per_s for p in fixture_table().points]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -88,7 +112,7 @@ def test_bench_all_measures_the_table_only_for_a_llamacpp_it_started(tmp_path):
 def test_the_real_llama_bench_measures_the_default_model(isolated, llama_build):
     with running_model(parallel=1, ctx_per_slot=512, settings=isolated) as served:
         table = run_engine_table(llama_build.binary("llama-bench"), served.model_path, (1, 4), depth=64,
-                                 repetitions=1)
+                                 passes=2)
     assert table.batches == [1, 4] and table.depths == [0, 64]
     assert Path(table.model_file) == served.model_path
     assert all(p.tokens_per_s > 1 for p in table.points)
