@@ -142,7 +142,21 @@ def prediction_headline(p: Prediction) -> str:
     answer = "within it" if p.meets_target else "beyond it"
     return (f"predicted on {where}: {agents} P95 E2EL <= {p.slo_p95_e2el_s:g} s, so {p.target_agents} agents "
             f"are {answer}; {p.target_agents} agents can have outputs up to {p.longest_output_tokens} tokens "
-            f"(the workload asks up to {p.workload.output_p95:.0f})")
+            f"(the workload asks up to {p.workload.output_p95:.0f}){flat_curve_note(p)}")
+
+
+# A target within this factor of one agent's P95 means batching is nearly free (a memory-bound
+# decode), so a small capacity says more about the outputs' length than about the agent count.
+FLAT_CURVE = 1.25
+
+
+def flat_curve_note(p: Prediction) -> str:
+    by_agents = {lv.concurrency: lv for lv in p.levels}
+    one, target = by_agents.get(1), by_agents.get(p.target_agents)
+    if p.meets_target or not (one and target) or target.e2el_p95_s > FLAT_CURVE * one.e2el_p95_s:
+        return ""
+    return (f"; the latency barely grows with the agents (P95 {one.e2el_p95_s:.2f} s at 1, "
+            f"{target.e2el_p95_s:.2f} s at {p.target_agents}): the outputs' length sets it, not their number")
 
 
 def print_prediction(p: Prediction, out: Console) -> None:

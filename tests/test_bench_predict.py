@@ -177,6 +177,18 @@ def test_bench_all_asks_the_spark_the_capacity_searchs_own_question():
     assert "predicted on dgx-spark (vllm)" in prediction_headline(pred)
 
 
+def test_where_batching_is_nearly_free_the_headline_says_the_output_length_sets_the_latency():
+    spark = runner.spark_prediction(runner.AllOptions(max_tokens=128, slo_p95_e2e_s=6.0, target_agents=10))
+    assert not spark.meets_target and spark.capacity < 10 and spark.longest_output_tokens >= 100
+    line = prediction_headline(spark)
+    assert "the latency barely grows with the agents (P95 " in line and "s at 10)" in line
+    req = PredictRequest("measured", "smollm2-135m", "gguf-q4_1", "f16", "synthetic", 128, 10, 6.0)
+    cpu = predict_from(req, CATALOG, PROFILES, ROLES, noise_baseline(), "b.json")
+    assert not cpu.meets_target and "barely grows" not in prediction_headline(cpu)
+    met = runner.spark_prediction(runner.AllOptions(max_tokens=64, slo_p95_e2e_s=6.0, target_agents=10))
+    assert met.meets_target and "barely grows" not in prediction_headline(met)
+
+
 def noise_baseline():
     from bench.benchmarks.noise import synthetic_baseline  # noqa: PLC0415 - a test-only builder
     return synthetic_baseline(np.random.default_rng(1))
