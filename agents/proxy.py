@@ -7,7 +7,6 @@ import functools
 import math
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -333,16 +332,6 @@ class OpenStream:
     first_byte: float
 
 
-async def first_events(resp: aiohttp.ClientResponse, tally: SseTally) -> bytes:
-    """The answer's bytes up to its first data event."""
-    head = b""
-    async for chunk in resp.content.iter_any():
-        head += tally.feed(chunk)
-        if tally.saw_data:
-            break
-    return head
-
-
 async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
     """Dispatch and wait for the first data event; failures before it retry elsewhere."""
     last: Exception | None = None
@@ -363,7 +352,11 @@ async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
                 mux.metrics.request(turn.ident.name, grant.backend.name, str(resp.status)).inc()
                 raise ApiError(resp.status, content.decode(errors="replace")[:500], "backend_error")
             tally = SseTally(turn.session is not None, StreamGuard(turn.scope))
-            head = await first_events(resp, tally)
+            head = b""
+            async for chunk in resp.content.iter_any():
+                head += tally.feed(chunk)
+                if tally.saw_data:
+                    break
             if not tally.saw_data:
                 resp.release()
                 raise BackendFailed("empty stream")
@@ -388,12 +381,6 @@ def charge_output(mux: Mux, turn: Turn, tally: SseTally) -> None:
     if new:
         turn.streamed = tally.events
         mux.scheduler.charge(turn.ident.name, turn.role.scheduling.weight, new)
-
-
-def client_left(hung_up: Callable[[], bool] | None, gone: asyncio.Future | None) -> bool:
-    if hung_up:
-        return hung_up()
-    return bool(gone and gone.done() and gone.result()["type"] == "http.disconnect")
 
 
 async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Receive) -> None:
@@ -424,7 +411,7 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
             reads += 1
             out += st.tally.feed(await content.readany())
             charge_output(mux, turn, st.tally)
-            if client_left(hung_up, gone):
+            if hung_up() if hung_up else (gone and gone.done() and gone.result()["type"] == "http.disconnect"):
                 if st.tally.outcome.finish_reason is None:
                     raise ClientGone()
                 break  # the client had the whole answer and hung up before the stream's end
@@ -436,12 +423,13 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
         mux.metrics.request(turn.ident.name, st.grant.backend.name, "client_gone").inc()
     except (aiohttp.ClientError, asyncio.TimeoutError, BackendFailed) as exc:
         failed = True
+        timed_out = isinstance(exc, asyncio.TimeoutError)
         event = {"error": {"message": f"backend {st.grant.backend.name} failed mid-stream: {failure_text(exc)}",
-                           "type": "timeout" if isinstance(exc, asyncio.TimeoutError) else "backend_error"}}
+                           "type": "timeout" if timed_out else "backend_error"}}
         # The leading newline ends any event the backend left half-sent.
         tail = out + b"\ndata: " + orjson.dumps(event) + b"\n\ndata: [DONE]\n\n"
-        outcome = "timeout" if isinstance(exc, asyncio.TimeoutError) else "failed_midstream"
-        mux.metrics.request(turn.ident.name, st.grant.backend.name, outcome).inc()
+        mux.metrics.request(turn.ident.name, st.grant.backend.name,
+                            "timeout" if timed_out else "failed_midstream").inc()
     finally:
         if gone:
             gone.cancel()
