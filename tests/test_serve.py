@@ -33,14 +33,15 @@ def test_chat_completion_returns_text(served):
 def test_streaming_yields_many_chunks_and_a_finish_reason(served):
     stream = client(served).chat.completions.create(
         model=DEFAULT, messages=[{"role": "user", "content": "Count from one to ten."}],
-        max_tokens=32, stream=True)
+        max_tokens=16, stream=True, extra_body={"ignore_eos": True})
     pieces, finish = [], None
     for chunk in stream:
         if chunk.choices:
             pieces.append(chunk.choices[0].delta.content or "")
             finish = chunk.choices[0].finish_reason or finish
-    assert len([p for p in pieces if p]) > 3
-    assert finish in ("stop", "length")
+    # the sampled answer can be as short as "Ack." (CI, session 11), so the stream runs to max_tokens
+    assert len([p for p in pieces if p]) >= 8
+    assert finish == "length"
 
 
 def test_two_requests_run_in_parallel_slots(served):
