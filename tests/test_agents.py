@@ -47,7 +47,7 @@ def test_openai_sdk_with_an_agent_key(mux):
     client = openai.OpenAI(base_url=f"{mux.url}/v1", api_key=mux.key("developer"), max_retries=0)
     assert client.models.list().data[0].id == "smollm2-135m"
     resp = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}],
-                                          max_tokens=8)
+                                          max_tokens=8, extra_body={"ignore_eos": True})
     assert resp.choices[0].message.content and resp.usage.completion_tokens > 0
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{mux.url}/v1", api_key="not-a-key-0000000000", max_retries=0
@@ -224,7 +224,8 @@ def test_tool_using_clients_conversations_pass_and_bad_content_is_named(mux):
     client = openai.OpenAI(base_url=f"{mux.url}/v1", api_key=key, max_retries=0)
     # What LangChain, CrewAI and AutoGen send once a tool has run: a developer message, content
     # parts, an assistant turn with null content and tool_calls, and the tool's result.
-    reply = client.chat.completions.create(model="any", max_tokens=8, messages=[
+    reply = client.chat.completions.create(
+        model="any", max_tokens=8, extra_body={"ignore_eos": True}, messages=[
         {"role": "developer", "content": "Answer in five words."},
         {"role": "user", "content": [{"type": "text", "text": "What is the weather in Paris?"}]},
         {"role": "assistant", "content": None, "tool_calls": [

@@ -72,7 +72,7 @@ def test_two_bare_hosts_serve_agents_through_their_own_multiplexer_then_a_rerun_
         keys = yaml.safe_load(fetch_keys(target).read_text())
         client = OpenAI(base_url=f"http://{target.entry.address}:{v.mux_port}/v1",
                         api_key=keys["agents"][0]["key"])
-        reply = client.chat.completions.create(model="any", max_tokens=8,
+        reply = client.chat.completions.create(model="any", max_tokens=8, extra_body={"ignore_eos": True},
                                                messages=[{"role": "user", "content": "Say OK."}])
         assert reply.choices[0].message.content.strip()
         other_conn = other.connection()
