@@ -79,6 +79,9 @@ class MuxConfig(BaseModel):
                             "the request (named in x-dgxready-dropped-tools), or the request refused (400)")
     deadline_s: float = Field(300.0, gt=0, description="default time a request may wait and run")
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    keep_alive_s: float = Field(75.0, gt=0, le=3600, description="how long an idle client connection is "
+                                "kept open; longer than clients keep theirs (httpx, the OpenAI SDK's, 5 s; "
+                                "aiohttp 15 s), so that a client never reuses one the multiplexer is closing")
     history_turns: int = Field(8, ge=0, description="earlier turns of a session sent to the model")
     session_max_turns: int = Field(100, ge=1, description="turns a session keeps; the oldest are pruned")
     session_max_bytes: int = Field(1 << 20, ge=1024, description="bytes of messages a session keeps "

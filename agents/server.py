@@ -26,6 +26,7 @@ from agents.policy import screen_request
 from agents.proxy import Turn, audit_client_tools, complete, open_stream, relay
 from agents.tools import ToolCall
 from dgxready.roles import Role
+from model.backend import ENGINE_CLIENT_KEEPALIVE_S
 
 # Backends answer without these; leaving them out saves the client their header work per request.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
@@ -202,7 +203,8 @@ class MuxApp:
 def create_app(mux: Mux) -> MuxApp:
     @asynccontextmanager
     async def lifespan(app):
-        connector = aiohttp.TCPConnector(limit=mux.pool.capacity() + 64, limit_per_host=0)
+        connector = aiohttp.TCPConnector(limit=mux.pool.capacity() + 64, limit_per_host=0,
+                                         keepalive_timeout=ENGINE_CLIENT_KEEPALIVE_S)
         mux.client = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
                                            auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS)
 

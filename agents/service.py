@@ -55,7 +55,7 @@ def serve_forever(config: MuxConfig) -> None:
     setup_logging(SERVICE)
     logging.getLogger("dgxready.mux").info("mux.started", extra={"host": config.host, "port": config.port})
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
-                access_log=False, log_config=None)
+                access_log=False, log_config=None, timeout_keep_alive=config.keep_alive_s)
 
 
 @dataclass
@@ -72,7 +72,8 @@ class BackgroundMux:
 def start_background(config: MuxConfig, roles: dict[str, Role] | None = None) -> BackgroundMux:
     app = build_app(config, roles)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                           access_log=False, lifespan="on"))
+                                           access_log=False, lifespan="on",
+                                           timeout_keep_alive=config.keep_alive_s))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
     deadline = time.monotonic() + 15

@@ -18,6 +18,7 @@ import orjson
 from bench.metrics import RequestRecord
 from bench.workloads import RequestSpec, Workload
 from dgxready.errors import DgxReadyError
+from model.backend import ENGINE_CLIENT_KEEPALIVE_S
 
 # Whether a level has seen enough, given its measured records so far.
 StopRule = Callable[[list[RequestRecord]], bool]
@@ -168,8 +169,8 @@ def observe_event(rec: RequestRecord, progress: StreamProgress, event: dict, arr
 
 
 def make_client(concurrency: int) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 4),
-                                 timeout=aiohttp.ClientTimeout(total=None))
+    connector = aiohttp.TCPConnector(limit=concurrency + 4, keepalive_timeout=ENGINE_CLIENT_KEEPALIVE_S)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
 
 
 def closed_warmup(warmup: int, concurrency: int) -> int:

@@ -11,6 +11,9 @@ from dgxready.errors import DgxReadyError
 from model.gpu import GpuFacts, gpu_facts
 
 Backend = Literal["vllm", "llamacpp"]
+# llama-server (cpp-httplib) and vLLM (uvicorn) close a connection idle for 5 s, and a request sent
+# on one as it closes fails: clients of an engine let idle connections go first.
+ENGINE_CLIENT_KEEPALIVE_S = 4.0
 
 
 @dataclass(frozen=True)

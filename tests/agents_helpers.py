@@ -36,8 +36,8 @@ def start_mux(tmp: Path, backends: list[tuple[str, str, int]], agents: int = 10,
     keys = write_keys(tmp / "keys.yaml", agents, ROLE_ORDER)
     config = MuxConfig(port=0, backends=[BackendConfig(name=n, url=u, max_concurrency=c, kind=backend_kind)
                                          for n, u, c in backends],
-                       keys_file=tmp / "keys.yaml", state_db=tmp / "mux.db", health_interval_s=0.5,
-                       cooldown_s=2.0, **overrides)
+                       keys_file=tmp / "keys.yaml", state_db=tmp / "mux.db",
+                       **({"health_interval_s": 0.5, "cooldown_s": 2.0} | overrides))
     return MuxUnderTest(start_background(config), keys, config)
 
 

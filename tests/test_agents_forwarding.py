@@ -3,6 +3,7 @@ simulated (no CUDA here): the instant-reply benchmark backend, wrapped to record
 body it receives."""
 import asyncio
 import contextlib
+import http.client
 import json
 import sqlite3
 import threading
@@ -24,6 +25,7 @@ from tests.agents_helpers import start_mux
 class RecordingBackend:
     def __init__(self, service_s: float = 0.0):
         self.bodies: list[dict] = []
+        self.arrivals: list[tuple[int, float]] = []
         self.app = make_app(service_s)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.record, host="127.0.0.1", port=self.port,
@@ -32,6 +34,8 @@ class RecordingBackend:
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
 
     async def record(self, scope, receive, send):
+        if scope["type"] == "http":
+            self.arrivals.append((scope["client"][1], time.monotonic()))
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
             return await self.app(scope, receive, send)
         body, more = b"", True
@@ -180,6 +184,8 @@ class StallingBackend(RecordingBackend):
         self.events = events
 
     async def record(self, scope, receive, send):
+        if scope["type"] == "http":
+            self.arrivals.append((scope["client"][1], time.monotonic()))
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
             return await self.app(scope, receive, send)
         while (await receive()).get("more_body"):
@@ -240,3 +246,46 @@ def test_a_stream_that_stalls_ends_at_the_turns_deadline_with_an_error_event_and
             assert stored_turns(tmp_path / "mux.db", "s") == 0, "a cut-off answer is not a session's turn"
         finally:
             mux.mux.stop()
+
+
+def test_an_idle_connection_stays_open_longer_than_clients_keep_theirs(tmp_path):
+    """httpx (the OpenAI SDK's client) drops a pooled connection after 5 s idle, aiohttp after 15 s.
+    A server that closes one first races the client's next request on it, which then fails with
+    'server disconnected'. The same socket is used again here after 5.5 s idle."""
+    with RecordingBackend() as backend:
+        mux = start_mux(tmp_path, [("main", backend.url, 2)])
+        host, port = mux.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            for pause in (0.0, 5.5):
+                time.sleep(pause)
+                conn.request("GET", "/health")
+                answer = conn.getresponse()
+                answer.read()
+                assert answer.status == 200
+                if not pause:
+                    first_socket = conn.sock
+            assert conn.sock is first_socket
+        finally:
+            conn.close()
+            mux.mux.stop()
+
+
+def test_the_multiplexer_lets_a_backend_connection_go_before_the_backend_would_close_it(tmp_path):
+    """llama-server and vLLM close a connection idle for 5 s: the multiplexer reuses one only
+    while it has been idle for less (here, right away, and not after 4.5 s)."""
+    with RecordingBackend() as backend:
+        mux = start_mux(tmp_path, [("main", backend.url, 2)], health_interval_s=60)
+        try:
+            for pause in (0.0, 0.2, 4.5):
+                time.sleep(pause)
+                assert post(mux.url, mux.key("developer"), "s1").status_code == 200
+        finally:
+            mux.mux.stop()
+    ports = [port for port, _ in backend.arrivals[-3:]]
+    assert ports[0] == ports[1], "a connection idle for 0.2 s was not reused"
+    last_use = {}
+    for port, at in backend.arrivals:
+        idle = at - last_use.get(port, at)
+        assert idle < 4.0, f"a request came on a connection idle for {idle:.1f} s"
+        last_use[port] = at
