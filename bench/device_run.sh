@@ -9,6 +9,10 @@
 # sha256), waits for the build, and runs bench.all on both workloads with the NVML exporter
 # scraped alongside (`run`). On a GPU host with a network none of this is needed:
 # `./bootstrap.sh && invoke bench.all`.
+# The two calls: `STAGE_WAIT_S=420 bash bench/device_run.sh stage` carrying .devcarry/a (about
+# 4-5 min: the CUDA build is ~150 nvcc compilations for sm_90), then within the machine's 30 s of
+# idle `BUDGET_S=<device seconds left less 60, at most 560> bash bench/device_run.sh run` carrying
+# .devcarry/b; the results come back in $OUT/gpu-results.tgz, run.log and stage.log.
 set -uo pipefail
 phase=${1:?usage: bench/device_run.sh pack|stage|run}
 CARRY=${CARRY:-.devcarry}
