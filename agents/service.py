@@ -46,6 +46,12 @@ def build_app(config: MuxConfig, roles: dict[str, Role] | None = None):
     return create_app(create_mux(config, roles, keys, store))
 
 
+def listen_options(config: MuxConfig) -> dict:
+    """uvicorn's settings for the multiplexer, the service's and a background one's alike."""
+    return {"host": config.host, "port": config.port, "log_level": "warning", "access_log": False,
+            "timeout_keep_alive": config.keep_alive_s}
+
+
 def serve_forever(config: MuxConfig) -> None:
     app = build_app(config)
     # The start-up objects never die; moving them out of the collector's reach shortens the
@@ -54,8 +60,7 @@ def serve_forever(config: MuxConfig) -> None:
     gc.freeze()
     setup_logging(SERVICE)
     logging.getLogger("dgxready.mux").info("mux.started", extra={"host": config.host, "port": config.port})
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
-                access_log=False, log_config=None, timeout_keep_alive=config.keep_alive_s)
+    uvicorn.run(app, **listen_options(config), log_config=None)
 
 
 @dataclass
@@ -71,9 +76,7 @@ class BackgroundMux:
 
 def start_background(config: MuxConfig, roles: dict[str, Role] | None = None) -> BackgroundMux:
     app = build_app(config, roles)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                           access_log=False, lifespan="on",
-                                           timeout_keep_alive=config.keep_alive_s))
+    server = uvicorn.Server(uvicorn.Config(app, **listen_options(config), lifespan="on"))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
