@@ -56,17 +56,25 @@ EOF
     du -sh "$CARRY/a" "$CARRY/b"
 }
 
+cuda_root() {
+    dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"
+}
+
+cuda_lib_dir() {
+    dirname "$(ls "$1"/lib*/libcudart.so | head -1)"
+}
+
 ensure_cublas() {
     # llama.cpp's CUDA backend links cuBLAS; a toolkit assembled from pip wheels (nvcc and the
     # runtime, as on this workplace's machines) can lack it while the nvidia-cublas wheel beside
     # PyTorch has it.
     local cuda lib wheel f name
-    cuda=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    cuda=$(cuda_root)
     [ -e "$cuda/include/cublas_v2.h" ] && return 0
     wheel=$("$PY" -c "import glob, nvidia
 print(next(d for p in nvidia.__path__ for d in sorted(glob.glob(p + '/cu*'))
            if glob.glob(d + '/include/cublas_v2.h')))") || { echo "no cuBLAS anywhere"; return 1; }
-    lib=$(dirname "$(ls "$cuda"/lib*/libcudart.so | head -1)")
+    lib=$(cuda_lib_dir "$cuda")
     ln -sf "$wheel"/include/cublas*.h "$cuda/include/"
     for f in "$wheel"/lib/libcublas*.so.*; do
         name=${f##*/}
@@ -87,12 +95,12 @@ ensure_cuda_driver_link() {
     # ggml-cuda links libcuda.so for its virtual-memory pool; CMake looks for it in the toolkit
     # (lib or lib/stubs), where a wheel-made toolkit has none, and the driver ships only .so.1.
     local cuda lib driver f
-    cuda=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    cuda=$(cuda_root)
     for f in "$cuda"/lib*/libcuda.so "$cuda"/lib*/stubs/libcuda.so; do
         [ -e "$f" ] && return 0
     done
     driver=$(driver_library) || { echo "no libcuda.so.1 (the NVIDIA driver's library) found"; return 1; }
-    lib=$(dirname "$(ls "$cuda"/lib*/libcudart.so | head -1)")
+    lib=$(cuda_lib_dir "$cuda")
     mkdir -p "$lib/stubs" && ln -sf "$driver" "$lib/stubs/libcuda.so"
     echo "the driver's $driver linked as $lib/stubs/libcuda.so"
 }
@@ -141,7 +149,7 @@ wait_for_build() {
         echo "$(tail -1 /tmp/build.out) ($(seconds_left) s left)"
         sleep 15
     done
-    cat /tmp/build.out | tail -5
+    tail -5 /tmp/build.out
     grep -q "BUILD OK" /tmp/build.out
 }
 
