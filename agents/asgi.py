@@ -76,8 +76,10 @@ def encode_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 
 async def send_response(send: Send, status: int, body: bytes, headers: dict[str, str] | None = None,
-                        content_type: tuple[bytes, bytes] = JSON_TYPE) -> None:
+                        content_type: tuple[bytes, bytes] = JSON_TYPE,
+                        extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    """`extra`: headers already encoded."""
     await send({"type": "http.response.start", "status": status,
-                "headers": [content_type, (b"content-length", str(len(body)).encode()),
-                            *encode_headers(headers or {})]})
+                "headers": [content_type, (b"content-length", b"%d" % len(body)),
+                            *encode_headers(headers or {}), *(extra or ())]})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -38,6 +38,10 @@ class Backend:
     def name(self) -> str:
         return self.config.name
 
+    @cached_property
+    def name_header(self) -> bytes:
+        return self.config.name.encode("latin-1")
+
     def available(self, now: float) -> bool:
         return self.up and now >= self.cooldown_until
 

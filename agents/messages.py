@@ -29,7 +29,7 @@ def valid_messages(data: dict) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}",
                            "invalid_request_error")
-        if not valid_content(m):
+        if not isinstance(m.get("content"), str) and not valid_content(m):
             raise ApiError(400, f"messages[{i}].content must be a string, a list of content parts, or null "
                                 "beside tool_calls", "invalid_request_error")
     return messages
@@ -60,4 +60,10 @@ def message_chars(message: dict) -> int:
 
 
 def estimate_tokens(prompt: list[dict], max_tokens: int) -> float:
-    return sum(map(message_chars, prompt)) / 4.0 + max_tokens
+    chars = 0
+    for message in prompt:
+        content = message.get("content")
+        # message_chars inlined for a plain message: this runs on every turn.
+        plain = isinstance(content, str) and "tool_calls" not in message
+        chars += len(content) if plain else message_chars(message)
+    return chars / 4.0 + max_tokens

@@ -129,6 +129,12 @@ class AgentSeries:
     prompt_tokens: LoopCounter
     completion_tokens: LoopCounter
 
+    def answered(self, prompt_tokens: int, completion_tokens: int, ttft_s: float, duration_s: float) -> None:
+        self.prompt_tokens.value += prompt_tokens
+        self.completion_tokens.value += completion_tokens
+        self.ttft.observe(ttft_s)
+        self.duration.observe(duration_s)
+
 
 class MuxMetrics:
     def __init__(self, known: KnownLabels | None = None) -> None:

@@ -13,6 +13,7 @@ import aiohttp
 from agents.asgi import ApiError
 from agents.backends import BackendPool
 from agents.config import AgentIdentity, MuxConfig, key_digest
+from agents.deadlines import DeadlineWatch
 from agents.knowledge.service import KnowledgeService
 from agents.knowledge.setup import open_knowledge
 from agents.metrics import KnownLabels, MuxMetrics
@@ -98,6 +99,7 @@ class Mux:
     knowledge: KnowledgeService | None = None
     scopes: dict[str, ToolScope] = field(default_factory=dict)
     commit_handle: asyncio.Handle | None = None
+    deadlines: DeadlineWatch = field(default_factory=DeadlineWatch)
 
     def save_turn(self, agent: str, session: str, messages: list[dict]) -> None:
         """A session's turn: in its history at once, in the file with the turns that end in the

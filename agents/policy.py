@@ -41,8 +41,13 @@ def asked_length(data: dict, name: str) -> int | None:
 
 def capped_max_tokens(data: dict, cap: int) -> int:
     """The shortest length the client asked for under any name, never above the role's cap."""
-    asked = [n for n in (asked_length(data, name) for name in LENGTH_FIELDS) if n is not None]
-    return min([cap, *asked])
+    shortest = cap
+    for name in LENGTH_FIELDS:
+        if name in data:
+            asked = asked_length(data, name)
+            if asked is not None and asked < shortest:
+                shortest = asked
+    return shortest
 
 
 def check_single_choice(data: dict) -> None:
@@ -220,11 +225,15 @@ class StreamGuard:
 
     @property
     def blocked(self) -> list[str]:
+        if not self.choices:
+            return []
         return [name for calls in self.choices.values() for name in calls.blocked]
 
     @property
     def note_pending(self) -> bool:
         """A call was blocked and the choice's finish, which carries the note, is still to come."""
+        if not self.choices:
+            return False
         return any(calls.blocked and not calls.noted for calls in self.choices.values())
 
     def screen(self, chunk: dict) -> bool:

@@ -3,8 +3,6 @@ byte has reached the client, relay the stream, and account for what the turn pro
 from __future__ import annotations
 
 import asyncio
-import functools
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -12,9 +10,10 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 
-from agents.asgi import SSE_HEADERS, ApiError, Receive, Send, encode_headers, hangup_flag, send_response
+from agents.asgi import SSE_HEADERS, ApiError, Receive, Send, hangup_flag, send_response
 from agents.backends import Backend
 from agents.config import AgentIdentity, key_digest
+from agents.deadlines import timed_out
 from agents.messages import is_instruction
 from agents.mux import Mux
 from agents.policy import StreamGuard, ToolScope, screen_answer
@@ -29,7 +28,7 @@ class BackendFailed(Exception):
     pass
 
 
-@dataclass
+@dataclass(eq=False)
 class Turn:
     """One validated chat request of one agent, in one session or none. `forward` holds the
     client's fields that reach the backend as they are (agents.policy screened them)."""
@@ -47,6 +46,11 @@ class Turn:
     prompt: list[dict] = field(default_factory=list)
     cost: float = 0.0
     streamed: int = 0
+    # Its talk with a backend, as agents.deadlines watches it.
+    task: asyncio.Task | None = None
+    reading: bool = False
+    passed: bool = False
+    cancelled: bool = False
 
 
 def audit_client_tools(mux: Mux, turn: Turn, action: str, names: list[str]) -> None:
@@ -127,10 +131,6 @@ class SseTally:
     pending: bytes = b""
     events: int = 0
 
-    @property
-    def saw_data(self) -> bool:
-        return self.events > 0
-
     def feed(self, chunk: bytes) -> bytes:
         buf = self.pending + chunk if self.pending else chunk
         cut = buf.rfind(b"\n") + 1
@@ -164,13 +164,11 @@ class SseTally:
         mark = USAGE_MARK.search(whole)
         while mark:
             end = whole.find(b"\n", mark.end()) % (len(whole) + 1)
-            self.parse(whole[whole.rfind(b"\n", 0, mark.start()) + 1:end])
+            line = whole[whole.rfind(b"\n", 0, mark.start()) + 1:end]
+            chunk = event_body(line[5:]) if line.startswith(b"data:") else None
+            if chunk is not None:
+                self.take(chunk)
             mark = USAGE_MARK.search(whole, end)
-
-    def parse(self, line: bytes) -> None:
-        chunk = event_of(line)
-        if chunk is not None:
-            self.take(chunk)
 
     def take(self, chunk: dict) -> None:
         out = self.outcome
@@ -182,25 +180,33 @@ class SseTally:
             out.completion_tokens = chunk["usage"].get("completion_tokens", 0)
 
 
-async def acquire(mux: Mux, turn: Turn, retry: bool) -> Grant:
+def refusal(mux: Mux, turn: Turn, exc: Exception) -> ApiError:
     m = mux.metrics
-    try:
-        grant = await mux.scheduler.acquire(turn.ident.name, turn.role.scheduling.weight,
-                                            turn.role.scheduling.priority, turn.cost, turn.deadline, retry)
-    except AgentQueueFull:
+    if isinstance(exc, AgentQueueFull):
         m.rejections.labels("agent_queue_full").inc()
-        raise ApiError(429, f"{turn.ident.name} has {mux.scheduler.agent_queue_max} requests queued, "
-                            "its whole share of the queue", "rate_limit_error", {"Retry-After": "2"}) from None
-    except QueueFull:
+        return ApiError(429, f"{turn.ident.name} has {mux.scheduler.agent_queue_max} requests queued, "
+                             "its whole share of the queue", "rate_limit_error", {"Retry-After": "2"})
+    if isinstance(exc, QueueFull):
         m.rejections.labels("queue_full").inc()
-        raise ApiError(429, "queue is full", "rate_limit_error", {"Retry-After": "2"}) from None
-    except NoBackend:
+        return ApiError(429, "queue is full", "rate_limit_error", {"Retry-After": "2"})
+    if isinstance(exc, NoBackend):
         m.rejections.labels("no_backend").inc()
-        raise ApiError(503, "no healthy backend", "service_unavailable", {"Retry-After": "5"}) from None
-    except DeadlineExceeded:
-        m.rejections.labels("deadline").inc()
-        raise ApiError(504, "deadline passed while queued", "timeout") from None
-    m.agent(turn.ident.name).queue_wait.observe(grant.queue_wait_s)
+        return ApiError(503, "no healthy backend", "service_unavailable", {"Retry-After": "5"})
+    m.rejections.labels("deadline").inc()
+    return ApiError(504, "deadline passed while queued", "timeout")
+
+
+async def acquire(mux: Mux, turn: Turn, retry: bool) -> Grant:
+    """A backend slot: at once when one is free and nothing waits (no coroutine of the
+    scheduler's), else from the fair queue."""
+    scheduling = turn.role.scheduling
+    try:
+        grant = mux.scheduler.grant_now(turn.ident.name, scheduling.weight, turn.cost, retry) or \
+            await mux.scheduler.acquire(turn.ident.name, scheduling.weight, scheduling.priority, turn.cost,
+                                        turn.deadline, retry)
+    except (QueueFull, NoBackend, DeadlineExceeded) as exc:
+        raise refusal(mux, turn, exc) from None
+    mux.metrics.agent(turn.ident.name).queue_wait.observe(grant.queue_wait_s)
     return grant
 
 
@@ -228,16 +234,17 @@ def time_left(turn: Turn) -> float:
     return max(0.0, turn.deadline - time.monotonic())
 
 
-@functools.lru_cache(maxsize=1024)
-def client_timeout(seconds: int) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=seconds, sock_connect=5.0)
+BACKEND_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, BackendFailed, asyncio.CancelledError)
 
 
-def timeout_of(turn: Turn) -> aiohttp.ClientTimeout:
-    """The turn's time left, rounded up to whole seconds (as aiohttp rounds a timer over 5 s): it
-    bounds the request and the reading of its answer, relaying included. (asyncio.timeout around
-    each phase instead cost 17 µs a request against aiohttp's 10.5, client side, on the 2-core VM.)"""
-    return client_timeout(max(1, math.ceil(time_left(turn))))
+def backend_error(raised: BaseException, turn: Turn) -> Exception:
+    """What ended a talk with a backend, the deadline's cancellation as TimeoutError; any other
+    cancellation goes on up."""
+    if isinstance(raised, asyncio.CancelledError):
+        if not timed_out(turn):
+            raise raised
+        return asyncio.TimeoutError()
+    return raised
 
 
 def failure_text(exc: Exception) -> str:
@@ -250,13 +257,14 @@ def give_up_at_deadline(mux: Mux, turn: Turn, backend: str, last: Exception) -> 
         raise ApiError(504, "the turn's deadline passed before the backend answered", "timeout")
 
 
-def answer_headers(turn: Turn, grant: Grant, sent: float) -> dict[str, str]:
+def answer_headers(turn: Turn, grant: Grant, sent: float) -> list[tuple[bytes, bytes]]:
+    """x-dgxready-* headers of an answer, encoded as the server sends them."""
     overhead_ms = (sent - turn.arrived - grant.queue_wait_s) * 1000
-    headers = {"x-dgxready-overhead-ms": f"{overhead_ms:.3f}",
-               "x-dgxready-queue-ms": f"{grant.queue_wait_s * 1000:.3f}",
-               "x-dgxready-backend": grant.backend.name}
+    headers = [(b"x-dgxready-overhead-ms", b"%.3f" % overhead_ms),
+               (b"x-dgxready-queue-ms", b"%.3f" % (grant.queue_wait_s * 1000)),
+               (b"x-dgxready-backend", grant.backend.name_header)]
     if turn.dropped_tools:
-        headers["x-dgxready-dropped-tools"] = ",".join(turn.dropped_tools)
+        headers.append((b"x-dgxready-dropped-tools", ",".join(turn.dropped_tools).encode("latin-1")))
     return headers
 
 
@@ -266,13 +274,19 @@ async def complete(mux: Mux, turn: Turn, send: Send) -> None:
         grant = await acquire(mux, turn, retry=attempt > 0)
         sent = time.perf_counter()
         try:
+            turn.reading = True
+            if turn.passed:
+                raise asyncio.TimeoutError()
             async with mux.client.post(f"{grant.backend.config.url}/v1/chat/completions",
                                        data=backend_body(turn, grant.backend, False),
-                                       headers=grant.backend.json_headers, timeout=timeout_of(turn)) as resp:
+                                       headers=grant.backend.json_headers) as resp:
                 status, content = resp.status, await resp.read()
+            turn.reading = False
             if status >= 500:
                 raise BackendFailed(f"HTTP {status}")
-        except (aiohttp.ClientError, asyncio.TimeoutError, BackendFailed) as exc:
+        except BACKEND_ERRORS as raised:
+            turn.reading = False
+            exc = backend_error(raised, turn)
             retried(mux, turn, grant, exc)
             give_up_at_deadline(mux, turn, grant.backend.name, exc)
             last = exc
@@ -298,7 +312,7 @@ async def complete(mux: Mux, turn: Turn, send: Send) -> None:
         finish(mux, turn, grant, Outcome(text, usage.get("prompt_tokens", 0),
                                          usage.get("completion_tokens", 0)), sent, time.perf_counter())
         out["model"] = turn.data.get("model") or out.get("model")
-        await send_response(send, 200, orjson.dumps(out), answer_headers(turn, grant, sent))
+        await send_response(send, 200, orjson.dumps(out), extra=answer_headers(turn, grant, sent))
         return
     mux.metrics.request(turn.ident.name, "none", "failed").inc()
     raise ApiError(502, f"every backend failed before answering: {failure_text(last)}", "backend_error")
@@ -306,12 +320,9 @@ async def complete(mux: Mux, turn: Turn, send: Send) -> None:
 
 def finish(mux: Mux, turn: Turn, grant: Grant, outcome: Outcome, sent: float, first_byte: float) -> None:
     m, name = mux.metrics, turn.ident.name
-    series = m.agent(name)
-    m.request(name, grant.backend.name, "ok").inc()
-    series.prompt_tokens.inc(outcome.prompt_tokens)
-    series.completion_tokens.inc(outcome.completion_tokens)
-    series.ttft.observe(first_byte - turn.arrived)
-    series.duration.observe(time.perf_counter() - turn.arrived)
+    m.request(name, grant.backend.name, "ok").value += 1
+    m.agent(name).answered(outcome.prompt_tokens, outcome.completion_tokens, first_byte - turn.arrived,
+                           time.perf_counter() - turn.arrived)
     m.overhead.observe(max(0.0, sent - turn.arrived - grant.queue_wait_s))
     mux.scheduler.settle(name, turn.role.scheduling.weight, turn.cost + turn.streamed,
                          outcome.prompt_tokens + outcome.completion_tokens)
@@ -340,11 +351,15 @@ async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
         sent = time.perf_counter()
         resp: aiohttp.ClientResponse | None = None
         try:
+            turn.reading = True
+            if turn.passed:
+                raise asyncio.TimeoutError()
             resp = await mux.client.post(f"{grant.backend.config.url}/v1/chat/completions",
                                          data=backend_body(turn, grant.backend, True),
-                                         headers=grant.backend.stream_headers, timeout=timeout_of(turn))
+                                         headers=grant.backend.stream_headers)
             if resp.status != 200:
                 content = await resp.read()
+                turn.reading = False
                 resp.release()
                 if resp.status >= 500:
                     raise BackendFailed(f"HTTP {resp.status}")
@@ -355,15 +370,18 @@ async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
             head = b""
             async for chunk in resp.content.iter_any():
                 head += tally.feed(chunk)
-                if tally.saw_data:
+                if tally.events:
                     break
-            if not tally.saw_data:
+            turn.reading = False
+            if not tally.events:
                 resp.release()
                 raise BackendFailed("empty stream")
             return OpenStream(grant, resp, head, tally, sent, time.perf_counter())
-        except (aiohttp.ClientError, asyncio.TimeoutError, BackendFailed) as exc:
+        except BACKEND_ERRORS as raised:
+            turn.reading = False
             if resp is not None:
                 resp.close()
+            exc = backend_error(raised, turn)
             retried(mux, turn, grant, exc)
             give_up_at_deadline(mux, turn, grant.backend.name, exc)
             last = exc
@@ -396,7 +414,7 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
     reads = 0
     try:
         await send({"type": "http.response.start", "status": 200,
-                    "headers": SSE_HEADERS + encode_headers(answer_headers(turn, st.grant, st.sent))})
+                    "headers": SSE_HEADERS + answer_headers(turn, st.grant, st.sent)})
         out = st.head + st.tally.feed(content.read_nowait())
         charge_output(mux, turn, st.tally)
         while not content.at_eof():
@@ -409,7 +427,12 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
             if hung_up is None and gone is None and reads:
                 gone = asyncio.ensure_future(receive())
             reads += 1
-            out += st.tally.feed(await content.readany())
+            if turn.passed:
+                raise asyncio.TimeoutError()
+            turn.reading = True
+            chunk = await content.readany()
+            turn.reading = False
+            out += st.tally.feed(chunk)
             charge_output(mux, turn, st.tally)
             if hung_up() if hung_up else (gone and gone.done() and gone.result()["type"] == "http.disconnect"):
                 if st.tally.outcome.finish_reason is None:
@@ -421,16 +444,19 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
     except ClientGone:
         cancelled = True
         mux.metrics.request(turn.ident.name, st.grant.backend.name, "client_gone").inc()
-    except (aiohttp.ClientError, asyncio.TimeoutError, BackendFailed) as exc:
-        failed = True
-        timed_out = isinstance(exc, asyncio.TimeoutError)
+    except BACKEND_ERRORS as raised:
+        cancelled = True  # as it stays when backend_error passes on a cancellation not the deadline's
+        exc = backend_error(raised, turn)
+        cancelled, failed = False, True
+        late = isinstance(exc, asyncio.TimeoutError)
         event = {"error": {"message": f"backend {st.grant.backend.name} failed mid-stream: {failure_text(exc)}",
-                           "type": "timeout" if timed_out else "backend_error"}}
+                           "type": "timeout" if late else "backend_error"}}
         # The leading newline ends any event the backend left half-sent.
         tail = out + b"\ndata: " + orjson.dumps(event) + b"\n\ndata: [DONE]\n\n"
         mux.metrics.request(turn.ident.name, st.grant.backend.name,
-                            "timeout" if timed_out else "failed_midstream").inc()
+                            "timeout" if late else "failed_midstream").inc()
     finally:
+        turn.reading = False
         if gone:
             gone.cancel()
         if cancelled or failed:

@@ -81,13 +81,18 @@ class FairScheduler:
         self.served_tokens: dict[str, float] = {}
         self._seq = itertools.count()
 
-    async def acquire(self, agent: str, weight: float, priority: int, cost_tokens: float,
-                      deadline: float, retry: bool = False) -> Grant:
+    def grant_now(self, agent: str, weight: float, cost_tokens: float, retry: bool = False) -> Grant | None:
+        """A slot without waiting when one is free and nothing is queued; None when the request
+        must queue. Raises what `acquire` raises for a request that may not."""
         if not self.pool.any_available():
             raise NoBackend()
         if not retry:
             self.check_room(agent)
-        granted = self.grant_at_once(agent, weight, cost_tokens)
+        return self.grant_at_once(agent, weight, cost_tokens)
+
+    async def acquire(self, agent: str, weight: float, priority: int, cost_tokens: float,
+                      deadline: float, retry: bool = False) -> Grant:
+        granted = self.grant_now(agent, weight, cost_tokens, retry)
         if granted is not None:
             return granted
         queue = self.queues.setdefault(agent, deque())

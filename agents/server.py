@@ -20,7 +20,7 @@ from agents.asgi import ApiError, Receive, Send, header_map, json_object, read_b
 from agents.backends import Backend, health_loop
 from agents.config import AgentIdentity
 from agents.knowledge.notices import notice_messages
-from agents.messages import estimate_tokens, is_instruction, valid_messages
+from agents.messages import INSTRUCTION_ROLES, estimate_tokens, valid_messages
 from agents.mux import Mux
 from agents.policy import screen_request
 from agents.proxy import Turn, audit_client_tools, complete, open_stream, relay
@@ -30,6 +30,9 @@ from model.backend import ENGINE_CLIENT_KEEPALIVE_S
 
 # Backends answer without these; leaving them out saves the client their header work per request.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
+# A turn's deadline bounds its talk with a backend (agents.proxy.BackendDeadline); a new connection
+# to a backend has 5 s.
+BACKEND_CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5.0)
 SESSION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -43,9 +46,10 @@ def session_of(header: str | None, data: dict) -> str | None:
 
 
 def build_prompt(mux: Mux, turn: Turn) -> list[dict]:
-    system = [m for m in turn.messages if is_instruction(m)] or [
-        {"role": "system", "content": turn.role.system_prompt()}]
-    rest = [m for m in turn.messages if not is_instruction(m)]
+    system, rest = [], []
+    for message in turn.messages:
+        (system if message["role"] in INSTRUCTION_ROLES else rest).append(message)
+    system = system or [{"role": "system", "content": turn.role.system_prompt()}]
     keep = mux.config.history_turns
     # A tool-calling client's turn can hold many messages: at most 2 per turn are sent.
     history = mux.store.recent_history(turn.ident.name, turn.session, keep)[-2 * keep:] \
@@ -117,6 +121,7 @@ async def chat(mux: Mux, scope: dict, receive: Receive, send: Send) -> None:
 
 async def answer(mux: Mux, turn: Turn, send: Send, receive: Receive) -> None:
     prepare(mux, turn)
+    mux.deadlines.begin(turn)
     try:
         if not turn.data.get("stream"):
             await complete(mux, turn, send)
@@ -125,6 +130,8 @@ async def answer(mux: Mux, turn: Turn, send: Send, receive: Receive) -> None:
         await relay(mux, turn, stream, send, receive)
     except ApiError as err:
         await err.send(send)
+    finally:
+        mux.deadlines.end(turn)
 
 
 async def models(request: Request) -> Response:
@@ -205,7 +212,7 @@ def create_app(mux: Mux) -> MuxApp:
     async def lifespan(app):
         connector = aiohttp.TCPConnector(limit=mux.pool.capacity() + 64, limit_per_host=0,
                                          keepalive_timeout=ENGINE_CLIENT_KEEPALIVE_S)
-        mux.client = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
+        mux.client = aiohttp.ClientSession(connector=connector, timeout=BACKEND_CLIENT_TIMEOUT,
                                            auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS)
 
         def notify(backend: Backend) -> None:
@@ -214,10 +221,12 @@ def create_app(mux: Mux) -> MuxApp:
 
         checker = asyncio.create_task(health_loop(mux.pool, mux.client, mux.config.health_interval_s,
                                                   notify))
+        watch = asyncio.create_task(mux.deadlines.run())
         try:
             yield
         finally:
             checker.cancel()
+            watch.cancel()
             mux.commit_turns()
             await mux.client.close()
 

@@ -52,12 +52,24 @@ def listen_options(config: MuxConfig) -> dict:
             "timeout_keep_alive": config.keep_alive_s}
 
 
-def serve_forever(config: MuxConfig) -> None:
-    app = build_app(config)
-    # The start-up objects never die; moving them out of the collector's reach shortens the
-    # pauses that show up in tail latency.
+# Python's first-generation threshold, 700, sets off a collection at each burst of allocations a
+# request makes (its JSON, its headers), most of them dead again a moment later: 215 collections in
+# 3 s at 16 streams, about 8 µs a request, on the 2-core VM. At 20000 the same load ran none.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def settle_gc() -> None:
+    """For a long-running server, once started: the start-up objects, which never die, out of the
+    collector's reach (scanning them lengthened the pauses in tail latency), and a first-generation
+    threshold above a request's burst of allocations."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+def serve_forever(config: MuxConfig) -> None:
+    app = build_app(config)
+    settle_gc()
     setup_logging(SERVICE)
     logging.getLogger("dgxready.mux").info("mux.started", extra={"host": config.host, "port": config.port})
     uvicorn.run(app, **listen_options(config), log_config=None)

@@ -1,7 +1,10 @@
 """Scheduler, roles, keys and tools without any server."""
 import asyncio
 import inspect
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 
 import orjson
 import pytest
@@ -13,11 +16,12 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from agents.asgi import hangup_flag
 from agents.backends import BackendPool
 from agents.config import BackendConfig, load_keys, team_roles, write_keys
+from agents.deadlines import DeadlineWatch
 from agents.messages import message_chars, message_text
 from agents.metrics import LATENCY_BUCKETS, KnownLabels, LoopCollector, LoopFamily, MuxMetrics
 from agents.mux import SessionLocks
 from agents.policy import StreamGuard, ToolScope
-from agents.proxy import SseTally
+from agents.proxy import SseTally, backend_error
 from agents.scheduler import DeadlineExceeded, FairScheduler, QueueFull
 from dgxready.errors import ConfigError
 from dgxready.roles import ROLE_ORDER, ROLES_DIR, load_roles
@@ -273,3 +277,71 @@ def test_the_loop_kept_series_export_as_prometheus_clients_own_would_bucket_boun
         counted.labels("a").inc(value)
         their_count.labels("a").inc(value)
     assert exposition(registry) == exposition(reference)
+
+
+@dataclass(eq=False)
+class Talk:
+    deadline: float
+    task: asyncio.Task | None = None
+    reading: bool = False
+    passed: bool = False
+    cancelled: bool = False
+
+
+def test_a_turns_deadline_cancels_a_backend_read_in_progress_as_a_timeout_and_takes_the_cancel_back():
+    async def run():
+        watch = DeadlineWatch()
+        ticking = asyncio.create_task(watch.run(0.01))
+        talk = Talk(time.monotonic() + 0.05)
+        watch.begin(talk)
+        talk.reading = True
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError as raised:
+            exc = backend_error(raised, talk)
+        assert isinstance(exc, asyncio.TimeoutError) and talk.passed
+        assert asyncio.current_task().cancelling() == 0
+        assert not watch.talking
+        await asyncio.sleep(0.05)  # nothing cancels the turn again
+        ticking.cancel()
+        return "went on"
+    assert asyncio.run(run()) == "went on"
+
+
+def test_a_cancellation_that_is_not_the_deadlines_goes_on_up():
+    async def run():
+        watch = DeadlineWatch()
+        talk = Talk(time.monotonic() + 60)
+        watch.begin(talk)
+        talk.reading = True
+        asyncio.get_running_loop().call_later(0.01, asyncio.current_task().cancel)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError as raised:
+            with pytest.raises(asyncio.CancelledError):
+                backend_error(raised, talk)
+        assert asyncio.current_task().cancelling() == 1
+        assert watch.expire_due(time.monotonic()) == 0 and not talk.passed
+    asyncio.run(run())
+
+
+def test_a_deadline_that_passes_while_the_turn_writes_to_its_client_only_marks_it():
+    async def run():
+        watch = DeadlineWatch()
+        writing, done = Talk(time.monotonic() + 0.01), Talk(time.monotonic() + 0.01)
+        watch.begin(writing)
+        watch.begin(done)
+        watch.end(done)
+        await asyncio.sleep(0.02)
+        assert watch.expire_due(time.monotonic()) == 1
+        assert writing.passed and not writing.cancelled and not done.passed
+        assert asyncio.current_task().cancelling() == 0
+    asyncio.run(run())
+
+
+def test_a_settled_server_process_keeps_its_start_up_objects_out_of_collections_and_collects_less_often():
+    script = ("import gc; from agents.service import settle_gc; default = gc.get_threshold()[0]; settle_gc(); "
+              "print(default, gc.get_threshold()[0], gc.get_freeze_count())")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    default, settled, frozen = map(int, out.split())
+    assert settled >= 10 * default and frozen > 10_000

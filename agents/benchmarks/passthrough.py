@@ -1,8 +1,8 @@
 """A bare pass-through proxy: the floor for a Python HTTP hop, on the multiplexer's own stack
-(uvicorn with the same settings, a raw ASGI handler, one pooled aiohttp client). No logic: the
-request goes upstream as it came (method, path, query, body, headers but the hop-by-hop ones), and
-the answer's status, headers and bytes come back unchanged, streamed as they arrive. A benchmark
-fixture, not a product."""
+(uvicorn with the same settings, the same garbage-collector settings, a raw ASGI handler, one
+pooled aiohttp client). No logic: the request goes upstream as it came (method, path, query, body,
+headers but the hop-by-hop ones), and the answer's status, headers and bytes come back unchanged,
+streamed as they arrive. A benchmark fixture, not a product."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import uvicorn
+
+from agents.service import settle_gc
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones the two HTTP stacks set themselves.
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True, help="port to listen on (127.0.0.1)")
     parser.add_argument("--upstream", required=True, help="base URL to forward to, e.g. http://127.0.0.1:8080")
     args = parser.parse_args()
+    settle_gc()
     uvicorn.run(PassThrough(args.upstream.rstrip("/")), host="127.0.0.1", port=args.port,
                 log_level="warning", access_log=False)
 
