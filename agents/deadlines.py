@@ -6,8 +6,9 @@ the deadline only marks the talk `passed`, and the proxy fails its next read. So
 cancelled in the middle of an answer to its client.
 
 Why not aiohttp's total timeout: its handle, its timer context around every read and the task
-lookups they make cost about 17 µs a request in the multiplexer on the 2-core VM (same-run A/B:
-1.43x against 1.34x the bare proxy's CPU per request at 16 streams); a deadline here is at most
+lookups they make cost up to about 17 µs a request in the multiplexer on the 2-core VM (a same-run
+A/B with the timeout left out: 1.43x against 1.34x the bare proxy's CPU per request at 16 streams;
+a second A/B found no difference, which is the noise of this VM); a deadline here is at most
 `TICK_S` late."""
 from __future__ import annotations
 

@@ -30,8 +30,8 @@ from model.backend import ENGINE_CLIENT_KEEPALIVE_S
 
 # Backends answer without these; leaving them out saves the client their header work per request.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
-# A turn's deadline bounds its talk with a backend (agents.proxy.BackendDeadline); a new connection
-# to a backend has 5 s.
+# A turn's deadline bounds its talk with a backend (agents.deadlines.DeadlineWatch); a new
+# connection to a backend has 5 s.
 BACKEND_CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5.0)
 SESSION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
