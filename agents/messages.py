@@ -8,10 +8,6 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 INSTRUCTION_ROLES = ("system", "developer")
 
 
-def is_instruction(message: dict) -> bool:
-    return message["role"] in INSTRUCTION_ROLES
-
-
 def valid_content(message: dict) -> bool:
     content = message.get("content")
     if isinstance(content, str):

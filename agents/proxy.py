@@ -14,7 +14,7 @@ from agents.asgi import SSE_HEADERS, ApiError, Receive, Send, hangup_flag, send_
 from agents.backends import Backend
 from agents.config import AgentIdentity, key_digest
 from agents.deadlines import timed_out
-from agents.messages import is_instruction
+from agents.messages import INSTRUCTION_ROLES
 from agents.mux import Mux
 from agents.policy import StreamGuard, ToolScope, screen_answer
 from agents.scheduler import AgentQueueFull, DeadlineExceeded, Grant, NoBackend, QueueFull
@@ -329,7 +329,7 @@ def finish(mux: Mux, turn: Turn, grant: Grant, outcome: Outcome, sent: float, fi
     last = mux.typical_output.get(name, outcome.completion_tokens)
     mux.typical_output[name] = 0.8 * last + 0.2 * outcome.completion_tokens
     if turn.session:
-        new = [x for x in turn.messages if not is_instruction(x)]
+        new = [x for x in turn.messages if x["role"] not in INSTRUCTION_ROLES]
         mux.save_turn(name, turn.session, new + [{"role": "assistant", "content": outcome.text}])
 
 

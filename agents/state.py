@@ -38,7 +38,9 @@ SCHEMA = (
       path TEXT PRIMARY KEY, content TEXT NOT NULL, version INTEGER NOT NULL, token INTEGER NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS taskboard (
       id INTEGER PRIMARY KEY, ts REAL NOT NULL, agent TEXT NOT NULL, item TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS sessions_updated ON sessions(updated)",
+    # Every turn moves its session's `updated`, which an index re-sorted on each commit; retention
+    # reads it every retention_check_s only, over one row per session.
+    "DROP INDEX IF EXISTS sessions_updated",
     "CREATE INDEX IF NOT EXISTS audit_ts ON audit(ts)",
     "CREATE INDEX IF NOT EXISTS idempotency_ts ON idempotency(ts)",
     "CREATE INDEX IF NOT EXISTS taskboard_ts ON taskboard(ts)",

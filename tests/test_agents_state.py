@@ -198,6 +198,20 @@ def test_old_audit_rows_taskboard_items_and_idle_sessions_are_pruned_at_open(tmp
     assert reopened.session("dev", "active").turns == 1
 
 
+def test_a_turn_rewrites_no_index_on_its_sessions_time_and_an_old_files_index_is_dropped(tmp_path):
+    path = tmp_path / "s.db"
+    StateStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE INDEX sessions_updated ON sessions(updated)")
+    store = StateStore(path)
+    store.append_turn("dev", "s", turn(0))
+    with store.tx() as db:
+        indexed = [row[0] for row in db.execute("SELECT sql FROM sqlite_master WHERE type='index' "
+                                                "AND tbl_name='sessions' AND sql IS NOT NULL")]
+    assert indexed == []
+    assert store.session("dev", "s").turns == 1
+
+
 def test_retention_runs_on_writes_once_per_check_interval(tmp_path):
     store = StateStore(tmp_path / "s.db", StateLimits(retention_days=1, retention_check_s=3600))
     with store.tx() as db:
