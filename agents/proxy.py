@@ -445,9 +445,12 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
         cancelled = True
         mux.metrics.request(turn.ident.name, st.grant.backend.name, "client_gone").inc()
     except BACKEND_ERRORS as raised:
-        cancelled = True  # as it stays when backend_error passes on a cancellation not the deadline's
-        exc = backend_error(raised, turn)
-        cancelled, failed = False, True
+        try:
+            exc = backend_error(raised, turn)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        failed = True
         late = isinstance(exc, asyncio.TimeoutError)
         event = {"error": {"message": f"backend {st.grant.backend.name} failed mid-stream: {failure_text(exc)}",
                            "type": "timeout" if late else "backend_error"}}

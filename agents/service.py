@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import threading
 import time
@@ -17,6 +16,7 @@ from agents.config import MuxConfig, load_config, load_keys
 from agents.mux import create_mux
 from agents.server import create_app
 from agents.state import StateLimits, StateStore
+from dgxready.gc_settings import settle_gc
 from dgxready.logs import setup_logging
 from dgxready.roles import Role, load_roles
 from dgxready.settings import load_settings
@@ -50,21 +50,6 @@ def listen_options(config: MuxConfig) -> dict:
     """uvicorn's settings for the multiplexer, the service's and a background one's alike."""
     return {"host": config.host, "port": config.port, "log_level": "warning", "access_log": False,
             "timeout_keep_alive": config.keep_alive_s}
-
-
-# Python's first-generation threshold, 700, sets off a collection at each burst of allocations a
-# request makes (its JSON, its headers), most of them dead again a moment later: 215 collections in
-# 3 s at 16 streams, about 8 µs a request, on the 2-core VM. At 20000 the same load ran none.
-GC_THRESHOLDS = (20_000, 20, 20)
-
-
-def settle_gc() -> None:
-    """For a long-running server, once started: the start-up objects, which never die, out of the
-    collector's reach (scanning them lengthened the pauses in tail latency), and a first-generation
-    threshold above a request's burst of allocations."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def serve_forever(config: MuxConfig) -> None:

@@ -340,7 +340,8 @@ def test_a_deadline_that_passes_while_the_turn_writes_to_its_client_only_marks_i
 
 
 def test_a_settled_server_process_keeps_its_start_up_objects_out_of_collections_and_collects_less_often():
-    script = ("import gc; from agents.service import settle_gc; default = gc.get_threshold()[0]; settle_gc(); "
+    script = ("import gc, agents.service; from dgxready.gc_settings import settle_gc; "
+              "default = gc.get_threshold()[0]; settle_gc(); "
               "print(default, gc.get_threshold()[0], gc.get_freeze_count())")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     default, settled, frozen = map(int, out.split())

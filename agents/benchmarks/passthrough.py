@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import uvicorn
 
-from agents.service import settle_gc
+from dgxready.gc_settings import settle_gc
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones the two HTTP stacks set themselves.
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
