@@ -87,9 +87,13 @@ class MuxConfig(BaseModel):
     session_max_bytes: int = Field(1 << 20, ge=1024, description="bytes of messages a session keeps "
                                                                  "(its newest turn always)")
     session_commit_ms: float = Field(0.0, ge=0, le=1000, description="turns answered within this many "
-                                     "milliseconds share one commit to the state file; a crash loses at most "
-                                     "the turns of this window (0: the turns that end in one pass of the event "
-                                     "loop share a commit made before it waits again, as safe as one each)")
+                                     "milliseconds share one write to the turn journal (<state_db>-turns); a "
+                                     "crash loses at most the turns of this window (0: the turns that end in "
+                                     "one pass of the event loop share a write made before it waits again)")
+    session_apply_ms: float = Field(250.0, gt=0, le=10_000, description="journaled turns move into the "
+                                    "state file's tables, in one transaction, this many milliseconds after "
+                                    "the first of them was journaled (every read of the tables moves them "
+                                    "first; a restart applies what a crash left in the journal)")
     retention_days: float = Field(30.0, gt=0, description="audit rows, task-board items and sessions "
                                                           "idle longer are pruned")
     health_interval_s: float = Field(2.0, gt=0)

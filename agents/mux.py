@@ -99,11 +99,13 @@ class Mux:
     knowledge: KnowledgeService | None = None
     scopes: dict[str, ToolScope] = field(default_factory=dict)
     commit_handle: asyncio.Handle | None = None
+    apply_handle: asyncio.Handle | None = None
     deadlines: DeadlineWatch = field(default_factory=DeadlineWatch)
 
     def save_turn(self, agent: str, session: str, messages: list[dict]) -> None:
-        """A session's turn: in its history at once, in the file with the turns that end in the
-        same pass of the event loop, or within `session_commit_ms` of it (one commit for all)."""
+        """A session's turn: in its history at once, in the turn journal with the turns that end in
+        the same pass of the event loop (or within `session_commit_ms` of it: one write for all),
+        and in the state file's tables within `session_apply_ms` after that (one transaction)."""
         self.store.append_turn(agent, session, messages, defer=True)
         if self.commit_handle is None and self.store.pending_turns:
             loop = asyncio.get_running_loop()
@@ -112,12 +114,31 @@ class Mux:
                 loop.call_soon(self.commit_turns)
 
     def commit_turns(self) -> None:
-        if self.commit_handle is not None:
-            self.commit_handle.cancel()
-            self.commit_handle = None
+        self.commit_handle = None
+        try:
+            self.store.journal_turns()
+        except (OSError, sqlite3.Error) as exc:
+            log.error("mux.session_write_failed", extra={"error": str(exc), "path": str(self.store.path)})
+        if self.apply_handle is None and self.store.journaled_turns:
+            self.apply_handle = asyncio.get_running_loop().call_later(self.config.session_apply_ms / 1000,
+                                                                      self.apply_turns)
+
+    def apply_turns(self) -> None:
+        self.apply_handle = None
         try:
             self.store.flush_turns()
-        except sqlite3.Error as exc:
+        except (OSError, sqlite3.Error) as exc:
+            log.error("mux.session_write_failed", extra={"error": str(exc), "path": str(self.store.path)})
+
+    def close_turns(self) -> None:
+        """At shutdown: every turn into the tables, and the journal let go."""
+        for handle in (self.commit_handle, self.apply_handle):
+            if handle is not None:
+                handle.cancel()
+        self.commit_handle = self.apply_handle = None
+        try:
+            self.store.close_journal()
+        except (OSError, sqlite3.Error) as exc:
             log.error("mux.session_write_failed", extra={"error": str(exc), "path": str(self.store.path)})
 
     def identify(self, auth: str) -> tuple[AgentIdentity, Role]:

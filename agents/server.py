@@ -227,7 +227,7 @@ def create_app(mux: Mux) -> MuxApp:
         finally:
             checker.cancel()
             watch.cancel()
-            mux.commit_turns()
+            mux.close_turns()
             await mux.client.close()
 
     app = Starlette(routes=[

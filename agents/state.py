@@ -1,10 +1,11 @@
 """Durable state in one SQLite file (WAL, mode 600): sessions keyed by (agent, session) with one
 row per turn, the tool audit log, idempotency records, leases with fencing tokens, the workspace
-and the task board. A turn commits in one transaction with its pruning; a turn appended with
-`defer` waits for `flush_turns()` (the multiplexer's group commit, a few milliseconds later) or for
-the next read of the file, so many turns share one commit. A session keeps its newest turns within
-a turn and byte bound; the audit log, the task board and idle sessions are pruned after a
-retention period (idempotency records by agents.tools)."""
+and the task board. A turn appended with `defer` is in its session's history at once; the
+multiplexer writes the deferred turns to the turn journal at the end of the event loop's pass
+(`journal_turns()`, one write, see agents.turnlog), and moves them into the tables in one
+transaction a little later (`flush_turns()`), or before the next read of the tables. A session
+keeps its newest turns within a turn and byte bound; the audit log, the task board and idle
+sessions are pruned after a retention period (idempotency records by agents.tools)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import orjson
 
+from agents.turnlog import PendingTurn, TurnLog
 from dgxready.sqlitefiles import create_private, restrict
 
 SCHEMA = (
@@ -50,8 +52,10 @@ DAY_S = 86400.0
 # writer of its sessions), so a turn neither reads its history nor its counters from the file.
 CACHED_SESSIONS = 512
 CACHED_TURNS = 32
-# Deferred turns beyond which an append writes them at once.
+# Deferred turns beyond which an append writes them at once, and journaled turns beyond which the
+# journal is moved into the tables at once.
 PENDING_TURNS_MAX = 256
+JOURNALED_TURNS_MAX = 4096
 SAVE_SESSION = ("INSERT INTO sessions(agent, session, turns, kept_turns, kept_bytes, updated) "
                 "VALUES(?,?,?,?,?,?) ON CONFLICT(agent, session) DO UPDATE SET turns=excluded.turns, "
                 "kept_turns=excluded.kept_turns, kept_bytes=excluded.kept_bytes, updated=excluded.updated")
@@ -114,20 +118,6 @@ class CachedSession:
 
 
 @dataclass(frozen=True)
-class PendingTurn:
-    """A turn's row and its session's counters after it, not yet written."""
-    agent: str
-    session: str
-    number: int
-    payload: str
-    size: int
-    first_kept: int
-    kept: int
-    kept_bytes: int
-    updated: float
-
-
-@dataclass(frozen=True)
 class Pruned:
     audit: int
     taskboard: int
@@ -158,6 +148,7 @@ class StateStore:
         self._depth = 0
         self._sessions: OrderedDict[tuple[str, str], CachedSession] = OrderedDict()
         self._pending: list[PendingTurn] = []
+        self._journaled: list[PendingTurn] = []
         create_private(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -167,13 +158,33 @@ class StateStore:
             for statement in SCHEMA:
                 db.execute(statement)
         restrict(path)
+        self._log = TurnLog.open(Path(f"{path}-turns"))
+        self._apply_journal()
         self._next_retention = 0.0
         self.retention_due()
 
     def close(self) -> None:
         with self._lock:
-            self._flush_locked()
+            self.close_journal()
             self._db.close()
+
+    def close_journal(self) -> None:
+        """Moves the journal into the tables and lets it go: later turns go to the tables directly."""
+        with self._lock:
+            self._flush_locked()
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+    def _apply_journal(self) -> None:
+        """What a journal left by an ended process holds, into the tables, then the journal emptied."""
+        if self._log is None:
+            return
+        replay = self._log.read()
+        if replay.turns:
+            with self.tx() as db:
+                self._write_turns(db, replay.turns)
+        self._log.clear()
 
     def tx(self):
         return _Tx(self)
@@ -191,8 +202,8 @@ class StateStore:
             cached = CachedSession(max(turns, len(chunks)) - len(chunks), 0, 0)
             rows = []
             for messages in chunks:
-                payload = json.dumps(messages)
-                cached.add(messages, len(payload.encode()), self.limits)
+                payload = orjson.dumps(messages)
+                cached.add(messages, len(payload), self.limits)
                 rows.append(self._pending_turn(agent, session, cached, payload, updated))
             self._write_turns(db, rows)
             if not rows:
@@ -259,7 +270,7 @@ class StateStore:
             try:
                 cached = self._cached(agent, session) or self._load_session(agent, session)
                 cached.add(messages, len(payload), self.limits)
-                self._pending.append(self._pending_turn(agent, session, cached, payload.decode(), time.time()))
+                self._pending.append(self._pending_turn(agent, session, cached, payload, time.time()))
                 if not defer or len(self._pending) >= PENDING_TURNS_MAX:
                     self._flush_locked()
             except BaseException:
@@ -269,7 +280,7 @@ class StateStore:
         return cached.turns
 
     @staticmethod
-    def _pending_turn(agent: str, session: str, cached: CachedSession, payload: str, updated: float
+    def _pending_turn(agent: str, session: str, cached: CachedSession, payload: bytes, updated: float
                       ) -> PendingTurn:
         return PendingTurn(agent, session, cached.turns, payload, cached.sizes[-1], cached.first_kept,
                            cached.kept, cached.kept_bytes, updated)
@@ -278,29 +289,71 @@ class StateStore:
     def pending_turns(self) -> int:
         return len(self._pending)
 
+    @property
+    def journaled_turns(self) -> int:
+        return len(self._journaled)
+
+    def journal_turns(self) -> int:
+        """Writes the deferred turns to the journal in one write (to the tables when this store
+        owns no journal); returns how many."""
+        with self._lock:
+            if self._log is None:
+                return self._flush_locked()
+            count = self._journal_locked()
+            if len(self._journaled) >= JOURNALED_TURNS_MAX:
+                self._flush_locked()
+            return count
+
     def flush_turns(self) -> int:
-        """Writes the deferred turns in one transaction; returns how many."""
+        """Moves the deferred and journaled turns into the tables in one transaction; returns how many."""
         with self._lock:
             return self._flush_locked()
 
-    def _flush_locked(self) -> int:
+    def _forget(self, turns: list[PendingTurn]) -> None:
+        """The file lacks these turns: their sessions are read from it again next time."""
+        for turn in turns:
+            self._sessions.pop((turn.agent, turn.session), None)
+
+    def _journal_locked(self) -> int:
         pending, self._pending = self._pending, []
         if not pending:
             return 0
         try:
-            with self.tx() as db:
-                self._write_turns(db, pending)
+            self._log.append(pending)
         except BaseException:
-            # The file lacks these turns: their sessions are read from it again next time.
-            for turn in pending:
-                self._sessions.pop((turn.agent, turn.session), None)
+            self._forget(pending)
             raise
+        self._journaled += pending
         return len(pending)
+
+    def _flush_locked(self) -> int:
+        if self._log is not None:
+            self._journal_locked()
+        turns = self._journaled or self._pending
+        if not turns:
+            return 0
+        try:
+            with self.tx() as db:
+                self._write_turns(db, turns)
+        except BaseException:
+            # Journaled turns stay in the journal, for the next flush or the next start.
+            if self._log is None:
+                self._pending = []
+                self._forget(turns)
+            raise
+        if self._log is not None:
+            self._journaled = []
+            self._log.clear()
+        else:
+            self._pending = []
+        return len(turns)
 
     @staticmethod
     def _write_turns(db: sqlite3.Connection, turns: list[PendingTurn]) -> None:
-        db.executemany("INSERT INTO session_turns(agent, session, turn, messages, bytes) VALUES(?,?,?,?,?)",
-                       [(t.agent, t.session, t.number, t.payload, t.size) for t in turns])
+        # OR REPLACE: a journal applied again after a crash before it was emptied changes nothing.
+        db.executemany("INSERT OR REPLACE INTO session_turns(agent, session, turn, messages, bytes) "
+                       "VALUES(?,?,?,?,?)", [(t.agent, t.session, t.number, t.payload.decode(), t.size)
+                                             for t in turns])
         last = {(t.agent, t.session): t for t in turns}
         db.executemany("DELETE FROM session_turns WHERE agent=? AND session=? AND turn<?",
                        [(t.agent, t.session, t.first_kept) for t in last.values() if t.first_kept > 1])
@@ -328,8 +381,9 @@ class StateStore:
 
     def prune_older_than(self, cutoff: float) -> Pruned:
         """Audit rows and task-board items written before `cutoff`, and sessions idle since."""
-        with self.tx() as db:
+        with self._lock:
             self._flush_locked()
+        with self.tx() as db:
             self._sessions.clear()
             audit = db.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)).rowcount
             taskboard = db.execute("DELETE FROM taskboard WHERE ts < ?", (cutoff,)).rowcount

@@ -1,5 +1,6 @@
 """The multiplexer's state store: per-turn session rows, their bounds, retention, the first
 schema's migration and the database's file mode (no server needed)."""
+import errno
 import json
 import os
 import sqlite3
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 
 from agents.config import BackendConfig, MuxConfig
 from agents.state import CACHED_TURNS, DAY_S, StateLimits, StateStore
+from agents.turnlog import TurnLog
 
 TURN = [{"role": "user", "content": "u" * 100}, {"role": "assistant", "content": "a" * 100}]
 UNBOUNDED = StateLimits(session_max_turns=100_000, session_max_bytes=1 << 30)
@@ -319,10 +321,11 @@ def test_a_session_evicted_with_deferred_turns_is_read_back_whole(tmp_path, monk
     assert store.recent_history("dev", "a", 8) == turn(1) + turn(4)
 
 
-def test_a_failed_group_commit_loses_only_its_turns_and_the_memory_follows_the_file(tmp_path, monkeypatch):
+def test_a_failed_move_into_the_tables_keeps_the_journaled_turns_for_the_next_one(tmp_path, monkeypatch):
     store = StateStore(tmp_path / "s.db")
     store.append_turn("dev", "s", turn(1))
     store.append_turn("dev", "s", turn(2), defer=True)
+    store.journal_turns()
     write = StateStore._write_turns
 
     def disk_full(db, turns):
@@ -332,7 +335,25 @@ def test_a_failed_group_commit_loses_only_its_turns_and_the_memory_follows_the_f
     with pytest.raises(sqlite3.OperationalError):
         store.flush_turns()
     monkeypatch.setattr(StateStore, "_write_turns", staticmethod(write))
-    assert store.pending_turns == 0
+    assert store.journaled_turns == 1
+    assert store.recent_history("dev", "s", 8) == turn(1) + turn(2), "the journal still holds turn 2"
+    assert store.append_turn("dev", "s", turn(3)) == 3
+    assert file_turns(tmp_path / "s.db", "dev", "s") == [1, 2, 3]
+
+
+def test_a_failed_journal_write_loses_only_its_turns_and_the_memory_follows_the_file(tmp_path, monkeypatch):
+    store = StateStore(tmp_path / "s.db")
+    store.append_turn("dev", "s", turn(1))
+    store.append_turn("dev", "s", turn(2), defer=True)
+
+    def disk_full(log, turns):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TurnLog, "append", disk_full)
+    with pytest.raises(OSError):
+        store.journal_turns()
+    monkeypatch.undo()
+    assert store.pending_turns == 0 and store.journaled_turns == 0
     assert store.recent_history("dev", "s", 8) == turn(1), "the history is the file's again"
     assert store.append_turn("dev", "s", turn(3)) == 2
     assert file_turns(tmp_path / "s.db", "dev", "s") == [1, 2]
