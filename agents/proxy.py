@@ -122,14 +122,15 @@ def screened_events(whole: bytes, guard: StreamGuard) -> bytes:
 
 @dataclass
 class SseTally:
-    """Reads the backend's SSE bytes: passes on whole lines only, screens tool calls, and parses
-    the events that matter (every delta when the text goes into a session's history, else usage
-    and finish)."""
+    """Reads the backend's SSE bytes: passes on whole lines only, screens tool calls, and reads
+    finish and usage as they pass. When the text goes into a session's history, the lines are
+    kept and their deltas parsed once, at the end (`result()`)."""
     keep_text: bool
     guard: StreamGuard
     outcome: Outcome = field(default_factory=Outcome)
     pending: bytes = b""
     events: int = 0
+    kept: list[bytes] = field(default_factory=list)
 
     def feed(self, chunk: bytes) -> bytes:
         buf = self.pending + chunk if self.pending else chunk
@@ -139,24 +140,16 @@ class SseTally:
             self.events += whole.count(b"data:")
             if TOOL_CALLS_MARK in whole or self.guard.note_pending:
                 whole = screened_events(whole, self.guard)
+            self.skim(whole)
             if self.keep_text:
-                self.read_events(whole)
-            else:
-                self.skim(whole)
+                self.kept.append(whole)
         return whole
 
-    def read_events(self, whole: bytes) -> None:
-        """Every event of `whole`, parsed as one JSON array (one call instead of one per event);
-        one by one when some event is malformed, which is then skipped."""
-        bodies = [line[5:] for line in whole.split(b"\n") if line.startswith(b"data:")]
-        bodies = [b for b in bodies if b.strip() != b"[DONE]"]
-        try:
-            chunks = orjson.loads(b"[" + b",".join(bodies) + b"]")
-        except orjson.JSONDecodeError:
-            chunks = [event_body(b) for b in bodies]
-        for chunk in chunks:
-            if isinstance(chunk, dict):
-                self.take(chunk)
+    def result(self) -> Outcome:
+        if self.kept:
+            self.outcome.text = "".join(delta_texts(b"".join(self.kept)))
+            self.kept = []
+        return self.outcome
 
     def skim(self, whole: bytes) -> None:
         for reason in FINISH_REASON.findall(whole):
@@ -166,18 +159,29 @@ class SseTally:
             end = whole.find(b"\n", mark.end()) % (len(whole) + 1)
             line = whole[whole.rfind(b"\n", 0, mark.start()) + 1:end]
             chunk = event_body(line[5:]) if line.startswith(b"data:") else None
-            if chunk is not None:
-                self.take(chunk)
+            if chunk is not None and chunk.get("usage"):
+                self.outcome.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
+                self.outcome.completion_tokens = chunk["usage"].get("completion_tokens", 0)
             mark = USAGE_MARK.search(whole, end)
 
-    def take(self, chunk: dict) -> None:
-        out = self.outcome
-        for choice in chunk.get("choices") or []:
-            out.text += (choice.get("delta") or {}).get("content") or ""
-            out.finish_reason = choice.get("finish_reason") or out.finish_reason
-        if chunk.get("usage"):
-            out.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
-            out.completion_tokens = chunk["usage"].get("completion_tokens", 0)
+
+def delta_texts(whole: bytes) -> list[str]:
+    """The content deltas of the events in `whole`, parsed as one JSON array (one call instead of
+    one per event); one by one when some event is malformed, which is then skipped."""
+    bodies = [line[5:] for line in whole.split(b"\n") if line.startswith(b"data:")]
+    bodies = [b for b in bodies if b.strip() != b"[DONE]"]
+    try:
+        chunks = orjson.loads(b"[" + b",".join(bodies) + b"]")
+    except orjson.JSONDecodeError:
+        chunks = [event_body(b) for b in bodies]
+    texts = []
+    for chunk in chunks:
+        for choice in (chunk.get("choices") if isinstance(chunk, dict) else None) or []:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(content, str):
+                texts.append(content)
+    return texts
 
 
 def refusal(mux: Mux, turn: Turn, exc: Exception) -> ApiError:
@@ -469,6 +473,6 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
         release(mux, st.grant, failed=failed)
         audit_client_tools(mux, turn, "blocked", st.tally.guard.blocked)
         if not (failed or cancelled):
-            finish(mux, turn, st.grant, st.tally.outcome, st.sent, st.first_byte)
+            finish(mux, turn, st.grant, st.tally.result(), st.sent, st.first_byte)
     if tail is not None:
         await send({"type": "http.response.body", "more_body": False, "body": tail})

@@ -20,7 +20,7 @@ log = logging.getLogger("dgxready.mux")
 PRIVATE = 0o600
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PendingTurn:
     """A turn's row (`payload`: its messages as JSON) and its session's counters after it."""
     agent: str

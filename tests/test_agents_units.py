@@ -237,10 +237,19 @@ def test_the_stream_tally_reads_finish_and_usage_however_the_bytes_are_split_and
     bounds = [0, *sorted(c for c in cuts if c <= len(stream)), len(stream)]
     passed = b"".join(tally.feed(stream[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
     assert passed + tally.pending == stream
-    out = tally.outcome
+    out = tally.result()
     assert (out.finish_reason, out.prompt_tokens, out.completion_tokens) == ("stop", 7, 2)
     assert tally.events == 5 + 2 * broken
     assert out.text == ('hello done "finish_reason": "length", "usage": {"x": 1}' if keep_text else "")
+
+
+def test_a_sessions_stream_keeps_only_the_text_deltas_whatever_else_the_events_hold():
+    stream = sse({"choices": [1, "x", {"delta": "text"}, {"delta": {"content": ["part"]}}]},
+                 {"choices": {"delta": {"content": "not a list"}}}, ["not", "an", "object"],
+                 {"choices": [{"delta": {"content": "kept"}, "finish_reason": "stop"}]})
+    tally = SseTally(True, StreamGuard(ToolScope("developer", ())))
+    assert tally.feed(stream) == stream
+    assert (tally.result().text, tally.result().finish_reason) == ("kept", "stop")
 
 
 TEXT_PARTS = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20)}),
