@@ -41,12 +41,7 @@ def hangup_flag(send: Send) -> Callable[[], bool] | None:
     return lambda: cycle.disconnected
 
 
-def header_map(scope: dict[str, Any]) -> dict[str, str]:
-    """Request headers, names lower-cased by the server; a repeated header keeps its last value."""
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-
-
-async def read_body(receive: Receive, declared_length: str | None, limit: int) -> bytes:
+async def read_body(receive: Receive, declared_length: bytes | str | None, limit: int) -> bytes:
     if declared_length and declared_length.isdigit() and int(declared_length) > limit:
         raise ApiError(413, f"body larger than {limit} bytes", "invalid_request_error")
     body = bytearray()

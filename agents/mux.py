@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -44,41 +45,54 @@ class RateLimiter:
 
 @dataclass
 class SessionLocks:
-    """One lock per (agent, session), kept only while a turn holds it or waits for it."""
-    held: dict[tuple[str, str], tuple[asyncio.Lock, int]] = field(default_factory=dict)
+    """One session's turns one at a time, in arrival order. `held` has an entry only while a turn
+    holds its session: the turns waiting for it, oldest first."""
+    held: dict[tuple[str, str], deque[asyncio.Future]] = field(default_factory=dict)
 
     def hold(self, agent: str, session: str) -> SessionTurn:
         return SessionTurn(self.held, (agent, session))
 
+    def waiting(self, agent: str, session: str) -> int:
+        return len(self.held.get((agent, session), ()))
+
 
 class SessionTurn:
-    """`async with`: the session's lock held for one turn (a class, not a generator: it is on
-    every session turn's path)."""
-    __slots__ = ("held", "key", "lock")
+    """`async with`: the session held for one turn. A class, not a generator, and no asyncio.Lock
+    made per turn: it is on every session turn's path, and mostly no other turn waits."""
+    __slots__ = ("held", "key")
 
-    def __init__(self, held: dict[tuple[str, str], tuple[asyncio.Lock, int]], key: tuple[str, str]):
+    def __init__(self, held: dict[tuple[str, str], deque[asyncio.Future]], key: tuple[str, str]):
         self.held, self.key = held, key
-        lock, users = held.get(key) or (asyncio.Lock(), 0)
-        held[key] = (lock, users + 1)
-        self.lock = lock
 
     async def __aenter__(self) -> None:
+        waiters = self.held.get(self.key)
+        if waiters is None:
+            self.held[self.key] = deque()
+            return
+        handed = asyncio.get_running_loop().create_future()
+        waiters.append(handed)
         try:
-            await self.lock.acquire()
+            await handed
         except BaseException:
-            self.leave()
+            if handed.cancelled():
+                if handed in waiters:
+                    waiters.remove(handed)
+            else:
+                self.pass_on()  # handed the session just as this turn was cancelled
             raise
 
     async def __aexit__(self, *exc) -> None:
-        self.lock.release()
-        self.leave()
+        self.pass_on()
 
-    def leave(self) -> None:
-        lock, users = self.held[self.key]
-        if users == 1:
-            del self.held[self.key]
-        else:
-            self.held[self.key] = (lock, users - 1)
+    def pass_on(self) -> None:
+        """To the oldest turn still waiting, else the session is free."""
+        waiters = self.held[self.key]
+        while waiters:
+            handed = waiters.popleft()
+            if not handed.done():
+                handed.set_result(None)
+                return
+        del self.held[self.key]
 
 
 @dataclass

@@ -22,6 +22,8 @@ MUX_FIELDS = frozenset({"messages", "session", "model", "stream", "stream_option
                         "cache_salt", *LENGTH_FIELDS})
 LEGACY_TOOL_FIELDS = ("functions", "function_call")
 TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+# The fields a screen reads besides the length: a request with none of them (most) skips those checks.
+SCREENED_FIELDS = frozenset({*CHOICE_FIELDS, "min_tokens", *LEGACY_TOOL_FIELDS, *TOOL_FIELDS})
 TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 ClientToolsPolicy = Literal["drop", "refuse"]
 
@@ -44,7 +46,10 @@ def capped_max_tokens(data: dict, cap: int) -> int:
     shortest = cap
     for name in LENGTH_FIELDS:
         if name in data:
-            asked = asked_length(data, name)
+            asked = data[name]
+            # asked_length's check, inlined for the common case: a positive int.
+            if type(asked) is not int or asked < 1:
+                asked = asked_length(data, name)
             if asked is not None and asked < shortest:
                 shortest = asked
     return shortest
@@ -141,9 +146,11 @@ class ScreenedRequest:
 
 
 def screen_request(data: dict, cap: int, scope: ToolScope) -> ScreenedRequest:
-    check_single_choice(data)
     max_tokens = capped_max_tokens(data, cap)
     forward = {k: v for k, v in data.items() if k not in MUX_FIELDS}
+    if SCREENED_FIELDS.isdisjoint(data):
+        return ScreenedRequest(forward, max_tokens, [])
+    check_single_choice(data)
     min_tokens = clamped_min_tokens(data, max_tokens)
     if min_tokens is not None:
         forward["min_tokens"] = min_tokens

@@ -138,7 +138,7 @@ class SseTally:
         whole, self.pending = buf[:cut], buf[cut:]
         if whole:
             self.events += whole.count(b"data:")
-            if TOOL_CALLS_MARK in whole or self.guard.note_pending:
+            if TOOL_CALLS_MARK in whole or (self.guard.choices and self.guard.note_pending):
                 whole = screened_events(whole, self.guard)
             self.skim(whole)
             if self.keep_text:
@@ -324,7 +324,7 @@ async def complete(mux: Mux, turn: Turn, send: Send) -> None:
 
 def finish(mux: Mux, turn: Turn, grant: Grant, outcome: Outcome, sent: float, first_byte: float) -> None:
     m, name = mux.metrics, turn.ident.name
-    m.request(name, grant.backend.name, "ok").value += 1
+    m.request(name, grant.backend.config.name, "ok").value += 1
     m.agent(name).answered(outcome.prompt_tokens, outcome.completion_tokens, first_byte - turn.arrived,
                            time.perf_counter() - turn.arrived)
     m.overhead.observe(max(0.0, sent - turn.arrived - grant.queue_wait_s))
@@ -471,7 +471,8 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
         else:
             st.response.release()
         release(mux, st.grant, failed=failed)
-        audit_client_tools(mux, turn, "blocked", st.tally.guard.blocked)
+        if st.tally.guard.choices:
+            audit_client_tools(mux, turn, "blocked", st.tally.guard.blocked)
         if not (failed or cancelled):
             finish(mux, turn, st.grant, st.tally.result(), st.sent, st.first_byte)
     if tail is not None:

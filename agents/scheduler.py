@@ -82,13 +82,21 @@ class FairScheduler:
         self._seq = itertools.count()
 
     def grant_now(self, agent: str, weight: float, cost_tokens: float, retry: bool = False) -> Grant | None:
-        """A slot without waiting when one is free and nothing is queued; None when the request
-        must queue. Raises what `acquire` raises for a request that may not."""
+        """A slot without waiting when one is free and nothing is queued (then there is room and a
+        backend is up); None when the request must queue. Raises what `acquire` raises for a
+        request that may not."""
+        if not self.depth:
+            backend = self.pool.pick()
+            if backend is not None:
+                self.floor = max(self.counters.get(agent, 0.0), self.floor)
+                self.counters[agent] = self.floor + cost_tokens / weight
+                backend.outstanding += 1
+                return Grant(backend, 0.0)
         if not self.pool.any_available():
             raise NoBackend()
         if not retry:
             self.check_room(agent)
-        return self.grant_at_once(agent, weight, cost_tokens)
+        return None
 
     async def acquire(self, agent: str, weight: float, priority: int, cost_tokens: float,
                       deadline: float, retry: bool = False) -> Grant:
@@ -116,18 +124,6 @@ class FairScheduler:
             self.withdraw(ticket)
             raise
         return Grant(backend, time.monotonic() - ticket.enqueued_at, ticket)
-
-    def grant_at_once(self, agent: str, weight: float, cost_tokens: float) -> Grant | None:
-        """With nothing queued and a slot free, what dispatching a ticket would do, without one."""
-        if self.depth:
-            return None
-        backend = self.pool.pick()
-        if backend is None:
-            return None
-        self.floor = max(self.counters.get(agent, 0.0), self.floor)
-        self.counters[agent] = self.floor + cost_tokens / weight
-        backend.outstanding += 1
-        return Grant(backend, 0.0)
 
     def check_room(self, agent: str) -> None:
         if self.depth >= self.queue_max:
@@ -163,7 +159,8 @@ class FairScheduler:
 
     def release(self, backend: Backend) -> None:
         backend.outstanding -= 1
-        self.dispatch()
+        if self.depth:
+            self.dispatch()
 
     def next_ticket(self) -> Ticket | None:
         best: Ticket | None = None

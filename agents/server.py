@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agents.asgi import ApiError, Receive, Send, header_map, json_object, read_body
+from agents.asgi import ApiError, Receive, Send, json_object, read_body
 from agents.backends import Backend, health_loop
 from agents.config import AgentIdentity
 from agents.knowledge.notices import notice_messages
@@ -58,17 +58,21 @@ def build_prompt(mux: Mux, turn: Turn) -> list[dict]:
     return system + notice + history + rest
 
 
-def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[str, str], data: dict,
+def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[bytes, bytes], data: dict,
           arrived: float) -> Turn:
     messages = valid_messages(data)
-    session = session_of(headers.get("x-session-id"), data)
+    raw_session = headers.get(b"x-session-id")
+    if raw_session is not None:
+        session = session_of(raw_session.decode("latin-1"), data)
+    else:
+        session = session_of(None, data) if "session" in data else None
     wait = mux.limiter.take(ident.name, role.rate_limit.requests_per_minute) if mux.config.rate_limits else 0.0
     if wait:
         mux.metrics.rejections.labels("rate_limited").inc()
         raise ApiError(429, f"rate limit of {role.rate_limit.requests_per_minute}/min for {ident.name}",
                        "rate_limit_error", {"Retry-After": str(max(1, math.ceil(wait)))})
     try:
-        deadline_s = float(headers.get("x-deadline-s") or mux.config.deadline_s)
+        deadline_s = float(headers.get(b"x-deadline-s") or mux.config.deadline_s)
     except ValueError:
         deadline_s = math.nan
     if not (math.isfinite(deadline_s) and deadline_s > 0):
@@ -77,13 +81,12 @@ def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[str, str], d
     screened = screen_request(data, role.sampling.max_tokens, scope)
     turn = Turn(ident, role, session, messages, data, time.monotonic() + deadline_s, arrived,
                 screened.forward, scope, screened.max_tokens)
-    refuse_or_drop_tools(mux, turn, screened.denied_tools)
+    if screened.denied_tools:
+        refuse_or_drop_tools(mux, turn, screened.denied_tools)
     return turn
 
 
 def refuse_or_drop_tools(mux: Mux, turn: Turn, denied: list[str]) -> None:
-    if not denied:
-        return
     if mux.config.client_tools_policy == "refuse":
         audit_client_tools(mux, turn, "refused", denied)
         reasons = "; ".join(turn.scope.denial(n) for n in denied)
@@ -104,10 +107,11 @@ def prepare(mux: Mux, turn: Turn) -> None:
 async def chat(mux: Mux, scope: dict, receive: Receive, send: Send) -> None:
     """POST /v1/chat/completions, streaming or not. One session's turns run in order."""
     arrived = time.perf_counter()
-    headers = header_map(scope)
+    # Names lower-cased by the server, a repeated header's last value; only the values read are decoded.
+    headers = dict(scope["headers"])
     try:
-        ident, role = mux.identify(headers.get("authorization", ""))
-        body = await read_body(receive, headers.get("content-length"), mux.config.max_body_bytes)
+        ident, role = mux.identify(headers.get(b"authorization", b"").decode("latin-1"))
+        body = await read_body(receive, headers.get(b"content-length"), mux.config.max_body_bytes)
         turn = admit(mux, ident, role, headers, json_object(body), arrived)
     except ApiError as err:
         await err.send(send)

@@ -169,15 +169,39 @@ def test_a_turn_cancelled_while_it_waits_for_its_session_leaves_no_lock_behind()
         await asyncio.sleep(0)
         waiting = asyncio.create_task(turn())
         await asyncio.sleep(0)
-        assert locks.held[("dev", "s")][1] == 2
+        assert locks.waiting("dev", "s") == 1
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
-        assert locks.held[("dev", "s")][1] == 1
+        assert locks.waiting("dev", "s") == 0 and ("dev", "s") in locks.held
         release.set()
         await first
         return locks.held
 
     assert asyncio.run(run()) == {}
+
+
+def test_a_turn_cancelled_just_as_it_is_handed_its_session_passes_it_on():
+    async def run():
+        locks, order, tasks = SessionLocks(), [], {}
+        release = asyncio.Event()
+
+        async def turn(n):
+            async with locks.hold("dev", "s"):
+                order.append(n)
+                await release.wait()
+            if n == 1:
+                tasks[2].cancel()  # handed the session by the exit above, and not yet run
+
+        tasks[1] = asyncio.create_task(turn(1))
+        await asyncio.sleep(0)
+        tasks[2], tasks[3] = asyncio.create_task(turn(2)), asyncio.create_task(turn(3))
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks.values(), return_exceptions=True), 5)
+        return order, tasks[2].cancelled(), locks.held
+
+    order, cancelled, held = asyncio.run(run())
+    assert order == [1, 3] and cancelled and held == {}
 
 
 def test_a_hang_up_is_read_off_the_servers_request_cycle_where_it_has_one_and_else_left_to_receive():
