@@ -159,9 +159,10 @@ class SseTally:
             end = whole.find(b"\n", mark.end()) % (len(whole) + 1)
             line = whole[whole.rfind(b"\n", 0, mark.start()) + 1:end]
             chunk = event_body(line[5:]) if line.startswith(b"data:") else None
-            if chunk is not None and chunk.get("usage"):
-                self.outcome.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
-                self.outcome.completion_tokens = chunk["usage"].get("completion_tokens", 0)
+            usage = chunk.get("usage") if chunk is not None else None
+            if isinstance(usage, dict):
+                self.outcome.prompt_tokens = usage.get("prompt_tokens", 0)
+                self.outcome.completion_tokens = usage.get("completion_tokens", 0)
             mark = USAGE_MARK.search(whole, end)
 
 

@@ -270,10 +270,12 @@ def test_the_stream_tally_reads_finish_and_usage_however_the_bytes_are_split_and
 def test_a_sessions_stream_keeps_only_the_text_deltas_whatever_else_the_events_hold():
     stream = sse({"choices": [1, "x", {"delta": "text"}, {"delta": {"content": ["part"]}}]},
                  {"choices": {"delta": {"content": "not a list"}}}, ["not", "an", "object"],
-                 {"choices": [{"delta": {"content": "kept"}, "finish_reason": "stop"}]})
+                 {"choices": [{"delta": {"content": "kept"}, "finish_reason": "stop"}],
+                  "usage": [{"usage": {"prompt_tokens": 1}}]})
     tally = SseTally(True, StreamGuard(ToolScope("developer", ())))
     assert tally.feed(stream) == stream
-    assert (tally.result().text, tally.result().finish_reason) == ("kept", "stop")
+    out = tally.result()
+    assert (out.text, out.finish_reason, out.prompt_tokens) == ("kept", "stop", 0)
 
 
 TEXT_PARTS = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20)}),
