@@ -7,6 +7,7 @@ import logging
 import sqlite3
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -129,20 +130,14 @@ class Mux:
 
     def commit_turns(self) -> None:
         self.commit_handle = None
-        try:
-            self.store.journal_turns()
-        except (OSError, sqlite3.Error) as exc:
-            log.error("mux.session_write_failed", extra={"error": str(exc), "path": str(self.store.path)})
+        self.write_turns(self.store.journal_turns)
         if self.apply_handle is None and self.store.journaled_turns:
             self.apply_handle = asyncio.get_running_loop().call_later(self.config.session_apply_ms / 1000,
                                                                       self.apply_turns)
 
     def apply_turns(self) -> None:
         self.apply_handle = None
-        try:
-            self.store.flush_turns()
-        except (OSError, sqlite3.Error) as exc:
-            log.error("mux.session_write_failed", extra={"error": str(exc), "path": str(self.store.path)})
+        self.write_turns(self.store.flush_turns)
 
     def close_turns(self) -> None:
         """At shutdown: every turn into the tables, and the journal let go."""
@@ -150,8 +145,12 @@ class Mux:
             if handle is not None:
                 handle.cancel()
         self.commit_handle = self.apply_handle = None
+        self.write_turns(self.store.close_journal)
+
+    def write_turns(self, write: Callable[[], object]) -> None:
+        """A write of session turns off the request path: a failure is logged, not raised."""
         try:
-            self.store.close_journal()
+            write()
         except (OSError, sqlite3.Error) as exc:
             log.error("mux.session_write_failed", extra={"error": str(exc), "path": str(self.store.path)})
 

@@ -158,7 +158,7 @@ class StateStore:
             for statement in SCHEMA:
                 db.execute(statement)
         restrict(path)
-        self._log = TurnLog.open(Path(f"{path}-turns"))
+        self._journal = TurnLog.open(Path(f"{path}-turns"))
         self._apply_journal()
         self._next_retention = 0.0
         self.retention_due()
@@ -172,19 +172,19 @@ class StateStore:
         """Moves the journal into the tables and lets it go: later turns go to the tables directly."""
         with self._lock:
             self._flush_locked()
-            if self._log is not None:
-                self._log.close()
-                self._log = None
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
 
     def _apply_journal(self) -> None:
         """What a journal left by an ended process holds, into the tables, then the journal emptied."""
-        if self._log is None:
+        if self._journal is None:
             return
-        replay = self._log.read()
+        replay = self._journal.read()
         if replay.turns:
             with self.tx() as db:
                 self._write_turns(db, replay.turns)
-        self._log.clear()
+        self._journal.clear()
 
     def tx(self):
         return _Tx(self)
@@ -297,7 +297,7 @@ class StateStore:
         """Writes the deferred turns to the journal in one write (to the tables when this store
         owns no journal); returns how many."""
         with self._lock:
-            if self._log is None:
+            if self._journal is None:
                 return self._flush_locked()
             count = self._journal_locked()
             if len(self._journaled) >= JOURNALED_TURNS_MAX:
@@ -319,7 +319,7 @@ class StateStore:
         if not pending:
             return 0
         try:
-            self._log.append(pending)
+            self._journal.append(pending)
         except BaseException:
             self._forget(pending)
             raise
@@ -327,26 +327,32 @@ class StateStore:
         return len(pending)
 
     def _flush_locked(self) -> int:
-        if self._log is not None:
-            self._journal_locked()
-        turns = self._journaled or self._pending
+        if self._journal is None:
+            return self._write_pending_locked()
+        self._journal_locked()
+        turns = self._journaled
         if not turns:
+            return 0
+        # A failed write leaves the turns journaled, for the next flush or the next start.
+        with self.tx() as db:
+            self._write_turns(db, turns)
+        self._journaled = []
+        self._journal.clear()
+        return len(turns)
+
+    def _write_pending_locked(self) -> int:
+        """Without a journal: the deferred turns into the tables; a failed write loses them, and
+        their sessions are read from the file again."""
+        pending, self._pending = self._pending, []
+        if not pending:
             return 0
         try:
             with self.tx() as db:
-                self._write_turns(db, turns)
+                self._write_turns(db, pending)
         except BaseException:
-            # Journaled turns stay in the journal, for the next flush or the next start.
-            if self._log is None:
-                self._pending = []
-                self._forget(turns)
+            self._forget(pending)
             raise
-        if self._log is not None:
-            self._journaled = []
-            self._log.clear()
-        else:
-            self._pending = []
-        return len(turns)
+        return len(pending)
 
     @staticmethod
     def _write_turns(db: sqlite3.Connection, turns: list[PendingTurn]) -> None:
