@@ -67,8 +67,7 @@ class BackendPool:
         n = len(self.backends)
         best, best_key = None, None
         for i, b in enumerate(self.backends):
-            # available() and has_slot() inlined: this runs on every request.
-            if b.up and now >= b.cooldown_until and b.outstanding < b.config.max_concurrency:
+            if b.available(now) and b.has_slot():
                 key = (b.outstanding, (i + self._rr) % n)
                 if best_key is None or key < best_key:
                     best, best_key = b, key

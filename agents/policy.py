@@ -46,10 +46,7 @@ def capped_max_tokens(data: dict, cap: int) -> int:
     shortest = cap
     for name in LENGTH_FIELDS:
         if name in data:
-            asked = data[name]
-            # asked_length's check, inlined for the common case: a positive int.
-            if type(asked) is not int or asked < 1:
-                asked = asked_length(data, name)
+            asked = asked_length(data, name)
             if asked is not None and asked < shortest:
                 shortest = asked
     return shortest

@@ -138,7 +138,7 @@ class SseTally:
         whole, self.pending = buf[:cut], buf[cut:]
         if whole:
             self.events += whole.count(b"data:")
-            if TOOL_CALLS_MARK in whole or (self.guard.choices and self.guard.note_pending):
+            if TOOL_CALLS_MARK in whole or self.guard.note_pending:
                 whole = screened_events(whole, self.guard)
             self.skim(whole)
             if self.keep_text:
@@ -472,8 +472,7 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
         else:
             st.response.release()
         release(mux, st.grant, failed=failed)
-        if st.tally.guard.choices:
-            audit_client_tools(mux, turn, "blocked", st.tally.guard.blocked)
+        audit_client_tools(mux, turn, "blocked", st.tally.guard.blocked)
         if not (failed or cancelled):
             finish(mux, turn, st.grant, st.tally.result(), st.sent, st.first_byte)
     if tail is not None:

@@ -62,10 +62,7 @@ def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[bytes, bytes
           arrived: float) -> Turn:
     messages = valid_messages(data)
     raw_session = headers.get(b"x-session-id")
-    if raw_session is not None:
-        session = session_of(raw_session.decode("latin-1"), data)
-    else:
-        session = session_of(None, data) if "session" in data else None
+    session = session_of(raw_session.decode("latin-1") if raw_session is not None else None, data)
     wait = mux.limiter.take(ident.name, role.rate_limit.requests_per_minute) if mux.config.rate_limits else 0.0
     if wait:
         mux.metrics.rejections.labels("rate_limited").inc()
