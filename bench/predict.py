@@ -9,9 +9,10 @@ The model:
   Where the engine's own batch table was measured (`measured` with llama.cpp, bench/engine_table),
   the compute side is the table's instead: c * 2P / F(c) + c * ctx * kv * a(c), with F(c) the
   matrix products' compute at batch c and a(c) attention's seconds per KV byte, both read off the
-  table and interpolated in log2(c). On a CPU the per-stream cost of a step falls as the batch
-  grows (2 cores: 8.6 ms a token at batch 1, 3.6 at 16), and attention over a 512-token context
-  costs a third as much again, so neither the constant F nor KV bytes over bandwidth holds there.
+  table (each point smoothed with its neighbouring batches) and interpolated in log2(c). On a CPU
+  the per-stream cost of a step falls as the batch grows (2 cores: 8.6 ms a token at batch 1, 3.6
+  at 16), and attention over a 512-token context costs a third as much again, so neither the
+  constant F nor KV bytes over bandwidth holds there.
 - Prefill costs (prompt - cached) * 2P / F_prefill, where `cached` is what the engine's prefix
   cache serves: the role's shared system prompt, or a session's earlier turns as well.
 - A closed loop of c agents, each sending its next request `think` seconds after its last answer.
@@ -46,7 +47,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bench.engine_table import EngineTable
+from bench.engine_table import EngineTable, smoothed
 from bench.serving import LevelResult
 from bench.workloads import SyntheticWorkload, make_workload
 from dgxready.config import load_yaml
@@ -448,9 +449,11 @@ def level_shape(workload: WorkloadShape, level: LevelResult) -> WorkloadShape:
 
 
 def batch_curve(table: EngineTable, model: ModelShape) -> list[BatchPoint]:
-    """F(B) and a(B) of `model` from its engine table: attention's cost is the step's growth from
-    context 0 to the table's depth, over that many tokens of KV per stream; the products' is what
-    is left of the step at context 0 (whose tokens attend over half the test's prompt)."""
+    """F(B) and a(B) of `model` from its engine table, smoothed across neighbouring batches
+    (engine_table.smoothed): attention's cost is the step's growth from context 0 to the table's
+    depth, over that many tokens of KV per stream; the products' is what is left of the step at
+    context 0 (whose tokens attend over half the test's prompt)."""
+    table = smoothed(table)
     deep = max(table.depths)
     kv = model.kv_bytes_per_token
     out = []

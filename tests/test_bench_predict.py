@@ -11,7 +11,7 @@ import yaml
 from rich.console import Console
 
 from bench import runner
-from bench.engine_table import parse_table
+from bench.engine_table import BATCHES, EnginePoint, EngineTable, parse_table, smoothed
 from bench.metrics import RequestRecord
 from bench.predict import (
     ModelShape,
@@ -43,6 +43,8 @@ from dgxready.roles import load_roles
 from model.catalog import load_catalog
 
 PUBLISHED = yaml.safe_load((Path(__file__).parent / "fixtures" / "predict" / "published.yaml").read_text())
+VM_CHECKS = yaml.safe_load((Path(__file__).parent / "fixtures" / "predict" / "vm-checks.yaml").read_text())
+REFERENCE = Path(__file__).parents[1] / "bench" / "baselines" / "reference"
 PROFILES = load_profiles()
 CATALOG = load_catalog()
 ROLES = list(load_roles().values())
@@ -66,6 +68,19 @@ def test_each_published_decode_rate_is_predicted_within_15_percent_by_one_parame
         assert batch / step == pytest.approx(published, rel=0.15), f"batch {batch}"
     prompt = entry["context_tokens"]
     assert prompt / prefill(sc, prompt) == pytest.approx(entry["prefill_tokens_per_s"], rel=0.15)
+
+
+@pytest.mark.parametrize("run", VM_CHECKS, ids=[r["baseline"] for r in VM_CHECKS])
+def test_the_vm_checks_the_readme_quotes_are_what_the_committed_baselines_give(run):
+    path = REFERENCE / run["baseline"]
+    baseline = load_baseline(path)
+    model, fmt = requested_model(None, None, baseline, CATALOG, str(path))
+    req = PredictRequest("measured", model, fmt, "f16", run["workload"], 4096, 10, 6.0)
+    checks = predict_from(req, CATALOG, PROFILES, ROLES, baseline, str(path)).checks
+    errors = {c.concurrency: [100 * c.e2el_error, 100 * c.tokens_error] for c in checks}
+    assert errors.keys() == run["errors"].keys()
+    for c, quoted in run["errors"].items():
+        assert errors[c] == pytest.approx(quoted, abs=0.5), f"{c} agents"
 
 
 def spark_prediction(**changes):
@@ -264,18 +279,41 @@ def engine_scenario(curve, prompt_tokens: float, output_tokens: float = 0.0) -> 
     return Scenario(1e6, engine, SMOLLM, workload)
 
 
-def test_the_batch_curve_gives_back_the_engines_own_step_at_every_measured_batch_and_context():
-    curve = batch_curve(ENGINE_TABLE, SMOLLM)
-    for depth in ENGINE_TABLE.depths:
-        sc = engine_scenario(curve, depth + ENGINE_TABLE.prompt_tokens / 2)
-        for b in ENGINE_TABLE.batches:
-            measured = ENGINE_TABLE.point(b, depth).step_s
-            assert decode_step(sc, b)[0] == pytest.approx(measured, rel=0.01), (b, depth)
+def power_law_table(exponent: float = -0.3) -> EngineTable:
+    """The fixture's batches and depths with a per-stream step of exactly t(depth) * batch**exponent."""
+    def rate(p):
+        return 1 / (0.006 * (1 + p.depth / 1000) * p.batch ** exponent)
+    return replace(ENGINE_TABLE, points=[replace(p, tokens_per_s=rate(p)) for p in ENGINE_TABLE.points])
+
+
+def test_the_batch_curve_gives_back_a_smooth_engines_step_at_every_measured_batch_and_context():
+    table = power_law_table()
+    curve = batch_curve(table, SMOLLM)
+    for depth in table.depths:
+        sc = engine_scenario(curve, depth + table.prompt_tokens / 2)
+        for b in table.batches:
+            assert decode_step(sc, b)[0] == pytest.approx(table.point(b, depth).step_s, rel=0.01), (b, depth)
     sc = engine_scenario(curve, 256)
     steps = {c: decode_step(sc, c)[0] for c in (8, 12, 16, 128)}
     assert steps[8] < steps[12] < steps[16]
     assert steps[128] / 128 == pytest.approx(steps[16] / 16 * (decode_step(sc, 64)[0] / 64) / (steps[16] / 16),
                                              rel=0.01), "beyond the table a stream costs what it did at its end"
+
+
+def test_one_slow_point_of_the_engine_table_moves_the_curve_by_a_fraction_of_its_excess():
+    table = power_law_table()
+    slow = replace(table, points=[replace(p, tokens_per_s=p.tokens_per_s / 1.25) if (p.batch, p.depth) == (2, 0)
+                                  else p for p in table.points])
+    sc, sc_slow = (engine_scenario(batch_curve(t, SMOLLM), table.prompt_tokens / 2) for t in (table, slow))
+    assert 1.0 < decode_step(sc_slow, 2)[0] / decode_step(sc, 2)[0] < 1.12
+    assert decode_step(sc_slow, 16)[0] == pytest.approx(decode_step(sc, 16)[0], rel=0.01)
+
+
+def test_smoothing_follows_a_gpu_tables_bend_from_memory_to_compute_bound():
+    gpu = [0.010] * 5 + [0.014, 0.024]
+    table = EngineTable("m", 1, 64, [EnginePoint(b, 0, b / s, 0.0) for b, s in zip(BATCHES, gpu, strict=True)])
+    for point in smoothed(table).points:
+        assert point.step_s == pytest.approx(gpu[BATCHES.index(point.batch)], rel=0.17), point.batch
 
 
 def simulated_server_level(curve, c: int, factor: float, prompt: int, output: int, rng) -> object:
@@ -294,7 +332,7 @@ def simulated_server_level(curve, c: int, factor: float, prompt: int, output: in
 
 
 def test_calibration_with_the_engines_curve_predicts_the_steps_of_larger_batches_where_a_constant_rate_cannot():
-    curve = batch_curve(ENGINE_TABLE, SMOLLM)
+    curve = batch_curve(power_law_table(), SMOLLM)
     rng = np.random.default_rng(3)
     one, two, sixteen = (simulated_server_level(curve, c, 1.1, 500, 100, rng) for c in (1, 2, 16))
     workload = WorkloadShape("agents", 500, 500, 0, 0, 100, 100)
