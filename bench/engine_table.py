@@ -107,11 +107,13 @@ def merged(tables: list[EngineTable]) -> EngineTable:
 def smoothed(table: EngineTable, neighbours: int = SMOOTHING_NEIGHBOURS) -> EngineTable:
     """The table with each point's per-stream step read off a line fitted in log-log (log step per
     stream against log batch) through it and its `neighbours` batches on each side, at the same
-    depth. A point of three passes still moves 10-25% between runs on the 2-core VM (batch 2 at
-    context 0: 10.9 ms in one run, 13.4 ms in the next), and calibration divides the server's
-    steps at 1 and 2 streams by the engine's, so one such point tilted every prediction. A line
-    through three points follows a GPU table's bend from memory- to compute-bound (within 17% at
-    a sharp corner), where one power law over all batches would flatten it."""
+    depth; with one neighbour, a batch between two others gets the geometric mean of the three
+    per-stream steps, and the first and last batches keep their own. A point of three passes
+    still moves 10-25% between runs on the 2-core VM (batch 2 at context 0: 10.9 ms in one run,
+    13.4 ms in the next), and calibration divides the server's steps at 1 and 2 streams by the
+    engine's, so one such point tilted every prediction. A line through three points follows a
+    GPU table's bend from memory- to compute-bound (within 17% at a sharp corner), where one power
+    law over all batches would flatten it."""
     points = []
     for depth in table.depths:
         row = sorted((p for p in table.points if p.depth == depth), key=lambda p: p.batch)

@@ -2,12 +2,15 @@
 the answer to the 10-agent question, calibration, the document and bad input."""
 import io
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 from rich.console import Console
 
 from bench import runner
@@ -307,6 +310,16 @@ def test_one_slow_point_of_the_engine_table_moves_the_curve_by_a_fraction_of_its
     sc, sc_slow = (engine_scenario(batch_curve(t, SMOLLM), table.prompt_tokens / 2) for t in (table, slow))
     assert 1.0 < decode_step(sc_slow, 2)[0] / decode_step(sc, 2)[0] < 1.12
     assert decode_step(sc_slow, 16)[0] == pytest.approx(decode_step(sc, 16)[0], rel=0.01)
+
+
+@given(st.lists(st.floats(min_value=1e-3, max_value=1e6), min_size=len(BATCHES), max_size=len(BATCHES)))
+def test_smoothing_keeps_the_end_batches_and_gives_each_other_the_geometric_mean_of_its_neighbours(rates):
+    table = EngineTable("m", 1, 64, [EnginePoint(b, 0, r, 0.0) for b, r in zip(BATCHES, rates, strict=True)])
+    out = {p.batch: p.tokens_per_s for p in smoothed(table).points}
+    assert out.keys() == set(BATCHES)
+    assert out[BATCHES[0]] == pytest.approx(rates[0]) and out[BATCHES[-1]] == pytest.approx(rates[-1])
+    for i in range(1, len(BATCHES) - 1):
+        assert out[BATCHES[i]] == pytest.approx(math.prod(rates[i - 1:i + 2]) ** (1 / 3), rel=1e-6)
 
 
 def test_smoothing_follows_a_gpu_tables_bend_from_memory_to_compute_bound():
