@@ -55,8 +55,9 @@ def message_chars(message: dict) -> int:
     return len(message_text(message))
 
 
-def estimate_tokens(prompt: list[dict], max_tokens: int) -> float:
-    chars = 0
+def estimate_tokens(prompt: list[dict], max_tokens: int, counted_chars: int = 0) -> float:
+    """About 4 characters a token, over `prompt` and `counted_chars` already counted elsewhere."""
+    chars = counted_chars
     for message in prompt:
         content = message.get("content")
         # message_chars inlined for a plain message: this runs on every turn.

@@ -24,6 +24,7 @@ from agents.messages import INSTRUCTION_ROLES, estimate_tokens, valid_messages
 from agents.mux import Mux
 from agents.policy import screen_request
 from agents.proxy import Turn, audit_client_tools, complete, open_stream, relay
+from agents.state import NO_HISTORY, History
 from agents.tools import ToolCall
 from dgxready.roles import Role
 from model.backend import ENGINE_CLIENT_KEEPALIVE_S
@@ -45,17 +46,34 @@ def session_of(header: str | None, data: dict) -> str | None:
     return session
 
 
-def build_prompt(mux: Mux, turn: Turn) -> list[dict]:
+@dataclass(frozen=True)
+class PromptParts:
+    """What a turn sends the model: the instructions (the client's, else the role's) and the
+    knowledge notice, the session's history, and the rest of the client's messages."""
+    head: list[dict]
+    history: History
+    rest: list[dict]
+
+    @property
+    def messages(self) -> list[dict]:
+        return self.head + self.history.messages + self.rest
+
+
+def prompt_parts(mux: Mux, turn: Turn) -> PromptParts:
     system, rest = [], []
     for message in turn.messages:
         (system if message["role"] in INSTRUCTION_ROLES else rest).append(message)
     system = system or [{"role": "system", "content": turn.role.system_prompt()}]
     keep = mux.config.history_turns
     # A tool-calling client's turn can hold many messages: at most 2 per turn are sent.
-    history = mux.store.recent_history(turn.ident.name, turn.session, keep)[-2 * keep:] \
-        if turn.session and keep else []
+    history = mux.store.recent_history(turn.ident.name, turn.session, keep).last(2 * keep) \
+        if turn.session and keep else NO_HISTORY
     notice = notice_messages(mux.knowledge, turn.ident.name, turn.role.name, turn.role.knowledge_notice_tokens)
-    return system + notice + history + rest
+    return PromptParts(system + notice, history, rest)
+
+
+def build_prompt(mux: Mux, turn: Turn) -> list[dict]:
+    return prompt_parts(mux, turn).messages
 
 
 def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[bytes, bytes], data: dict,
@@ -94,11 +112,13 @@ def refuse_or_drop_tools(mux: Mux, turn: Turn, denied: list[str]) -> None:
 
 def prepare(mux: Mux, turn: Turn) -> None:
     """The prompt with the session's history, read while the session's lock is held."""
-    turn.prompt = build_prompt(mux, turn)
+    parts = prompt_parts(mux, turn)
+    turn.prompt = parts.messages
     # Charged at dispatch: the prompt, plus for a non-streamed answer the agent's typical output;
     # a stream's output is charged as it arrives. The answer's usage settles the difference.
     typical = mux.typical_output.get(turn.ident.name, turn.max_tokens)
-    turn.cost = estimate_tokens(turn.prompt, 0 if turn.data.get("stream") else min(turn.max_tokens, typical))
+    output = 0 if turn.data.get("stream") else min(turn.max_tokens, typical)
+    turn.cost = estimate_tokens(parts.head + parts.rest, output, parts.history.chars)
 
 
 async def chat(mux: Mux, scope: dict, receive: Receive, send: Send) -> None:

@@ -14,10 +14,12 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 import orjson
 
+from agents.messages import message_chars
 from agents.turnlog import PendingTurn, TurnLog
 from dgxready.sqlitefiles import create_private, restrict
 
@@ -81,22 +83,42 @@ class SessionState:
     kept_turns: int = 0
 
 
+@dataclass(frozen=True)
+class History:
+    """Messages of a session's latest turns, oldest first, and their characters as the token
+    estimate counts them (agents.messages.message_chars): counted once, when a turn is kept,
+    instead of on every later turn that sends it."""
+    messages: list[dict]
+    chars: int
+
+    @classmethod
+    def of(cls, messages: list[dict]) -> History:
+        return cls(messages, sum(map(message_chars, messages)))
+
+    def last(self, count: int) -> History:
+        return self if len(self.messages) <= count else History.of(self.messages[-count:])
+
+
+NO_HISTORY = History([], 0)
+CHARS = attrgetter("chars")
+
+
 @dataclass
 class CachedSession:
-    """A session's counters, the sizes of its kept turns and the messages of the newest of
-    them, oldest first."""
+    """A session's counters, the sizes of its kept turns and the newest of them, oldest first."""
     turns: int
     kept: int
     kept_bytes: int
     sizes: deque = field(default_factory=deque)
-    recent: deque = field(default_factory=lambda: deque(maxlen=CACHED_TURNS))
+    recent: deque[History] = field(default_factory=lambda: deque(maxlen=CACHED_TURNS))
 
-    def history(self, turns: int) -> list[dict] | None:
-        """The last `turns` turns' messages, or None when fewer of the kept turns are held."""
+    def history(self, turns: int) -> History | None:
+        """The last `turns` turns, or None when fewer of the kept turns are held."""
         held = len(self.recent)
         if turns > held and self.kept > held:
             return None
-        return [m for messages in list(self.recent)[max(0, held - turns):] for m in messages]
+        picked = list(self.recent)[max(0, held - turns):]
+        return History([m for turn in picked for m in turn.messages], sum(map(CHARS, picked)))
 
     def add(self, messages: list[dict], size: int, limits: StateLimits) -> None:
         """The next turn, then the oldest dropped while the bounds are exceeded (the newest stays)."""
@@ -104,7 +126,7 @@ class CachedSession:
         self.kept += 1
         self.kept_bytes += size
         self.sizes.append(size)
-        self.recent.append(messages)
+        self.recent.append(History.of(messages))
         while self.kept > 1 and (self.kept > limits.session_max_turns
                                  or self.kept_bytes > limits.session_max_bytes):
             self.kept -= 1
@@ -221,11 +243,11 @@ class StateStore:
             return SessionState(agent, session, [], 0)
         return SessionState(agent, session, [m for (text,) in rows for m in orjson.loads(text)], row[0], row[1])
 
-    def recent_history(self, agent: str, session: str, turns: int) -> list[dict]:
-        """The messages of the session's last `turns` turns, oldest first: from memory when held,
-        else reading those rows only."""
+    def recent_history(self, agent: str, session: str, turns: int) -> History:
+        """The session's last `turns` turns, oldest first: from memory when held, else reading
+        those rows only."""
         if turns <= 0:
-            return []
+            return NO_HISTORY
         with self._lock:
             cached = self._cached(agent, session)
             held = cached.history(turns) if cached else None
@@ -234,7 +256,7 @@ class StateStore:
             self._flush_locked()
             rows = self._db.execute("SELECT messages FROM session_turns WHERE agent=? AND session=? "
                                     "ORDER BY turn DESC LIMIT ?", (agent, session, turns)).fetchall()
-        return [m for (text,) in reversed(rows) for m in orjson.loads(text)]
+        return History.of([m for (text,) in reversed(rows) for m in orjson.loads(text)])
 
     def _cached(self, agent: str, session: str) -> CachedSession | None:
         cached = self._sessions.get((agent, session))
@@ -256,7 +278,7 @@ class StateStore:
             cached.kept, cached.kept_bytes = len(cached.sizes), sum(cached.sizes)
             rows = db.execute("SELECT messages FROM session_turns WHERE agent=? AND session=? "
                               "ORDER BY turn DESC LIMIT ?", (agent, session, CACHED_TURNS)).fetchall()
-            cached.recent.extend(orjson.loads(text) for (text,) in reversed(rows))
+            cached.recent.extend(History.of(orjson.loads(text)) for (text,) in reversed(rows))
         self._sessions[(agent, session)] = cached
         while len(self._sessions) > CACHED_SESSIONS:
             self._sessions.popitem(last=False)

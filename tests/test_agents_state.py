@@ -4,15 +4,24 @@ import errno
 import json
 import os
 import sqlite3
+import tempfile
 import time
+from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from agents.config import BackendConfig, MuxConfig
+from agents.config import AgentIdentity, BackendConfig, MuxConfig
+from agents.messages import estimate_tokens, message_chars
+from agents.mux import create_mux
+from agents.proxy import Turn
+from agents.server import prepare
 from agents.state import CACHED_TURNS, DAY_S, StateLimits, StateStore
 from agents.turnlog import TurnLog
+from dgxready.roles import load_roles
 
 TURN = [{"role": "user", "content": "u" * 100}, {"role": "assistant", "content": "a" * 100}]
 UNBOUNDED = StateLimits(session_max_turns=100_000, session_max_bytes=1 << 30)
@@ -108,8 +117,8 @@ def test_the_prompts_history_reads_only_the_last_turns_asked_for(tmp_path):
         store.append_turn("dev", "long", turn(n))
         if n < 8:
             store.append_turn("dev", "short", turn(n))
-    assert store.recent_history("dev", "long", 2) == turn(498) + turn(499)
-    assert store.recent_history("dev", "long", 0) == []
+    assert store.recent_history("dev", "long", 2).messages == turn(498) + turn(499)
+    assert store.recent_history("dev", "long", 0).messages == []
     short = vm_steps(store, lambda: store.recent_history("dev", "short", 8))
     long = vm_steps(store, lambda: store.recent_history("dev", "long", 8))
     assert long == short, "reading 8 turns of 500 costs what reading a session of 8 does"
@@ -170,7 +179,7 @@ def test_a_database_from_the_first_schema_opens_with_its_sessions_as_turns(tmp_p
     assert view.turns == 3 and view.history == turn(1) + turn(2)
     assert store.session("dev", "empty").turns == 5, "a session with no history keeps its count"
     assert store.append_turn("dev", "s", turn(3)) == 4
-    assert store.recent_history("dev", "s", 1) == turn(3)
+    assert store.recent_history("dev", "s", 1).messages == turn(3)
     store.close()
     with sqlite3.connect(path) as db:
         assert "history" not in {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
@@ -259,9 +268,9 @@ def test_the_history_held_in_memory_is_what_the_file_holds(tmp_path):
     reopened = StateStore(tmp_path / "s.db", StateLimits(session_max_turns=CACHED_TURNS + 8))
     for turns in (1, 8, CACHED_TURNS, CACHED_TURNS + 8):
         assert store.recent_history("dev", "s", turns) == reopened.recent_history("dev", "s", turns)
-    assert store.recent_history("dev", "s", CACHED_TURNS + 8) == store.session("dev", "s").history
+    assert store.recent_history("dev", "s", CACHED_TURNS + 8).messages == store.session("dev", "s").history
     assert reopened.append_turn("dev", "s", turn(99)) == CACHED_TURNS + 21
-    assert reopened.recent_history("dev", "s", 2) == turn(CACHED_TURNS + 19) + turn(99)
+    assert reopened.recent_history("dev", "s", 2).messages == turn(CACHED_TURNS + 19) + turn(99)
 
 
 def file_turns(path, agent: str, session: str) -> list[int]:
@@ -275,7 +284,7 @@ def test_deferred_turns_are_in_the_history_at_once_and_in_the_file_after_one_flu
     store = StateStore(tmp_path / "s.db")
     assert store.append_turn("dev", "s", turn(1)) == 1
     assert [store.append_turn("dev", "s", turn(n), defer=True) for n in (2, 3)] == [2, 3]
-    assert store.recent_history("dev", "s", 2) == turn(2) + turn(3)
+    assert store.recent_history("dev", "s", 2).messages == turn(2) + turn(3)
     assert file_turns(tmp_path / "s.db", "dev", "s") == [1] and store.pending_turns == 2
     assert store.flush_turns() == 2 and store.pending_turns == 0
     assert file_turns(tmp_path / "s.db", "dev", "s") == [1, 2, 3]
@@ -318,7 +327,7 @@ def test_a_session_evicted_with_deferred_turns_is_read_back_whole(tmp_path, monk
     store.append_turn("dev", "b", turn(2), defer=True)
     store.append_turn("dev", "c", turn(3), defer=True)  # "a" leaves the memory before its row is written
     assert store.append_turn("dev", "a", turn(4), defer=True) == 2
-    assert store.recent_history("dev", "a", 8) == turn(1) + turn(4)
+    assert store.recent_history("dev", "a", 8).messages == turn(1) + turn(4)
 
 
 def test_a_failed_move_into_the_tables_keeps_the_journaled_turns_for_the_next_one(tmp_path, monkeypatch):
@@ -336,7 +345,7 @@ def test_a_failed_move_into_the_tables_keeps_the_journaled_turns_for_the_next_on
         store.flush_turns()
     monkeypatch.setattr(StateStore, "_write_turns", staticmethod(write))
     assert store.journaled_turns == 1
-    assert store.recent_history("dev", "s", 8) == turn(1) + turn(2), "the journal still holds turn 2"
+    assert store.recent_history("dev", "s", 8).messages == turn(1) + turn(2), "the journal still holds turn 2"
     assert store.append_turn("dev", "s", turn(3)) == 3
     assert file_turns(tmp_path / "s.db", "dev", "s") == [1, 2, 3]
 
@@ -354,6 +363,57 @@ def test_a_failed_journal_write_loses_only_its_turns_and_the_memory_follows_the_
         store.journal_turns()
     monkeypatch.undo()
     assert store.pending_turns == 0 and store.journaled_turns == 0
-    assert store.recent_history("dev", "s", 8) == turn(1), "the history is the file's again"
+    assert store.recent_history("dev", "s", 8).messages == turn(1), "the history is the file's again"
     assert store.append_turn("dev", "s", turn(3)) == 2
     assert file_turns(tmp_path / "s.db", "dev", "s") == [1, 2]
+
+
+TEXT_PART = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10)})
+HISTORY_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "tool"]),
+     "content": st.one_of(st.none(), st.text(max_size=30), st.lists(TEXT_PART, max_size=2))},
+    optional={"tool_calls": st.lists(st.fixed_dictionaries(
+        {"function": st.fixed_dictionaries({"name": st.text(max_size=5), "arguments": st.text(max_size=10)})}),
+        max_size=2)})
+
+
+@settings(max_examples=25, deadline=None)
+@given(turns=st.lists(st.lists(HISTORY_MESSAGE, min_size=1, max_size=4), min_size=1, max_size=6),
+       keep=st.integers(min_value=1, max_value=8))
+def test_a_historys_character_count_is_its_messages_whether_read_from_memory_or_from_the_file(turns, keep):
+    with tempfile.TemporaryDirectory() as tmp:
+        store = StateStore(Path(tmp) / "s.db")
+        for messages in turns:
+            store.append_turn("dev", "s", messages)
+        held = store.recent_history("dev", "s", keep)
+        reopened = StateStore(Path(tmp) / "s.db")
+        read = reopened.recent_history("dev", "s", keep)
+        assert held == read
+        assert held.chars == sum(message_chars(m) for m in held.messages)
+        last = held.last(2)
+        assert last.messages == held.messages[-2:]
+        assert last.chars == sum(message_chars(m) for m in last.messages)
+        store.close()
+        reopened.close()
+
+
+def test_a_session_turns_cost_counts_its_history_as_an_estimate_over_the_whole_prompt_would(tmp_path):
+    roles = load_roles()
+    config = MuxConfig(port=0, backends=[BackendConfig(name="local", url="http://127.0.0.1:1")],
+                       state_db=tmp_path / "mux.db", history_turns=2)
+    ident = AgentIdentity(name="developer-1", role="developer", key="k" * 20)
+    mux = create_mux(config, roles, {"d": ident}, StateStore(tmp_path / "mux.db"))
+    calls = [{"function": {"name": "run_tests", "arguments": '{"path": "tests/"}'}}]
+    result = {"role": "tool", "content": [{"type": "text", "text": "2 failed"}]}
+    mux.store.append_turn("developer-1", "s", turn(1))
+    asked = {"role": "assistant", "content": None, "tool_calls": calls}
+    mux.store.append_turn("developer-1", "s", [{"role": "user", "content": "fix it"}, asked, result])
+    mux.store.append_turn("developer-1", "s", turn(3))
+    for data in ({"stream": True}, {}):
+        ask = Turn(ident, roles["developer"], "s", [{"role": "user", "content": "next"}], data,
+                   time.monotonic() + 60, 0.0, {}, None, 64)
+        prepare(mux, ask)
+        sent = ask.prompt[1:-1]
+        assert sent == [asked, result, *turn(3)], "two turns' worth: 4 of the last two turns' 5 messages"
+        output = 0 if data else 64
+        assert ask.cost == pytest.approx(estimate_tokens(ask.prompt, output))
