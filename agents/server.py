@@ -72,10 +72,6 @@ def prompt_parts(mux: Mux, turn: Turn) -> PromptParts:
     return PromptParts(system + notice, history, rest)
 
 
-def build_prompt(mux: Mux, turn: Turn) -> list[dict]:
-    return prompt_parts(mux, turn).messages
-
-
 def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[bytes, bytes], data: dict,
           arrived: float) -> Turn:
     messages = valid_messages(data)
