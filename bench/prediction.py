@@ -218,7 +218,8 @@ def checks_against(baseline: Baseline, setting: Setting, model: ModelShape, role
                    ) -> list[LevelCheck]:
     """Every sweep level beyond the calibration's, predicted with the tokens that level's requests
     had (a level of a few requests draws prompts and outputs of its own from the workload; the
-    check is of the engine model, not of that draw)."""
+    check is of the engine model, not of that draw), and as a run of that level's requests per
+    agent, whose agents started at once."""
     if not baseline.serving:
         return []
     out = []
@@ -228,8 +229,9 @@ def checks_against(baseline: Baseline, setting: Setting, model: ModelShape, role
             continue
         sc = Scenario(setting.bandwidth_gbps, setting.params, model,
                       sweep_shape(baseline, roles, lv.level_result()))
-        out.append(LevelCheck.of(lv.concurrency, sc.workload.name, predict_level(sc, lv.concurrency),
-                                 m.e2el.p95, m.output_throughput, m.completed))
+        predicted = predict_level(sc, lv.concurrency, rounds=m.completed / lv.concurrency)
+        out.append(LevelCheck.of(lv.concurrency, sc.workload.name, predicted, m.e2el.p95,
+                                 m.output_throughput, m.completed))
     return out
 
 

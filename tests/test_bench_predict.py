@@ -23,6 +23,7 @@ from bench.predict import (
     batch_curve,
     calibrate,
     decode_step,
+    first_round_share,
     load_profiles,
     model_shape,
     predict_level,
@@ -147,6 +148,64 @@ def test_calibration_on_concurrency_1_and_2_recovers_an_engine_that_follows_the_
     refit = replace(sc, engine=fitted)
     for c in (4, 8, 16):
         assert predict_level(refit, c).e2el_mean_s == pytest.approx(predict_level(sc, c).e2el_mean_s, rel=0.1)
+
+
+def simulated_run(sc: Scenario, c: int, rounds: int, prompts, outputs) -> np.ndarray:
+    """E2EL of every request of a closed loop of c agents, rounds * c requests, all c sent at once at
+    the start, on a simulated engine: a waiting prompt's prefill (the model's cost) runs before any
+    decode step, and a decode step (the model's cost at that batch) gives each stream a token."""
+    total, sent, now = rounds * c, 0, 0.0
+    waiting, active, e2el = [], [], []
+
+    def send(at: float) -> None:
+        nonlocal sent
+        waiting.append((at, prompts[sent], outputs[sent]))
+        sent += 1
+
+    for _ in range(c):
+        send(0.0)
+    while len(e2el) < total:
+        if waiting:
+            at, prompt, output = waiting.pop(0)
+            now += prefill(sc, prompt)
+            active.append([at, output - 1])
+            continue
+        now += decode_step(sc, len(active))[0]
+        for stream in active:
+            stream[1] -= 1
+        for stream in [s for s in active if s[1] <= 0]:
+            active.remove(stream)
+            e2el.append(now - stream[0])
+            if sent < total:
+                send(now)
+    return np.array(e2el)
+
+
+def test_a_run_whose_agents_start_at_once_is_predicted_within_10_percent_of_a_simulated_engine():
+    engine = PROFILES["dgx-spark"].engines["llamacpp"].model_copy(update={
+        "eta": 1.0, "step_overhead_ms": 5.0, "decode_tflops": 0.05, "prefill_tflops": 0.1,
+        "prefix_cache": "none", "batch_curve": []})
+    model = ModelShape("m", 135e6, 98e6, 2 * 30 * 3 * 64, 2.0)
+    sc = Scenario(10.0, engine, model, WorkloadShape("synthetic", 225, 337, 0, 0, 112, 126))
+    rng = np.random.default_rng(0)
+    for c in (4, 8, 16):
+        for rounds in (2, 4, 8):
+            n = rounds * c
+            simulated = np.percentile(simulated_run(sc, c, rounds, rng.uniform(100, 350, n),
+                                                    rng.integers(96, 129, n)), 95)
+            predicted = predict_level(sc, c, rounds=rounds).e2el_p95_s
+            assert predicted == pytest.approx(simulated, rel=0.1), f"{c} agents, {rounds} rounds"
+            if (c, rounds) == (16, 2):
+                assert predict_level(sc, c).e2el_p95_s < 0.92 * simulated, "the steady loop alone"
+
+
+def test_the_first_round_sets_the_p95_only_of_a_run_of_several_agents_and_fewer_than_20_rounds():
+    assert first_round_share(16, 4) == pytest.approx(0.8)
+    assert first_round_share(16, None) == first_round_share(1, 4) == first_round_share(16, 20) == 0
+    sc = Scenario(10.0, PROFILES["dgx-spark"].engines["llamacpp"], ModelShape("m", 135e6, 98e6, 11520, 2.0),
+                  WorkloadShape("synthetic", 225, 337, 0, 0, 112, 126))
+    assert predict_level(sc, 16, rounds=40) == predict_level(sc, 16)
+    assert predict_level(sc, 16, rounds=4).ttft_p95_s >= 16 * prefill(sc, 225)
 
 
 def test_the_prediction_document_is_schema_valid_and_the_committed_schema_is_current(tmp_path):
