@@ -1,7 +1,8 @@
 """bench.predict's document: the predicted curve, capacity, output-length limit and levers for a
 profile, model and workload, and (for `measured`) how the prediction fared against the levels it
-was not calibrated on. Validated on write against bench/schema/prediction-v3.schema.json (version 2
-added the engine's batch curve to the parameters, version 3 each check's request count), which is
+was not calibrated on, and the capacity answer against the baseline's capacity search. Validated on
+write against bench/schema/prediction-v4.schema.json (version 2 added the engine's batch curve to the
+parameters, version 3 each check's request count, version 4 the capacity search's check), which is
 generated from these models."""
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ from dgxready.files import atomic_write_text
 from dgxready.roles import Role
 from model.catalog import Catalog
 
-SCHEMA_ID = "dgxready-bench-prediction/3"
-SCHEMA_PATH = Path(__file__).with_name("schema") / "prediction-v3.schema.json"
+SCHEMA_ID = "dgxready-bench-prediction/4"
+SCHEMA_PATH = Path(__file__).with_name("schema") / "prediction-v4.schema.json"
 CHECK_BAR = 0.20
 CALIBRATION_LEVELS = (1, 2)
 # The model predicts a steady closed loop. A level's tok/s is its output over its whole duration,
@@ -102,10 +103,41 @@ class Prediction(BaseModel):
     levers: list[LeverEffect]
     checks: list[LevelCheck] = Field(default_factory=list, description="measured levels the calibration "
                                                                        "did not use, against the model")
+    capacity_check: CapacityCheck | None = Field(None, description="the capacity answer against the "
+                                                                   "baseline's capacity search")
 
     @property
     def meets_target(self) -> bool:
         return self.capacity >= self.target_agents
+
+
+@dataclass(frozen=True)
+class CapacityLevelCheck:
+    """A level of the capacity search, predicted as the run it was; `measured_meets` is the search's
+    own judgement of the level (its P95 against the SLO)."""
+    concurrency: int
+    requests: int
+    predicted_e2el_p95_s: float
+    measured_e2el_p95_s: float | None
+    measured_meets: bool
+
+
+@dataclass(frozen=True)
+class CapacityCheck:
+    """The capacity answer for the capacity search's workload and SLO (the steady loop) against the
+    search's in the same baseline (bench.capacity: a point estimate, and the range its confidence
+    could not narrow), with each level it measured."""
+    workload: str
+    slo_p95_e2el_s: float
+    predicted_capacity: int
+    measured_capacity: int
+    measured_low: int
+    measured_high: int
+    levels: list[CapacityLevelCheck]
+
+    @property
+    def within_range(self) -> bool:
+        return self.measured_low <= self.predicted_capacity <= self.measured_high
 
 
 @dataclass(frozen=True)
@@ -210,8 +242,7 @@ def measured_setting(baseline: Baseline, model: ModelShape, roles: list[Role], s
 
 def sweep_shape(baseline: Baseline, roles: list[Role], level: LevelResult) -> WorkloadShape:
     workload = baseline.serving.workload
-    max_tokens = int(workload.get("max_tokens") or max(workload.get("output_tokens", [128])))
-    return scaled_to_measured(workload_shape(workload["name"], max_tokens, roles), level)
+    return scaled_to_measured(workload_shape(workload["name"], output_cap(workload), roles), level)
 
 
 def checks_against(baseline: Baseline, setting: Setting, model: ModelShape, roles: list[Role]
@@ -235,8 +266,40 @@ def checks_against(baseline: Baseline, setting: Setting, model: ModelShape, role
     return out
 
 
+def capacity_check(baseline: Baseline, setting: Setting, model: ModelShape, roles: list[Role]
+                   ) -> CapacityCheck | None:
+    """The baseline's capacity search against the model, for the search's workload (with the
+    sweep's measured tokens where the sweep ran the same workload): each level as a run of its
+    requests per agent, per round of the search (bench.capacity's rounds start their agents at once)."""
+    search = baseline.capacity
+    if search is None:
+        return None
+    workload = search.workload
+    shape = workload_shape(workload["name"], output_cap(workload), roles)
+    one = serving_level(baseline, 1)
+    if one is not None and baseline.serving.workload.get("name") == workload["name"]:
+        shape = scaled_to_measured(shape, one)
+    sc = Scenario(setting.bandwidth_gbps, setting.params, model, shape)
+    levels = [CapacityLevelCheck(lv.concurrency, lv.num_requests,
+                                 predict_level(sc, lv.concurrency,
+                                               rounds=lv.num_requests / max(lv.rounds, 1) / lv.concurrency
+                                               ).e2el_p95_s,
+                                 lv.p95_e2el_s, lv.passed)
+              for lv in sorted(search.levels, key=lambda lv: lv.concurrency)]
+    point = search.max_concurrency_meeting_slo
+    return CapacityCheck(workload["name"], search.slo_p95_e2el_s, capacity(sc, search.slo_p95_e2el_s), point,
+                         point if search.capacity_low is None else search.capacity_low,
+                         point if search.capacity_high is None else search.capacity_high, levels)
+
+
+def output_cap(workload: dict) -> int:
+    """A baseline's workload's longest output: its max_tokens, or the top of its output range."""
+    return int(workload.get("max_tokens") or max(workload.get("output_tokens", [128])))
+
+
 def predict(req: PredictRequest, setting: Setting, model: ModelShape, roles: list[Role],
-            checks: list[LevelCheck] | None = None) -> Prediction:
+            checks: list[LevelCheck] | None = None, capacity_checked: CapacityCheck | None = None
+            ) -> Prediction:
     shape = workload_shape(req.workload, req.max_tokens, roles, req.think_s)
     sc = Scenario(setting.bandwidth_gbps, setting.params, model, shape)
     return Prediction(
@@ -245,7 +308,8 @@ def predict(req: PredictRequest, setting: Setting, model: ModelShape, roles: lis
         workload=shape, slo_p95_e2el_s=req.slo_s, target_agents=req.agents,
         levels=predict_curve(sc, sorted(set(req.levels) | {req.agents})),
         capacity=capacity(sc, req.slo_s), longest_output_tokens=longest_output(sc, req.agents, req.slo_s),
-        levers=ranked_levers(sc, req.agents, req.slo_s, setting.unified), checks=checks or [])
+        levers=ranked_levers(sc, req.agents, req.slo_s, setting.unified), checks=checks or [],
+        capacity_check=capacity_checked)
 
 
 def predict_from(req: PredictRequest, catalog: Catalog, profiles: dict[str, HardwareProfile],
@@ -258,7 +322,8 @@ def predict_from(req: PredictRequest, catalog: Catalog, profiles: dict[str, Hard
             raise DgxReadyError("--profile measured needs --baseline FILE (a bench.all result)")
         served = model_shape(catalog, *baseline_model(baseline, catalog, source), "f16")
         setting = measured_setting(baseline, served, roles, source)
-        return predict(req, setting, model, roles, checks_against(baseline, setting, served, roles))
+        return predict(req, setting, model, roles, checks_against(baseline, setting, served, roles),
+                       capacity_check(baseline, setting, served, roles))
     if req.profile not in profiles:
         raise DgxReadyError(f"--profile {req.profile!r}: choose measured or one of " + ", ".join(profiles))
     engine = req.engine or catalog.format(req.model, req.fmt).engine

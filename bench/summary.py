@@ -9,7 +9,7 @@ from rich.console import Console
 from bench.engine_table import EngineTable
 from bench.labels import agents_meet, workload_label
 from bench.metrics import ServingMetrics
-from bench.prediction import CHECK_BAR, STEADY_ROUNDS, Prediction
+from bench.prediction import CHECK_BAR, STEADY_ROUNDS, CapacityCheck, Prediction
 from bench.report import Baseline, Hardware, Micro, Serving
 from bench.roofline import Roofline
 from bench.serving import CapacityLevel, CapacityResult, LevelResult
@@ -176,6 +176,8 @@ def print_prediction(p: Prediction, out: Console) -> None:
     out.print(levers)
     if p.checks:
         print_checks(p, out)
+    if p.capacity_check:
+        print_capacity_check(p.capacity_check, out)
     colour = "green" if p.meets_target else "red"
     out.print(f"[bold {colour}]{prediction_headline(p)}[/]")
 
@@ -199,3 +201,20 @@ def print_checks(p: Prediction, out: Console) -> None:
                   f"prediction is a steady loop); `bench.all --sweep-requests {STEADY_ROUNDS * most}` "
                   "measures enough[/]")
     out.print(f"engine parameters {p.parameters.source}")
+
+
+def print_capacity_check(c: CapacityCheck, out: Console) -> None:
+    t = new_table(out, f"the capacity search of the same baseline against the model ({c.workload}, "
+                       f"P95 E2EL <= {c.slo_p95_e2el_s:g} s; each level predicted as the run it was)")
+    for col in ("agents", "requests", "P95 E2EL predicted", "measured", "search's verdict"):
+        t.add_column(col, justify="right")
+    for lv in c.levels:
+        measured = "-" if lv.measured_e2el_p95_s is None else f"{lv.measured_e2el_p95_s:.2f}"
+        t.add_row(str(lv.concurrency), str(lv.requests), f"{lv.predicted_e2el_p95_s:.2f}", measured,
+                  "meets" if lv.measured_meets else "misses")
+    out.print(t)
+    measured = (f"{c.measured_capacity}" if c.measured_low == c.measured_high
+                else f"{c.measured_capacity} (range {c.measured_low}\u2013{c.measured_high})")
+    verdict = "within its range" if c.within_range else "outside its range"
+    out.print(f"capacity: predicted {c.predicted_capacity} agents (the steady loop), bench.capacity "
+              f"measured {measured} in the same baseline: {verdict}")

@@ -1,6 +1,7 @@
 """bench.predict: the published DGX Spark figures reproduced by one set of parameters per engine,
 the answer to the 10-agent question, calibration, the document and bad input."""
 import io
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -41,7 +42,7 @@ from bench.prediction import (
 )
 from bench.report import load_baseline, write_baseline
 from bench.serving import level_from
-from bench.summary import prediction_headline, print_checks
+from bench.summary import prediction_headline, print_capacity_check, print_checks
 from dgxready.errors import DgxReadyError
 from dgxready.roles import load_roles
 from model.catalog import load_catalog
@@ -212,7 +213,7 @@ def test_the_prediction_document_is_schema_valid_and_the_committed_schema_is_cur
     assert json.loads(SCHEMA_PATH.read_text()) == generated_schema()
     json_path, png = runner.write_prediction_files(spark_prediction(), tmp_path)
     doc = json.loads(json_path.read_text())
-    assert doc["schema"] == "dgxready-bench-prediction/3" and doc["capacity"] == 0
+    assert doc["schema"] == "dgxready-bench-prediction/4" and doc["capacity"] == 0
     assert png.stat().st_size > 10_000
     broken = spark_prediction().model_copy(update={"capacity": -1})
     with pytest.raises(DgxReadyError, match="capacity.*minimum"):
@@ -498,3 +499,25 @@ def test_a_check_of_fewer_than_four_rounds_says_its_tok_s_includes_the_drain_and
     assert "16 agents: fewer than 4 rounds" in text and "--sweep-requests 64" in text
     assert "8 agents" not in text.split("fewer than")[0].splitlines()[-1]
     assert "fewer than" not in checked_levels_text(with_requests(noise_baseline(), {4: 16, 8: 32, 16: 64}))
+
+
+def test_a_measured_prediction_checks_its_capacity_answer_against_the_baselines_capacity_search():
+    path = REFERENCE / "vm-2core" / "agents-20261206T194834Z.json"
+    req = PredictRequest("measured", "smollm2-135m", "gguf-q4_1", "f16", "agents", 128, 10, 6.0)
+    checked = predict_from(req, CATALOG, PROFILES, ROLES, load_baseline(path), str(path)).capacity_check
+    assert checked is not None and checked.workload == "agents" and checked.slo_p95_e2el_s == 6.0
+    assert [(lv.concurrency, lv.requests, lv.measured_meets) for lv in checked.levels] == [
+        (1, 13, True), (2, 52, True), (3, 11, False), (4, 5, False)]
+    assert (checked.predicted_capacity, checked.measured_capacity) == (3, 2) and not checked.within_range
+    assert all(a.predicted_e2el_p95_s < b.predicted_e2el_p95_s for a, b in itertools.pairwise(checked.levels))
+    out = Console(file=io.StringIO(), width=300)
+    print_capacity_check(checked, out)
+    text = out.file.getvalue()
+    assert "predicted 3 agents" in text and "bench.capacity measured 2" in text and "outside its range" in text
+    assert "6.17" in text
+
+
+def test_a_baseline_without_a_capacity_search_has_no_capacity_check():
+    path = REFERENCE / "vm-2core" / "synthetic-20261206T201442Z.json"
+    req = PredictRequest("measured", "smollm2-135m", "gguf-q4_1", "f16", "synthetic", 128, 10, 6.0)
+    assert predict_from(req, CATALOG, PROFILES, ROLES, load_baseline(path), str(path)).capacity_check is None
