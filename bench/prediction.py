@@ -83,34 +83,6 @@ class LevelCheck:
         return abs(self.e2el_error) <= CHECK_BAR and abs(self.tokens_error) <= CHECK_BAR
 
 
-class Prediction(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    schema_id: str = Field(SCHEMA_ID, alias="schema")
-    profile: str
-    profile_source: str
-    engine: str
-    bandwidth_gbps: float
-    parameters: EngineParams
-    model: ModelShape
-    kv_dtype: str
-    workload: WorkloadShape
-    slo_p95_e2el_s: float
-    target_agents: int
-    levels: list[LevelPrediction]
-    capacity: int = Field(ge=0, description="largest number of agents whose predicted P95 E2EL meets the SLO")
-    longest_output_tokens: int = Field(ge=0, description="longest output the target agents can have "
-                                                         "under the SLO")
-    levers: list[LeverEffect]
-    checks: list[LevelCheck] = Field(default_factory=list, description="measured levels the calibration "
-                                                                       "did not use, against the model")
-    capacity_check: CapacityCheck | None = Field(None, description="the capacity answer against the "
-                                                                   "baseline's capacity search")
-
-    @property
-    def meets_target(self) -> bool:
-        return self.capacity >= self.target_agents
-
-
 @dataclass(frozen=True)
 class CapacityLevelCheck:
     """A level of the capacity search, predicted as the run it was; `measured_meets` is the search's
@@ -138,6 +110,34 @@ class CapacityCheck:
     @property
     def within_range(self) -> bool:
         return self.measured_low <= self.predicted_capacity <= self.measured_high
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    schema_id: str = Field(SCHEMA_ID, alias="schema")
+    profile: str
+    profile_source: str
+    engine: str
+    bandwidth_gbps: float
+    parameters: EngineParams
+    model: ModelShape
+    kv_dtype: str
+    workload: WorkloadShape
+    slo_p95_e2el_s: float
+    target_agents: int
+    levels: list[LevelPrediction]
+    capacity: int = Field(ge=0, description="largest number of agents whose predicted P95 E2EL meets the SLO")
+    longest_output_tokens: int = Field(ge=0, description="longest output the target agents can have "
+                                                         "under the SLO")
+    levers: list[LeverEffect]
+    checks: list[LevelCheck] = Field(default_factory=list, description="measured levels the calibration "
+                                                                       "did not use, against the model")
+    capacity_check: CapacityCheck | None = Field(None, description="the capacity answer against the "
+                                                                   "baseline's capacity search")
+
+    @property
+    def meets_target(self) -> bool:
+        return self.capacity >= self.target_agents
 
 
 @dataclass(frozen=True)

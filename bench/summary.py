@@ -206,12 +206,12 @@ def print_checks(p: Prediction, out: Console) -> None:
 def print_capacity_check(c: CapacityCheck, out: Console) -> None:
     t = new_table(out, f"the capacity search of the same baseline against the model ({c.workload}, "
                        f"P95 E2EL <= {c.slo_p95_e2el_s:g} s; each level predicted as the run it was)")
-    for col in ("agents", "requests", "P95 E2EL predicted", "measured", "search's verdict"):
+    for col in ("agents", "requests", "P95 E2EL predicted", "measured", "measured within SLO"):
         t.add_column(col, justify="right")
     for lv in c.levels:
         measured = "-" if lv.measured_e2el_p95_s is None else f"{lv.measured_e2el_p95_s:.2f}"
         t.add_row(str(lv.concurrency), str(lv.requests), f"{lv.predicted_e2el_p95_s:.2f}", measured,
-                  "meets" if lv.measured_meets else "misses")
+                  "yes" if lv.measured_meets else "no")
     out.print(t)
     measured = (f"{c.measured_capacity}" if c.measured_low == c.measured_high
                 else f"{c.measured_capacity} (range {c.measured_low}\u2013{c.measured_high})")
