@@ -1,10 +1,11 @@
 """The baseline document: one JSON per run, validated against a versioned JSON Schema that is
-generated from these models and committed as bench/schema/baseline-v4.schema.json. Version 2
+generated from these models and committed as bench/schema/baseline-v5.schema.json. Version 2
 added the samples that tell noise from change (per-request TPOT, STREAM repetitions, storage
 windows, network rounds) and the capacity range; version 3 adds each request's output tokens,
 whose spread the prediction's P95 request needs; version 4 the engine's own decode step by batch
-and context (`micro.engine`), which bench.predict's measured profile calibrates with. Older
-documents are still read, each checked against its own version's schema, kept beside it."""
+and context (`micro.engine`), which bench.predict's measured profile calibrates with; version 5
+each capacity level's per-request E2EL and TTFT. Older documents are still read, each checked
+against its own version's schema, kept beside it."""
 from __future__ import annotations
 
 import json
@@ -27,11 +28,12 @@ from dgxready.errors import DgxReadyError
 from dgxready.files import atomic_write_text
 
 SCHEMA_DIR = Path(__file__).with_name("schema")
-SCHEMA_ID = "dgxready-bench-baseline/4"
-SCHEMA_PATH = SCHEMA_DIR / "baseline-v4.schema.json"
+SCHEMA_ID = "dgxready-bench-baseline/5"
+SCHEMA_PATH = SCHEMA_DIR / "baseline-v5.schema.json"
 READABLE_SCHEMAS = {"dgxready-bench-baseline/1": SCHEMA_DIR / "baseline-v1.schema.json",
                     "dgxready-bench-baseline/2": SCHEMA_DIR / "baseline-v2.schema.json",
                     "dgxready-bench-baseline/3": SCHEMA_DIR / "baseline-v3.schema.json",
+                    "dgxready-bench-baseline/4": SCHEMA_DIR / "baseline-v4.schema.json",
                     SCHEMA_ID: SCHEMA_PATH}
 
 

@@ -93,7 +93,8 @@ class CapacityLevel:
     """One level as judged: `passed` and `reason` by the point estimate of the P95 E2EL;
     `verdict` by `attainment_interval`, the Wilson interval of the share of requests within the
     SLO at the search's confidence (`attainment_ci95` is the same at 95%); `rounds` measured and
-    pooled into `num_requests`."""
+    pooled into `num_requests`; each completed request's E2EL and TTFT, round after round, in the
+    order they completed (absent before schema version 5)."""
     concurrency: int
     num_requests: int
     failed: int
@@ -109,6 +110,8 @@ class CapacityLevel:
     attainment_interval: tuple[float, float] | None = None
     verdict: Verdict | None = None
     rounds: int = 1
+    e2el_samples: list[float] = field(default_factory=list)
+    ttft_samples: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,7 @@ def judge(level: LevelResult | PooledLevel, slo_s: float) -> CapacityLevel:
         pooled.concurrency, n, pooled.failed, _percentile(e2el, 50), p95, _percentile(e2el, 99),
         _percentile(pooled.ttft_samples, 95), pooled.output_throughput, within / n if n else 0.0,
         wilson_interval(within, n), passed, reason, interval, level_verdict(pooled.failed, interval),
-        len(pooled.rounds),
+        len(pooled.rounds), e2el, pooled.ttft_samples,
     )
 
 

@@ -142,6 +142,13 @@ def test_a_level_measured_again_is_judged_on_all_its_rounds():
     assert result.levels[0].num_requests == 64 and result.levels[0].rounds == 4
 
 
+def test_a_capacity_level_keeps_each_request_s_e2el_and_ttft_round_after_round():
+    rounds = (level_of(2, [1.0, 2.0, 3.0]), level_of(2, [4.0, 5.0]))
+    level = judge(PooledLevel(2, rounds), 6.0)
+    assert level.e2el_samples == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert level.ttft_samples == [0.1] * 5 and level.num_requests == 5
+
+
 def test_wilson_interval():
     lo, hi = wilson_interval(19, 20)
     assert lo == pytest.approx(0.7639, abs=1e-3) and hi == pytest.approx(0.9911, abs=1e-3)
