@@ -34,6 +34,8 @@ from bench.predict import (
 )
 from bench.report import Baseline
 from bench.serving import LevelResult
+from bench.verdict import output_cap
+from bench.workloads import DEFAULT_MAX_TOKENS
 from dgxready.errors import DgxReadyError
 from dgxready.files import atomic_write_text
 from dgxready.roles import Role
@@ -240,9 +242,13 @@ def measured_setting(baseline: Baseline, model: ModelShape, roles: list[Role], s
                    or "llamacpp", bandwidth, params, False)
 
 
+def recorded_shape(workload: dict, roles: list[Role]) -> WorkloadShape:
+    """The shape of a workload as a baseline records it (`describe()`)."""
+    return workload_shape(workload["name"], output_cap(workload) or DEFAULT_MAX_TOKENS, roles)
+
+
 def sweep_shape(baseline: Baseline, roles: list[Role], level: LevelResult) -> WorkloadShape:
-    workload = baseline.serving.workload
-    return scaled_to_measured(workload_shape(workload["name"], output_cap(workload), roles), level)
+    return scaled_to_measured(recorded_shape(baseline.serving.workload, roles), level)
 
 
 def checks_against(baseline: Baseline, setting: Setting, model: ModelShape, roles: list[Role]
@@ -275,26 +281,17 @@ def capacity_check(baseline: Baseline, setting: Setting, model: ModelShape, role
     if search is None:
         return None
     workload = search.workload
-    shape = workload_shape(workload["name"], output_cap(workload), roles)
+    shape = recorded_shape(workload, roles)
     one = serving_level(baseline, 1)
     if one is not None and baseline.serving.workload.get("name") == workload["name"]:
         shape = scaled_to_measured(shape, one)
     sc = Scenario(setting.bandwidth_gbps, setting.params, model, shape)
     levels = [CapacityLevelCheck(lv.concurrency, lv.num_requests,
-                                 predict_level(sc, lv.concurrency,
-                                               rounds=lv.num_requests / max(lv.rounds, 1) / lv.concurrency
-                                               ).e2el_p95_s,
+                                 predict_level(sc, lv.concurrency, rounds=lv.requests_per_agent).e2el_p95_s,
                                  lv.p95_e2el_s, lv.passed)
               for lv in sorted(search.levels, key=lambda lv: lv.concurrency)]
-    point = search.max_concurrency_meeting_slo
-    return CapacityCheck(workload["name"], search.slo_p95_e2el_s, capacity(sc, search.slo_p95_e2el_s), point,
-                         point if search.capacity_low is None else search.capacity_low,
-                         point if search.capacity_high is None else search.capacity_high, levels)
-
-
-def output_cap(workload: dict) -> int:
-    """A baseline's workload's longest output: its max_tokens, or the top of its output range."""
-    return int(workload.get("max_tokens") or max(workload.get("output_tokens", [128])))
+    return CapacityCheck(workload["name"], search.slo_p95_e2el_s, capacity(sc, search.slo_p95_e2el_s),
+                         search.max_concurrency_meeting_slo, *search.bounds, levels)
 
 
 def predict(req: PredictRequest, setting: Setting, model: ModelShape, roles: list[Role],

@@ -113,6 +113,11 @@ class CapacityLevel:
     e2el_samples: list[float] = field(default_factory=list)
     ttft_samples: list[float] = field(default_factory=list)
 
+    @property
+    def requests_per_agent(self) -> float:
+        """Requests each agent sent in one round of this level (a round starts them all at once)."""
+        return self.num_requests / max(self.rounds, 1) / self.concurrency
+
 
 @dataclass(frozen=True)
 class CapacityResult:
@@ -129,9 +134,15 @@ class CapacityResult:
     confidence: float | None = None
 
     @property
+    def bounds(self) -> tuple[int, int]:
+        """(low, high), both the point estimate where the baseline predates the range."""
+        point = self.max_concurrency_meeting_slo
+        return (point if self.capacity_low is None else self.capacity_low,
+                point if self.capacity_high is None else self.capacity_high)
+
+    @property
     def range_text(self) -> str:
-        low = self.max_concurrency_meeting_slo if self.capacity_low is None else self.capacity_low
-        high = self.max_concurrency_meeting_slo if self.capacity_high is None else self.capacity_high
+        low, high = self.bounds
         return f"{low}" if low == high else f"{low}\u2013{high}"
 
 

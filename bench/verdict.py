@@ -80,11 +80,10 @@ class SloVerdict:
 
 
 def judge_target(capacity: CapacityResult, target_agents: int) -> SloVerdict:
-    point = capacity.max_concurrency_meeting_slo
+    low, high = capacity.bounds
     return SloVerdict(
-        target_agents=target_agents, slo_p95_e2el_s=capacity.slo_p95_e2el_s, capacity=point,
-        capacity_low=point if capacity.capacity_low is None else capacity.capacity_low,
-        capacity_high=point if capacity.capacity_high is None else capacity.capacity_high,
+        target_agents=target_agents, slo_p95_e2el_s=capacity.slo_p95_e2el_s,
+        capacity=capacity.max_concurrency_meeting_slo, capacity_low=low, capacity_high=high,
         workload=workload_label(capacity.workload),
         workload_name=str(capacity.workload.get("name", "agents")), max_tokens=output_cap(capacity.workload),
     )

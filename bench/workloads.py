@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 
 from dgxready.roles import Role, load_roles
 
+# The longest answer a request asks for when nothing says otherwise.
+DEFAULT_MAX_TOKENS = 128
 WORDS = ("latency throughput memory cache token agent model server queue batch kernel driver "
          "prompt context budget host metric alert deploy rollback schema plan test load slot "
          "stream request decode prefill bandwidth compute unified graph node rule").split()
@@ -73,7 +75,7 @@ class SyntheticSession:
 @dataclass(frozen=True)
 class AgentsWorkload:
     seed: int = 0
-    max_tokens: int = 128
+    max_tokens: int = DEFAULT_MAX_TOKENS
     turns_per_conversation: int = 4
     roles: tuple[Role, ...] = field(default_factory=lambda: tuple(load_roles().values()))
     name: str = "agents"
@@ -124,7 +126,7 @@ def for_round(workload: Workload, round_index: int) -> Workload:
 WORKLOAD_NAMES = ("synthetic", "agents")
 
 
-def make_workload(name: str, seed: int = 0, max_tokens: int = 128) -> Workload:
+def make_workload(name: str, seed: int = 0, max_tokens: int = DEFAULT_MAX_TOKENS) -> Workload:
     if name == "synthetic":
         return SyntheticWorkload(seed=seed, output_tokens=(max(1, max_tokens * 3 // 4), max_tokens))
     if name == "agents":
