@@ -1,0 +1,241 @@
+"""The multiplexer's request logic alone: its chat path run in process against canned transports,
+with the same requests sent through a bare forward over the same transports. Thread CPU per
+streamed request, the best of several passes. No sockets, no other process and no event-loop I/O,
+so a change of a few microseconds shows in seconds, where the overhead bars' runs on a small
+machine read to about ±10%.
+
+Simulated here: the backend (aiohttp's client answers with a canned SSE stream of three tokens and
+a usage event, in two chunks, as the instant backend sends it) and the client's ASGI receive and
+send. Everything between them is the multiplexer's code as it serves: key lookup, admission and
+screening, the prompt, the fair-queue grant, deadlines, the stream's accounting and metrics."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import orjson
+
+from agents.benchmarks.fixtures import key_of, write_bench_keys
+from agents.benchmarks.passthrough import read_all, request_headers
+from agents.config import MuxConfig, load_keys
+from agents.mux import Mux, create_mux
+from agents.server import chat
+from agents.service import state_limits
+from agents.state import StateStore
+from dgxready.files import atomic_write_json
+from dgxready.roles import load_roles
+
+AGENT = "developer-1"
+PASSES = 5
+CANNED_TOKENS = ("Ack", "nowledged", ".")
+REQUEST = orjson.dumps({"model": "m", "messages": [{"role": "system", "content": "Be brief."},
+                                                   {"role": "user", "content": "alpha beta gamma delta"}],
+                        "max_tokens": 3, "temperature": 0.0, "stream": True,
+                        "stream_options": {"include_usage": True}})
+
+
+def canned_sse() -> bytes:
+    events = [{"choices": [{"index": 0, "delta": {"content": t},
+                            "finish_reason": "stop" if i == len(CANNED_TOKENS) - 1 else None}]}
+              for i, t in enumerate(CANNED_TOKENS)]
+    events.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": len(CANNED_TOKENS),
+                                            "total_tokens": 5 + len(CANNED_TOKENS)}})
+    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+SSE = canned_sse()
+
+
+class CannedStream:
+    """aiohttp's StreamReader as the proxy reads it, over the canned answer in two chunks."""
+
+    def __init__(self) -> None:
+        half = len(SSE) // 2
+        self.chunks = [SSE[:half], SSE[half:]]
+
+    def iter_any(self) -> CannedStream:
+        return self
+
+    def __aiter__(self) -> CannedStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.chunks:
+            raise StopAsyncIteration
+        return self.chunks.pop(0)
+
+    def read_nowait(self) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+    async def readany(self) -> bytes:
+        return self.read_nowait()
+
+    def at_eof(self) -> bool:
+        return not self.chunks
+
+
+class CannedResponse:
+    status = 200
+
+    def __init__(self) -> None:
+        self.content = CannedStream()
+
+    async def read(self) -> bytes:
+        return SSE
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class CannedClient:
+    """Stands in for the multiplexer's aiohttp.ClientSession: every POST gets the canned answer."""
+
+    def post(self, url: str, data: bytes | None = None,
+             headers: dict | None = None) -> Awaitable[CannedResponse]:
+        return self.answer()
+
+    async def answer(self) -> CannedResponse:
+        return CannedResponse()
+
+
+@dataclass(frozen=True)
+class LogicCost:
+    mux_us: float
+    bare_us: float
+    requests: int
+    passes: int
+
+    @property
+    def extra_us(self) -> float:
+        return self.mux_us - self.bare_us
+
+
+def canned_mux(tmp: Path) -> tuple[Mux, str]:
+    """A multiplexer on a throw-away config with one backend, its client the canned one; and the key of
+    the agent whose requests are measured."""
+    keys = write_bench_keys(tmp / "keys.yaml")
+    config = MuxConfig.model_validate({
+        "port": 1, "keys_file": str(tmp / "keys.yaml"), "state_db": str(tmp / "mux.db"), "rate_limits": False,
+        "queue_max": 4096, "backends": [{"name": "b", "url": "http://canned", "max_concurrency": 256,
+                                                     "kind": "openai"}]})
+    roles = load_roles()
+    mux = create_mux(config, roles, load_keys(config.keys_file, set(roles)),
+                     StateStore(config.state_db, state_limits(config)))
+    mux.client = CannedClient()
+    return mux, key_of(keys, AGENT)
+
+
+def http_scope(key: str) -> dict:
+    return {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+            "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {key}".encode()),
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(REQUEST)).encode())]}
+
+
+async def bare_forward(client: CannedClient, scope: dict, receive, send) -> None:
+    """The bare pass-through proxy's forward (agents.benchmarks.passthrough) over the same transports."""
+    body = await read_all(receive)
+    resp = await client.post("http://canned/v1/chat/completions", data=body, headers=request_headers(scope))
+    await send({"type": "http.response.start", "status": resp.status,
+                "headers": [(b"content-type", b"text/event-stream")]})
+    async for chunk in resp.content.iter_any():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+Handler = Callable[[dict, Callable, Callable], Awaitable[None]]
+
+
+class CannedCycle:
+    """The client's side of one request as uvicorn's request cycle offers it: receive() gives the
+    body, send() is a bound method of an object with `disconnected` (agents.asgi.hangup_flag)."""
+
+    def __init__(self) -> None:
+        self.disconnected = False
+        self.sent: list[dict] = []
+
+    async def receive(self) -> dict:
+        return {"type": "http.request", "body": REQUEST, "more_body": False}
+
+    async def send(self, message: dict) -> None:
+        self.sent.append(message)
+
+
+async def one_request(handler: Handler, scope: dict) -> list[dict]:
+    """One request through `handler`; the ASGI messages it sent back."""
+    cycle = CannedCycle()
+    await handler(scope, cycle.receive, cycle.send)
+    return cycle.sent
+
+
+def answer_body(messages: list[dict]) -> bytes:
+    return b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+
+
+async def pass_us(handler: Handler, scope: dict, requests: int) -> float:
+    """Thread CPU per request over one pass of `requests`."""
+    started = time.thread_time_ns()
+    for _ in range(requests):
+        await one_request(handler, scope)
+    return (time.thread_time_ns() - started) / requests / 1000
+
+
+def mux_handler(mux: Mux) -> Handler:
+    async def handle(scope: dict, receive, send) -> None:
+        await chat(mux, scope, receive, send)
+    return handle
+
+
+def bare_handler(client: CannedClient) -> Handler:
+    async def handle(scope: dict, receive, send) -> None:
+        await bare_forward(client, scope, receive, send)
+    return handle
+
+
+async def measure(mux: Mux, key: str, requests: int, passes: int) -> LogicCost:
+    """Passes of the two paths alternate, so that a change in the machine's speed (a shared VM's)
+    reaches both; the best pass of each counts, after a warm-up of each."""
+    scope = http_scope(key)
+    paths = (mux_handler(mux), bare_handler(mux.client))
+    for handler in paths:
+        await pass_us(handler, scope, min(requests, 500))
+    best = [float("inf"), float("inf")]
+    for _ in range(passes):
+        for i, handler in enumerate(paths):
+            best[i] = min(best[i], await pass_us(handler, scope, requests))
+    return LogicCost(best[0], best[1], requests, passes)
+
+
+def logic_cost(requests: int = 5000, passes: int = PASSES) -> LogicCost:
+    with tempfile.TemporaryDirectory(prefix="dgxready-logic-") as tmp:
+        mux, key = canned_mux(Path(tmp))
+        try:
+            return asyncio.run(measure(mux, key, requests, passes))
+        finally:
+            mux.store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=5000, help="requests in each timed pass")
+    parser.add_argument("--passes", type=int, default=PASSES, help="timed passes; the best one counts")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    cost = logic_cost(args.requests, args.passes)
+    print(f"multiplexer's chat path: {cost.mux_us:.1f} µs CPU a streamed request; bare forward: "
+          f"{cost.bare_us:.1f} µs; the multiplexer's logic: {cost.extra_us:.1f} µs "
+          f"(best of {cost.passes} passes of {cost.requests}, canned transports)")
+    if args.json:
+        atomic_write_json(args.json, asdict(cost) | {"extra_us": cost.extra_us})
+
+
+if __name__ == "__main__":
+    main()
