@@ -13,7 +13,7 @@ from pathlib import Path
 import uvicorn
 
 from agents.config import MuxConfig, load_config, load_keys
-from agents.mux import create_mux
+from agents.mux import Mux, create_mux
 from agents.server import create_app
 from agents.state import StateLimits, StateStore
 from dgxready.gc_settings import settle_gc
@@ -38,12 +38,17 @@ def state_limits(config: MuxConfig) -> StateLimits:
                        session_max_bytes=config.session_max_bytes, retention_days=config.retention_days)
 
 
-def build_app(config: MuxConfig, roles: dict[str, Role] | None = None):
-    """The app for `config`, with the role files' roles unless `roles` are given."""
+def build_mux(config: MuxConfig, roles: dict[str, Role] | None = None) -> Mux:
+    """The multiplexer's state for `config`, with the role files' roles unless `roles` are given."""
     roles = roles or load_roles()
     keys = load_keys(config.keys_file or default_keys_path(), set(roles))
     store = StateStore(config.state_db or default_db_path(), state_limits(config))
-    return create_app(create_mux(config, roles, keys, store))
+    return create_mux(config, roles, keys, store)
+
+
+def build_app(config: MuxConfig, roles: dict[str, Role] | None = None):
+    """The app for `config`, with the role files' roles unless `roles` are given."""
+    return create_app(build_mux(config, roles))
 
 
 def listen_options(config: MuxConfig) -> dict:

@@ -71,14 +71,18 @@ def spawn(args: list[str], health: str) -> subprocess.Popen:
     return proc
 
 
+def mux_config(tmp: Path, port: int, backend_url: str, cap: int, keys_path: Path, kind: str = "openai") -> dict:
+    """A throw-away multiplexer config with one backend `b`, no rate limits and a deep queue."""
+    return {"port": port, "keys_file": str(keys_path), "state_db": str(tmp / f"mux-{port}.db"),
+            "rate_limits": False, "queue_max": 4096, "health_interval_s": 5,
+            "backends": [{"name": "b", "url": backend_url, "max_concurrency": cap, "kind": kind}]}
+
+
 def spawn_mux(tmp: Path, backend_url: str, cap: int, keys_path: Path, kind: str = "openai"
               ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cfg = tmp / f"mux-{port}.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "port": port, "keys_file": str(keys_path), "state_db": str(tmp / f"mux-{port}.db"),
-        "rate_limits": False, "queue_max": 4096, "health_interval_s": 5,
-        "backends": [{"name": "b", "url": backend_url, "max_concurrency": cap, "kind": kind}]}))
+    cfg.write_text(yaml.safe_dump(mux_config(tmp, port, backend_url, cap, keys_path, kind)))
     url = f"http://127.0.0.1:{port}"
     return spawn(["agents.service", "--config", str(cfg)], f"{url}/health"), url
 

@@ -1,8 +1,8 @@
 """The multiplexer's request logic alone: its chat path run in process against canned transports,
-with the same requests sent through a bare forward over the same transports. Thread CPU per
-streamed request, the best of several passes. No sockets, no other process and no event-loop I/O,
-so a change of a few microseconds shows in seconds, where the overhead bars' runs on a small
-machine read to about ±10%.
+with the same requests sent through the bare pass-through proxy's forward over the same transports.
+Thread CPU per streamed request, the best of several passes. No sockets, no other process and no
+event-loop I/O, so a change of a few microseconds shows in seconds, where the overhead bars' runs
+on a small machine read to about ±10%.
 
 Simulated here: the backend (aiohttp's client answers with a canned SSE stream of three tokens and
 a usage event, in two chunks, as the instant backend sends it) and the client's ASGI receive and
@@ -20,17 +20,16 @@ from pathlib import Path
 
 import orjson
 
-from agents.benchmarks.fixtures import key_of, write_bench_keys
-from agents.benchmarks.passthrough import read_all, request_headers
-from agents.config import MuxConfig, load_keys
-from agents.mux import Mux, create_mux
+from agents.benchmarks.fixtures import key_of, mux_config, write_bench_keys
+from agents.benchmarks.passthrough import PassThrough
+from agents.config import MuxConfig
+from agents.mux import Mux
 from agents.server import chat
-from agents.service import state_limits
-from agents.state import StateStore
+from agents.service import build_mux
 from dgxready.files import atomic_write_json
-from dgxready.roles import load_roles
 
 AGENT = "developer-1"
+CANNED_URL = "http://canned"
 PASSES = 5
 CANNED_TOKENS = ("Ack", "nowledged", ".")
 REQUEST = orjson.dumps({"model": "m", "messages": [{"role": "system", "content": "Be brief."},
@@ -80,10 +79,19 @@ class CannedStream:
 
 
 class CannedResponse:
+    """aiohttp's ClientResponse as the two proxies read it: awaited (the multiplexer) or entered
+    (the bare pass-through)."""
     status = 200
+    raw_headers = ((b"Content-Type", b"text/event-stream"),)
 
     def __init__(self) -> None:
         self.content = CannedStream()
+
+    async def __aenter__(self) -> CannedResponse:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        pass
 
     async def read(self) -> bytes:
         return SSE
@@ -96,11 +104,15 @@ class CannedResponse:
 
 
 class CannedClient:
-    """Stands in for the multiplexer's aiohttp.ClientSession: every POST gets the canned answer."""
+    """Stands in for the proxies' aiohttp.ClientSession: every request gets the canned answer."""
 
     def post(self, url: str, data: bytes | None = None,
              headers: dict | None = None) -> Awaitable[CannedResponse]:
         return self.answer()
+
+    def request(self, method: str, url: str, data: bytes | None = None,
+                headers: list | None = None) -> CannedResponse:
+        return CannedResponse()
 
     async def answer(self) -> CannedResponse:
         return CannedResponse()
@@ -122,13 +134,7 @@ def canned_mux(tmp: Path) -> tuple[Mux, str]:
     """A multiplexer on a throw-away config with one backend, its client the canned one; and the key of
     the agent whose requests are measured."""
     keys = write_bench_keys(tmp / "keys.yaml")
-    config = MuxConfig.model_validate({
-        "port": 1, "keys_file": str(tmp / "keys.yaml"), "state_db": str(tmp / "mux.db"), "rate_limits": False,
-        "queue_max": 4096, "backends": [{"name": "b", "url": "http://canned", "max_concurrency": 256,
-                                                     "kind": "openai"}]})
-    roles = load_roles()
-    mux = create_mux(config, roles, load_keys(config.keys_file, set(roles)),
-                     StateStore(config.state_db, state_limits(config)))
+    mux = build_mux(MuxConfig.model_validate(mux_config(tmp, 1, CANNED_URL, 256, tmp / "keys.yaml")))
     mux.client = CannedClient()
     return mux, key_of(keys, AGENT)
 
@@ -138,17 +144,6 @@ def http_scope(key: str) -> dict:
             "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {key}".encode()),
                         (b"content-type", b"application/json"),
                         (b"content-length", str(len(REQUEST)).encode())]}
-
-
-async def bare_forward(client: CannedClient, scope: dict, receive, send) -> None:
-    """The bare pass-through proxy's forward (agents.benchmarks.passthrough) over the same transports."""
-    body = await read_all(receive)
-    resp = await client.post("http://canned/v1/chat/completions", data=body, headers=request_headers(scope))
-    await send({"type": "http.response.start", "status": resp.status,
-                "headers": [(b"content-type", b"text/event-stream")]})
-    async for chunk in resp.content.iter_any():
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 Handler = Callable[[dict, Callable, Callable], Awaitable[None]]
@@ -195,8 +190,12 @@ def mux_handler(mux: Mux) -> Handler:
 
 
 def bare_handler(client: CannedClient) -> Handler:
+    """The bare pass-through proxy's own forward, its client the canned one."""
+    proxy = PassThrough(CANNED_URL)
+    proxy.client = client
+
     async def handle(scope: dict, receive, send) -> None:
-        await bare_forward(client, scope, receive, send)
+        await proxy.forward(scope, receive, send)
     return handle
 
 
