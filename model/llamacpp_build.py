@@ -32,6 +32,12 @@ BASE_FLAGS = (
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
 )
+# ggml's AMX kernels crash on Sapphire-Rapids-class CPUs (SIGSEGV at their first ldtilecfg, seen
+# on a 2-core Xeon VM; ggml-org/llama.cpp#20824, still open), and GGML_NATIVE turns them on
+# wherever the CPU has AMX. GCC and clang honour an explicit -mno-amx-* whatever its place
+# beside -march=native.
+X86_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+X86_FLAGS = (f"-DCMAKE_C_FLAGS={X86_NO_AMX}", f"-DCMAKE_CXX_FLAGS={X86_NO_AMX}")
 CMAKE_PERCENT = re.compile(r"\[\s*(\d+)%\]")
 NINJA_COUNT = re.compile(r"\[(\d+)/(\d+)\]")
 
@@ -50,6 +56,8 @@ class BuildSpec:
 
     def cmake_flags(self) -> list[str]:
         flags = list(BASE_FLAGS)
+        if self.machine in ("x86_64", "AMD64"):
+            flags += X86_FLAGS
         if self.cuda_architectures:
             flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_architectures}"]
         return flags + list(self.extra_flags)

@@ -1,9 +1,11 @@
+import platform
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from model.llamacpp_build import BASE_FLAGS, BuildSpec, cuda_architecture
+from model.llamacpp_build import BASE_FLAGS, X86_NO_AMX, BuildSpec, cuda_architecture
 from model.systemd import render_unit, systemd_quote
 from tasks import ns
 
@@ -41,6 +43,21 @@ def test_build_key_follows_flags_and_cpu():
     assert len({cpu.key, cuda.key, other_cpu.key}) == 3
     assert "-DLLAMA_USE_PREBUILT_UI=OFF" in BASE_FLAGS
     assert "-DGGML_CUDA=ON" in cuda.cmake_flags() and "-DGGML_CUDA=ON" not in cpu.cmake_flags()
+
+
+def test_x86_builds_leave_out_the_amx_kernels_that_crash_and_arm_builds_pass_no_x86_flags():
+    x86 = BuildSpec("0.3.36", "x86_64", "abc").cmake_flags()
+    arm = BuildSpec("0.3.36", "aarch64", "abc").cmake_flags()
+    assert f"-DCMAKE_C_FLAGS={X86_NO_AMX}" in x86 and f"-DCMAKE_CXX_FLAGS={X86_NO_AMX}" in x86
+    assert not [f for f in arm if "amx" in f]
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("gcc"), reason="needs gcc on x86_64")
+def test_no_amx_flags_win_over_march_native_in_either_order():
+    for order in ([*X86_NO_AMX.split(), "-march=native"], ["-march=native", *X86_NO_AMX.split()]):
+        macros = subprocess.run(["gcc", *order, "-dM", "-E", "-"], input="", capture_output=True,
+                                text=True, check=True).stdout
+        assert "__AMX_INT8__" not in macros and "__AMX_TILE__" not in macros
 
 
 def test_unit_quotes_hostile_arguments():
