@@ -211,6 +211,24 @@ def requested_model(model: str | None, fmt: str | None, baseline: Baseline | Non
     return model, fmt or next(iter(catalog.model(model).formats))
 
 
+# Where nothing says otherwise, the agents workload lets the roles' own max_tokens decide.
+ROLES_DECIDE = 4096
+
+
+def requested_max_tokens(workload: str, max_tokens: int | None, baseline: Baseline | None) -> int:
+    """--max-tokens as given; unset, the cap of the baseline's sweep when it ran this workload, so
+    that the predicted curve is of what was measured; else the roles' own caps for agents, and
+    bench.serve's default length for synthetic."""
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise DgxReadyError(f"--max-tokens {max_tokens}: give at least 1")
+        return max_tokens
+    measured = baseline.serving.workload if baseline and baseline.serving else {}
+    if measured.get("name") == workload and output_cap(measured):
+        return output_cap(measured)
+    return ROLES_DECIDE if workload == "agents" else DEFAULT_MAX_TOKENS
+
+
 # Below this many requests a level's TPOT median and P95 output move by tens of percent run to run
 STEADY_REQUESTS = 24
 FEW_REQUESTS_HINT = ": few for a steady fit, `bench.all --sweep-requests 32` gives more"

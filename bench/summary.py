@@ -140,9 +140,13 @@ def prediction_headline(p: Prediction) -> str:
     else:
         agents = f"{p.capacity} concurrent agent{'s' if p.capacity != 1 else ''} meet"
     answer = "within it" if p.meets_target else "beyond it"
-    return (f"predicted on {where}: {agents} P95 E2EL <= {p.slo_p95_e2el_s:g} s, so {p.target_agents} agents "
-            f"are {answer}; {p.target_agents} agents can have outputs up to {p.longest_output_tokens} tokens "
-            f"(the workload asks up to {p.workload.output_p95:.0f}){flat_curve_note(p)}")
+    n = p.target_agents
+    if p.longest_output_tokens:
+        outputs = f"{n} agents can have outputs up to {p.longest_output_tokens} tokens"
+    else:
+        outputs = f"{n} agents miss it even with one-token outputs, on prefill and queueing alone"
+    return (f"predicted on {where}: {agents} P95 E2EL <= {p.slo_p95_e2el_s:g} s, so {n} agents are {answer}; "
+            f"{outputs} (the workload asks up to {p.workload.output_p95:.0f}){flat_curve_note(p)}")
 
 
 # A target within this factor of one agent's P95 means batching is nearly free (a memory-bound

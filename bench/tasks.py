@@ -15,7 +15,7 @@ from bench.environment import capture_environment
 from bench.loadgen import Endpoint
 from bench.metrics import Slo
 from bench.predict import load_profiles
-from bench.prediction import PredictRequest, predict_from, requested_model
+from bench.prediction import PredictRequest, predict_from, requested_max_tokens, requested_model
 from bench.remote import RemoteRun, run_remote
 from bench.report import Baseline, Serving, ServingLevel, load_baseline, now_stamp, write_baseline
 from bench.serving import run_rate
@@ -281,7 +281,8 @@ def accuracy(c, only=None):
     "kv_dtype": "KV cache dtype: f16, bf16, fp8, q8_0 or q4_0",
     "engine": "llamacpp or vllm (default: the format's engine; measured: the baseline's)",
     "agents": "target number of concurrent agents", "workload": "agents (the role files) or synthetic",
-    "max_tokens": "cap on output tokens per request (the roles' own max_tokens apply below it)",
+    "max_tokens": "output tokens per request, for agents a cap below the roles' own (default: the "
+                  "baseline's when it ran this workload, else 4096 for agents, 128 for synthetic)",
     "slo_p95_e2e": "SLO: P95 end-to-end latency in seconds",
     "think_s": "seconds an agent thinks between its answer and its next request",
     "baseline": "a bench.all JSON: calibrates --profile measured, and its levels check the model",
@@ -289,13 +290,14 @@ def accuracy(c, only=None):
 })
 @user_errors
 def predict(c, profile="dgx-spark", model=None, format=None, kv_dtype="f16",
-            engine=None, agents=10, workload="agents", max_tokens=4096, slo_p95_e2e=6.0, think_s=0.0,
+            engine=None, agents=10, workload="agents", max_tokens=None, slo_p95_e2e=6.0, think_s=0.0,
             baseline=None, output_dir=None):
     """Predict P95 latency, throughput and SLO capacity per concurrency from physics, with the levers."""
     catalog = load_catalog()
     measured = load_baseline(Path(baseline)) if baseline else None
     model, format = requested_model(model, format, measured, catalog, str(baseline or ""))
-    req = PredictRequest(profile, model, format, kv_dtype, workload, int(max_tokens), int(agents),
+    tokens = requested_max_tokens(workload, int(max_tokens) if max_tokens is not None else None, measured)
+    req = PredictRequest(profile, model, format, kv_dtype, workload, tokens, int(agents),
                          float(slo_p95_e2e), engine, float(think_s))
     pred = predict_from(req, catalog, load_profiles(), list(load_roles().values()), measured,
                         str(baseline or ""))

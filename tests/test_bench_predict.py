@@ -36,6 +36,7 @@ from bench.prediction import (
     PredictRequest,
     generated_schema,
     predict_from,
+    requested_max_tokens,
     requested_model,
     serving_level,
     write_prediction,
@@ -255,6 +256,16 @@ def test_bench_all_asks_the_spark_the_capacity_searchs_own_question():
     assert "predicted on dgx-spark (vllm)" in prediction_headline(pred)
 
 
+def test_where_not_even_a_one_token_answer_meets_the_slo_the_headline_says_so_not_zero_tokens():
+    req = PredictRequest("measured", "smollm2-135m", "gguf-q4_1", "f16", "synthetic", 128, 10, 6.0)
+    cpu = predict_from(req, CATALOG, PROFILES, ROLES, noise_baseline(), "b.json")
+    assert cpu.longest_output_tokens == 0
+    line = prediction_headline(cpu)
+    assert "10 agents miss it even with one-token outputs" in line and "up to 0 tokens" not in line
+    spark = runner.spark_prediction(runner.AllOptions(max_tokens=128, slo_p95_e2e_s=6.0, target_agents=10))
+    assert f"can have outputs up to {spark.longest_output_tokens} tokens" in prediction_headline(spark)
+
+
 def test_where_batching_is_nearly_free_the_headline_says_the_output_length_sets_the_latency():
     spark = runner.spark_prediction(runner.AllOptions(max_tokens=128, slo_p95_e2e_s=6.0, target_agents=10))
     assert not spark.meets_target and spark.capacity < 10 and spark.longest_output_tokens >= 100
@@ -288,6 +299,21 @@ def test_without_model_flags_a_measured_prediction_is_of_the_baselines_own_model
     unknown = baseline.model_copy(update={"serving": baseline.serving.model_copy(update={"model": "my-model"})})
     with pytest.raises(DgxReadyError, match="b.json: serving.model 'my-model' is not in the model catalog"):
         requested_model(None, None, unknown, CATALOG, "b.json")
+
+
+def test_without_max_tokens_a_prediction_is_of_the_length_its_baseline_measured_else_the_workloads_own():
+    def measured(workload):
+        baseline = noise_baseline()
+        serving = baseline.serving.model_copy(update={"workload": workload})
+        return baseline.model_copy(update={"serving": serving})
+    synthetic = measured({"name": "synthetic", "input_words": [64, 256], "output_tokens": [192, 256]})
+    assert requested_max_tokens("synthetic", None, synthetic) == 256
+    assert requested_max_tokens("agents", None, synthetic) == 4096
+    assert requested_max_tokens("synthetic", None, None) == 128
+    assert requested_max_tokens("synthetic", 300, synthetic) == 300
+    assert requested_max_tokens("agents", None, measured({"name": "agents", "max_tokens": 96})) == 96
+    with pytest.raises(DgxReadyError, match="--max-tokens 0"):
+        requested_max_tokens("agents", 0, None)
 
 
 def test_each_checked_level_is_predicted_with_the_tokens_its_own_requests_had():
