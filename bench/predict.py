@@ -312,7 +312,18 @@ def _speculative(sc: Scenario) -> Scenario:
         "step_overhead_ms": sc.engine.step_overhead_ms / SPECULATIVE_TOKENS_PER_STEP}))
 
 
-def levers_for(sc: Scenario, target_agents: int, slo_s: float, unified: bool) -> list[Lever]:
+SPARK = "DGX Spark"
+
+
+def second_machine(machine: str, engine: str) -> Lever:
+    """Another `machine` ("DGX Spark", "GPU" or "host") serving the same model, half the agents each."""
+    server = "vLLM replica" if engine == "vllm" else "llama-server"
+    pair = " (vLLM with Ray over the 200 GbE link when one model needs both)" if machine == SPARK else ""
+    what = f"a second {server} behind the multiplexer (a backend in multiplexer.yaml), half the agents each"
+    return Lever(f"a second {machine}", what + pair, None, agents_divisor=2)
+
+
+def levers_for(sc: Scenario, target_agents: int, slo_s: float, machine: str, engine: str) -> list[Lever]:
     bytes_per_param = sc.model.weight_bytes / sc.model.params
     out: list[Lever] = []
     if bytes_per_param > 0.7:
@@ -333,10 +344,7 @@ def levers_for(sc: Scenario, target_agents: int, slo_s: float, unified: bool) ->
     out.append(Lever("speculative decoding", "a draft model or n-gram drafts (vLLM --speculative-config, "
                                              "llama-server -md): about 1.6 tokens a step when "
                                              "memory-bound", _speculative))
-    second = "a second DGX Spark" if unified else "a second GPU"
-    out.append(Lever(second, "a second vLLM replica behind the multiplexer, half the agents each "
-                             "(vLLM with Ray over the 200 GbE link when one model needs both)",
-                     None, agents_divisor=2))
+    out.append(second_machine(machine, engine))
     cap = capacity(sc, slo_s)
     if cap < target_agents:
         out.append(Lever("fewer agents", f"run {cap} agents instead of {target_agents}" if cap else
@@ -356,9 +364,10 @@ def lever_effect(sc: Scenario, lever: Lever, target_agents: int, slo_s: float) -
                        p95, p95 <= slo_s)
 
 
-def ranked_levers(sc: Scenario, target_agents: int, slo_s: float, unified: bool) -> list[LeverEffect]:
-    effects = [lever_effect(sc, lv, target_agents, slo_s) for lv in levers_for(sc, target_agents, slo_s,
-                                                                                 unified)]
+def ranked_levers(sc: Scenario, target_agents: int, slo_s: float, machine: str, engine: str
+                  ) -> list[LeverEffect]:
+    effects = [lever_effect(sc, lv, target_agents, slo_s)
+               for lv in levers_for(sc, target_agents, slo_s, machine, engine)]
     return sorted(effects, key=lambda e: (e.name == "fewer agents", -e.capacity, e.p95_e2el_at_target_s))
 
 

@@ -14,6 +14,7 @@ from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ConfigDict, Field
 
 from bench.predict import (
+    SPARK,
     EngineParams,
     HardwareProfile,
     LevelPrediction,
@@ -164,7 +165,7 @@ class Setting:
     engine: str
     bandwidth_gbps: float
     params: EngineParams
-    unified: bool
+    machine: str  # what a second one would be: "DGX Spark", "GPU" or "host"
 
 
 def profile_setting(profile: HardwareProfile, engine: str) -> Setting:
@@ -172,7 +173,7 @@ def profile_setting(profile: HardwareProfile, engine: str) -> Setting:
         raise DgxReadyError(f"profile has no parameters for engine {engine!r}; it has "
                             + ", ".join(profile.engines))
     return Setting(profile.source, engine, profile.bandwidth_gbps, profile.engines[engine],
-                   profile.unified_memory)
+                   SPARK if profile.unified_memory else "GPU")
 
 
 def serving_level(baseline: Baseline, c: int) -> LevelResult | None:
@@ -257,7 +258,7 @@ def measured_setting(baseline: Baseline, model: ModelShape, roles: list[Role], s
                        f"{baseline.created_at}; {counts[0]} and {counts[1]} requests{hint}){batches}",
                        curve)
     return Setting(f"measured on {baseline.host}: STREAM {bandwidth:.1f} GB/s", baseline.serving.backend
-                   or "llamacpp", bandwidth, params, False)
+                   or "llamacpp", bandwidth, params, "GPU" if baseline.hardware.gpus else "host")
 
 
 def recorded_shape(workload: dict, roles: list[Role]) -> WorkloadShape:
@@ -323,7 +324,7 @@ def predict(req: PredictRequest, setting: Setting, model: ModelShape, roles: lis
         workload=shape, slo_p95_e2el_s=req.slo_s, target_agents=req.agents,
         levels=predict_curve(sc, sorted(set(req.levels) | {req.agents})),
         capacity=capacity(sc, req.slo_s), longest_output_tokens=longest_output(sc, req.agents, req.slo_s),
-        levers=ranked_levers(sc, req.agents, req.slo_s, setting.unified), checks=checks or [],
+        levers=ranked_levers(sc, req.agents, req.slo_s, setting.machine, setting.engine), checks=checks or [],
         capacity_check=capacity_checked)
 
 

@@ -115,6 +115,18 @@ def test_lighter_weights_faster_memory_and_shorter_outputs_never_predict_a_worse
     assert spark_prediction(max_tokens=96, kv_dtype="fp8").capacity >= base.capacity
 
 
+def test_the_second_machine_lever_is_named_for_the_machine_and_engine_predicted():
+    spark = {e.name: e for e in spark_prediction().levers}["a second DGX Spark"]
+    assert "vLLM replica" in spark.description and "200 GbE" in spark.description
+    h100 = {e.name: e for e in spark_prediction(profile="h100").levers}
+    assert "a second GPU" in h100 and "200 GbE" not in h100["a second GPU"].description
+    req = PredictRequest("measured", "smollm2-135m", "gguf-q4_1", "f16", "synthetic", 128, 10, 6.0)
+    cpu = {e.name: e for e in predict_from(req, CATALOG, PROFILES, ROLES, noise_baseline(), "b.json").levers}
+    assert not noise_baseline().hardware.gpus
+    assert "a second host" in cpu and "llama-server" in cpu["a second host"].description
+    assert not {"a second GPU", "a second DGX Spark"} & cpu.keys()
+
+
 def test_fewer_agents_is_a_lever_only_where_the_target_is_missed():
     assert "fewer agents" not in {e.name for e in spark_prediction(max_tokens=48, agents=4).levers}
     assert spark_prediction().levers[-1].name == "fewer agents"
