@@ -33,7 +33,7 @@ BASE_FLAGS = (
     "-DLLAMA_BUILD_EXAMPLES=OFF",
 )
 # ggml's AMX kernels crash on Sapphire-Rapids-class CPUs (SIGSEGV at their first ldtilecfg, seen
-# on a 2-core Xeon VM; ggml-org/llama.cpp#20824, still open), and GGML_NATIVE turns them on
+# on a 2-core Xeon VM; ggml-org/llama.cpp#20824, unfixed), and GGML_NATIVE turns them on
 # wherever the CPU has AMX. GCC and clang honour an explicit -mno-amx-* whatever its place
 # beside -march=native.
 X86_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
