@@ -225,8 +225,8 @@ def requested_max_tokens(workload: str, max_tokens: int | None, baseline: Baseli
             raise DgxReadyError(f"--max-tokens {max_tokens}: give at least 1")
         return max_tokens
     measured = baseline.serving.workload if baseline and baseline.serving else {}
-    if measured.get("name") == workload and output_cap(measured):
-        return output_cap(measured)
+    if measured.get("name") == workload and (cap := output_cap(measured)):
+        return cap
     return ROLES_DECIDE if workload == "agents" else DEFAULT_MAX_TOKENS
 
 
