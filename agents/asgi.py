@@ -41,19 +41,29 @@ def hangup_flag(send: Send) -> Callable[[], bool] | None:
     return lambda: cycle.disconnected
 
 
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"body larger than {limit} bytes", "invalid_request_error")
+
+
 async def read_body(receive: Receive, declared_length: bytes | str | None, limit: int) -> bytes:
     if declared_length and declared_length.isdigit() and int(declared_length) > limit:
-        raise ApiError(413, f"body larger than {limit} bytes", "invalid_request_error")
+        raise too_large(limit)
+    message = await receive()
+    if not message.get("more_body") and message["type"] == "http.request":
+        whole = message.get("body", b"")
+        if len(whole) > limit:
+            raise too_large(limit)
+        return whole
     body = bytearray()
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             raise ApiError(400, "client went away while sending the body", "invalid_request_error")
         body += message.get("body", b"")
         if len(body) > limit:
-            raise ApiError(413, f"body larger than {limit} bytes", "invalid_request_error")
+            raise too_large(limit)
         if not message.get("more_body"):
             return bytes(body)
+        message = await receive()
 
 
 def json_object(body: bytes) -> dict:

@@ -65,6 +65,9 @@ class BackendPool:
         now = time.monotonic()
         self._rr += 1
         n = len(self.backends)
+        if n == 1:
+            only = self.backends[0]
+            return only if only.available(now) and only.has_slot() else None
         best, best_key = None, None
         for i, b in enumerate(self.backends):
             if b.available(now) and b.has_slot():

@@ -21,6 +21,16 @@ def valid_messages(data: dict) -> list[dict]:
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", "invalid_request_error")
+    for m in messages:
+        # Most messages: a dict with a known role and string content (orjson makes plain dicts).
+        if type(m) is not dict or type(m.get("content")) is not str or m.get("role") not in ROLES:
+            check_messages(messages)
+            break
+    return messages
+
+
+def check_messages(messages: list) -> None:
+    """Raises for the first message that is not valid, naming it."""
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}",
@@ -28,7 +38,6 @@ def valid_messages(data: dict) -> list[dict]:
         if not isinstance(m.get("content"), str) and not valid_content(m):
             raise ApiError(400, f"messages[{i}].content must be a string, a list of content parts, or null "
                                 "beside tool_calls", "invalid_request_error")
-    return messages
 
 
 def message_text(message: dict) -> str:

@@ -110,6 +110,7 @@ class Mux:
     limiter: RateLimiter = field(default_factory=RateLimiter)
     sessions: SessionLocks = field(default_factory=SessionLocks)
     known_keys: dict[str, AgentIdentity] = field(default_factory=dict)
+    known_headers: dict[bytes, tuple[AgentIdentity, Role]] = field(default_factory=dict)
     typical_output: dict[str, float] = field(default_factory=dict)
     knowledge: KnowledgeService | None = None
     scopes: dict[str, ToolScope] = field(default_factory=dict)
@@ -163,6 +164,18 @@ class Mux:
         # Only keys that matched are remembered, so unknown keys cannot grow this.
         self.known_keys[key] = ident
         return ident, self.roles[ident.role]
+
+    def identify_header(self, header: bytes) -> tuple[AgentIdentity, Role]:
+        """identify() for the chat path's raw Authorization header. A header that matched is
+        remembered as it came, only in its one canonical form (`Bearer <key>`), so that padding
+        a key with spaces cannot grow this."""
+        known = self.known_headers.get(header)
+        if known is not None:
+            return known
+        known = self.identify(header.decode("latin-1"))
+        if header[:7] == b"Bearer " and header[7:] == header[7:].strip():
+            self.known_headers[header] = known
+        return known
 
 
 def create_mux(config: MuxConfig, roles: dict[str, Role], keys: dict[str, AgentIdentity],

@@ -134,7 +134,7 @@ def with_tools(forward: dict, data: dict, screened: ScreenedTools) -> None:
         del forward["tool_choice"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ScreenedRequest:
     """The client's fields that go to the backend as they are, and what the screen took out."""
     forward: dict
@@ -144,7 +144,9 @@ class ScreenedRequest:
 
 def screen_request(data: dict, cap: int, scope: ToolScope) -> ScreenedRequest:
     max_tokens = capped_max_tokens(data, cap)
-    forward = {k: v for k, v in data.items() if k not in MUX_FIELDS}
+    forward = data.copy()
+    for name in MUX_FIELDS.intersection(data):
+        del forward[name]
     if SCREENED_FIELDS.isdisjoint(data):
         return ScreenedRequest(forward, max_tokens, [])
     check_single_choice(data)
@@ -221,7 +223,7 @@ class StreamedCalls:
         return self.index[backend]
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamGuard:
     """Screens the tool calls of a streamed answer, one parsed SSE chunk at a time."""
     scope: ToolScope

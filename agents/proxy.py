@@ -28,7 +28,7 @@ class BackendFailed(Exception):
     pass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Turn:
     """One validated chat request of one agent, in one session or none. `forward` holds the
     client's fields that reach the backend as they are (agents.policy screened them)."""
@@ -42,8 +42,8 @@ class Turn:
     forward: dict
     scope: ToolScope
     max_tokens: int
-    dropped_tools: list[str] = field(default_factory=list)
-    prompt: list[dict] = field(default_factory=list)
+    dropped_tools: list[str] | tuple[()] = ()
+    prompt: list[dict] | None = None
     cost: float = 0.0
     streamed: int = 0
     # Its talk with a backend, as agents.deadlines watches it.
@@ -79,7 +79,7 @@ def backend_body(turn: Turn, backend: Backend, stream: bool) -> bytes:
     return orjson.dumps(body)
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     text: str = ""
     prompt_tokens: int = 0
@@ -87,11 +87,13 @@ class Outcome:
     finish_reason: str | None = None
 
 
-# The events parsed: every data line when the text is kept, else only those carrying usage (some
-# servers send `"usage": null` in every event); a finish reason is read without parsing.
+# Only the events carrying usage are parsed while the stream passes (some servers send
+# `"usage": null` in every event); a finish reason is read without parsing.
 USAGE_MARK = re.compile(rb'"usage": ?\{')
 FINISH_REASON = re.compile(rb'"finish_reason": ?"([A-Za-z_]+)"')
 TOOL_CALLS_MARK = b'"tool_calls"'
+# The JSON object of each data line; `data: [DONE]` is not one.
+DATA_OBJECT = re.compile(rb"^data: ?(\{.*)$", re.MULTILINE)
 
 
 def event_of(line: bytes) -> dict | None:
@@ -120,7 +122,7 @@ def screened_events(whole: bytes, guard: StreamGuard) -> bytes:
     return b"\n".join(lines)
 
 
-@dataclass
+@dataclass(slots=True)
 class SseTally:
     """Reads the backend's SSE bytes: passes on whole lines only, screens tool calls, and reads
     finish and usage as they pass. When the text goes into a session's history, the lines are
@@ -130,31 +132,39 @@ class SseTally:
     outcome: Outcome = field(default_factory=Outcome)
     pending: bytes = b""
     events: int = 0
-    kept: list[bytes] = field(default_factory=list)
+    kept: list[bytes] | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        buf = self.pending + chunk if self.pending else chunk
-        cut = buf.rfind(b"\n") + 1
-        whole, self.pending = buf[:cut], buf[cut:]
-        if whole:
-            self.events += whole.count(b"data:")
-            if TOOL_CALLS_MARK in whole or self.guard.note_pending:
-                whole = screened_events(whole, self.guard)
-            self.skim(whole)
-            if self.keep_text:
+        if self.pending:
+            chunk = self.pending + chunk
+        cut = chunk.rfind(b"\n") + 1
+        if not cut:
+            self.pending = chunk
+            return b""
+        whole, self.pending = chunk[:cut], chunk[cut:]
+        self.events += whole.count(b"data:")
+        if TOOL_CALLS_MARK in whole or (self.guard.choices and self.guard.note_pending):
+            whole = screened_events(whole, self.guard)
+        reasons = FINISH_REASON.findall(whole)
+        if reasons:
+            self.outcome.finish_reason = reasons[-1].decode()
+        mark = USAGE_MARK.search(whole)
+        if mark:
+            self.read_usage(whole, mark)
+        if self.keep_text:
+            if self.kept is None:
+                self.kept = [whole]
+            else:
                 self.kept.append(whole)
         return whole
 
     def result(self) -> Outcome:
         if self.kept:
             self.outcome.text = "".join(delta_texts(b"".join(self.kept)))
-            self.kept = []
+            self.kept = None
         return self.outcome
 
-    def skim(self, whole: bytes) -> None:
-        for reason in FINISH_REASON.findall(whole):
-            self.outcome.finish_reason = reason.decode()
-        mark = USAGE_MARK.search(whole)
+    def read_usage(self, whole: bytes, mark: re.Match) -> None:
         while mark:
             end = whole.find(b"\n", mark.end()) % (len(whole) + 1)
             line = whole[whole.rfind(b"\n", 0, mark.start()) + 1:end]
@@ -167,21 +177,22 @@ class SseTally:
 
 
 def delta_texts(whole: bytes) -> list[str]:
-    """The content deltas of the events in `whole`, parsed as one JSON array (one call instead of
-    one per event); one by one when some event is malformed, which is then skipped."""
-    bodies = [line[5:] for line in whole.split(b"\n") if line.startswith(b"data:")]
-    bodies = [b for b in bodies if b.strip() != b"[DONE]"]
+    """The content deltas of the events in `whole`, of each event's first choice (the multiplexer
+    asks for one), parsed as one JSON array (one call instead of one per event); one by one when
+    some event is malformed, which is then skipped."""
+    bodies = DATA_OBJECT.findall(whole)
     try:
         chunks = orjson.loads(b"[" + b",".join(bodies) + b"]")
     except orjson.JSONDecodeError:
         chunks = [event_body(b) for b in bodies]
     texts = []
     for chunk in chunks:
-        for choice in (chunk.get("choices") if isinstance(chunk, dict) else None) or []:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            content = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(content, str):
-                texts.append(content)
+        try:
+            content = chunk["choices"][0]["delta"]["content"]
+        except (KeyError, IndexError, TypeError):
+            continue
+        if type(content) is str:
+            texts.append(content)
     return texts
 
 
@@ -338,7 +349,7 @@ def finish(mux: Mux, turn: Turn, grant: Grant, outcome: Outcome, sent: float, fi
         mux.save_turn(name, turn.session, new + [{"role": "assistant", "content": outcome.text}])
 
 
-@dataclass
+@dataclass(slots=True)
 class OpenStream:
     grant: Grant
     response: aiohttp.ClientResponse
@@ -373,10 +384,11 @@ async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
                 raise ApiError(resp.status, content.decode(errors="replace")[:500], "backend_error")
             tally = SseTally(turn.session is not None, StreamGuard(turn.scope))
             head = b""
-            async for chunk in resp.content.iter_any():
-                head += tally.feed(chunk)
-                if tally.events:
+            while not tally.events:
+                chunk = await resp.content.readany()
+                if not chunk:
                     break
+                head += tally.feed(chunk)
             turn.reading = False
             if not tally.events:
                 resp.release()
@@ -472,7 +484,8 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
         else:
             st.response.release()
         release(mux, st.grant, failed=failed)
-        audit_client_tools(mux, turn, "blocked", st.tally.guard.blocked)
+        if st.tally.guard.choices:
+            audit_client_tools(mux, turn, "blocked", st.tally.guard.blocked)
         if not (failed or cancelled):
             finish(mux, turn, st.grant, st.tally.result(), st.sent, st.first_byte)
     if tail is not None:

@@ -46,7 +46,7 @@ def session_of(header: str | None, data: dict) -> str | None:
     return session
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PromptParts:
     """What a turn sends the model: the instructions (the client's, else the role's) and the
     knowledge notice, the session's history, and the rest of the client's messages."""
@@ -72,6 +72,16 @@ def prompt_parts(mux: Mux, turn: Turn) -> PromptParts:
     return PromptParts(system + notice, history, rest)
 
 
+def deadline_of(header: bytes) -> float:
+    try:
+        deadline_s = float(header)
+    except ValueError:
+        deadline_s = math.nan
+    if not (math.isfinite(deadline_s) and deadline_s > 0):
+        raise ApiError(400, "x-deadline-s must be a positive number of seconds", "invalid_request_error")
+    return deadline_s
+
+
 def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[bytes, bytes], data: dict,
           arrived: float) -> Turn:
     messages = valid_messages(data)
@@ -82,12 +92,8 @@ def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[bytes, bytes
         mux.metrics.rejections.labels("rate_limited").inc()
         raise ApiError(429, f"rate limit of {role.rate_limit.requests_per_minute}/min for {ident.name}",
                        "rate_limit_error", {"Retry-After": str(max(1, math.ceil(wait)))})
-    try:
-        deadline_s = float(headers.get(b"x-deadline-s") or mux.config.deadline_s)
-    except ValueError:
-        deadline_s = math.nan
-    if not (math.isfinite(deadline_s) and deadline_s > 0):
-        raise ApiError(400, "x-deadline-s must be a positive number of seconds", "invalid_request_error")
+    asked = headers.get(b"x-deadline-s")
+    deadline_s = mux.config.deadline_s if asked is None else deadline_of(asked)
     scope = mux.scopes[role.name]
     screened = screen_request(data, role.sampling.max_tokens, scope)
     turn = Turn(ident, role, session, messages, data, time.monotonic() + deadline_s, arrived,
@@ -123,7 +129,7 @@ async def chat(mux: Mux, scope: dict, receive: Receive, send: Send) -> None:
     # Names lower-cased by the server, a repeated header's last value; only the values read are decoded.
     headers = dict(scope["headers"])
     try:
-        ident, role = mux.identify(headers.get(b"authorization", b"").decode("latin-1"))
+        ident, role = mux.identify_header(headers.get(b"authorization", b""))
         body = await read_body(receive, headers.get(b"content-length"), mux.config.max_body_bytes)
         turn = admit(mux, ident, role, headers, json_object(body), arrived)
     except ApiError as err:

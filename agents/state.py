@@ -14,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from itertools import chain
 from operator import attrgetter
 from pathlib import Path
 
@@ -83,7 +84,7 @@ class SessionState:
     kept_turns: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class History:
     """Messages of a session's latest turns, oldest first, and their characters as the token
     estimate counts them (agents.messages.message_chars): counted once, when a turn is kept,
@@ -101,6 +102,7 @@ class History:
 
 NO_HISTORY = History([], 0)
 CHARS = attrgetter("chars")
+MESSAGES = attrgetter("messages")
 
 
 @dataclass
@@ -118,7 +120,7 @@ class CachedSession:
         if turns > held and self.kept > held:
             return None
         picked = list(self.recent)[max(0, held - turns):]
-        return History([m for turn in picked for m in turn.messages], sum(map(CHARS, picked)))
+        return History(list(chain.from_iterable(map(MESSAGES, picked))), sum(map(CHARS, picked)))
 
     def add(self, messages: list[dict], size: int, limits: StateLimits) -> None:
         """The next turn, then the oldest dropped while the bounds are exceeded (the newest stays)."""
