@@ -43,6 +43,9 @@ def asked_length(data: dict, name: str) -> int | None:
 
 def capped_max_tokens(data: dict, cap: int) -> int:
     """The shortest length the client asked for under any name, never above the role's cap."""
+    if "max_completion_tokens" not in data and "n_predict" not in data:
+        asked = asked_length(data, "max_tokens")
+        return cap if asked is None or asked > cap else asked
     shortest = cap
     for name in LENGTH_FIELDS:
         if name in data:
