@@ -14,6 +14,7 @@ from agents.benchmarks.logic_cost import (
     logic_cost,
     mux_handler,
     one_request,
+    opcodes_per_request,
 )
 
 
@@ -48,3 +49,13 @@ def test_logic_cost_reports_both_paths_and_their_difference():
     assert isinstance(cost, LogicCost) and (cost.requests, cost.passes) == (40, 2)
     assert cost.mux_us > 0 and cost.bare_us > 0
     assert cost.extra_us == cost.mux_us - cost.bare_us
+    assert 0 < cost.bare_opcodes < cost.mux_opcodes < cost.session_opcodes
+    assert cost.extra_opcodes == cost.mux_opcodes - cost.bare_opcodes
+
+
+def test_the_bytecode_count_of_a_request_is_the_same_from_one_count_to_the_next(tmp_path):
+    mux, key = canned_mux(tmp_path)
+    handler, scope = mux_handler(mux), http_scope(key)
+    counts = [asyncio.run(opcodes_per_request(handler, scope, requests=5)) for _ in range(3)]
+    assert counts[0] > 0 and len(set(counts)) == 1
+    mux.store.close()

@@ -2,7 +2,9 @@
 with the same requests sent through the bare pass-through proxy's forward over the same transports.
 Thread CPU per streamed request, the best of several passes. No sockets, no other process and no
 event-loop I/O, so a change of a few microseconds shows in seconds, where the overhead bars' runs
-on a small machine read to about ±10%.
+on a small machine read to about ±10%. Also the Python bytecodes each path runs a request, counted
+by a tracer: the same on every run and machine, where a shared VM's speed moves CPU time by a
+quarter from one minute to the next (not counted: work in C, such as orjson, regexes or SQLite).
 
 Simulated here: the backend (aiohttp's client answers with a canned SSE stream of three tokens and
 a usage event, in two chunks, as the instant backend sends it) and the client's ASGI receive and
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -124,10 +127,17 @@ class LogicCost:
     bare_us: float
     requests: int
     passes: int
+    mux_opcodes: int
+    bare_opcodes: int
+    session_opcodes: int
 
     @property
     def extra_us(self) -> float:
         return self.mux_us - self.bare_us
+
+    @property
+    def extra_opcodes(self) -> int:
+        return self.mux_opcodes - self.bare_opcodes
 
 
 def canned_mux(tmp: Path) -> tuple[Mux, str]:
@@ -139,11 +149,12 @@ def canned_mux(tmp: Path) -> tuple[Mux, str]:
     return mux, key_of(keys, AGENT)
 
 
-def http_scope(key: str) -> dict:
-    return {"type": "http", "method": "POST", "path": "/v1/chat/completions",
-            "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {key}".encode()),
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(REQUEST)).encode())]}
+def http_scope(key: str, session: str | None = None) -> dict:
+    headers = [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {key}".encode()),
+               (b"content-type", b"application/json"), (b"content-length", str(len(REQUEST)).encode())]
+    if session is not None:
+        headers.append((b"x-session-id", session.encode()))
+    return {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": headers}
 
 
 Handler = Callable[[dict, Callable, Callable], Awaitable[None]]
@@ -199,6 +210,31 @@ def bare_handler(client: CannedClient) -> Handler:
     return handle
 
 
+OPCODE_REQUESTS = 20
+
+
+async def opcodes_per_request(handler: Handler, scope: dict, requests: int = OPCODE_REQUESTS) -> int:
+    """Python bytecodes run in this thread per request, over `requests` after as many to warm up."""
+    for _ in range(requests):
+        await one_request(handler, scope)
+    count = 0
+
+    def trace(frame, event: str, arg):
+        nonlocal count
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+        return trace
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        for _ in range(requests):
+            await one_request(handler, scope)
+    finally:
+        sys.settrace(previous)
+    return round(count / requests)
+
+
 async def measure(mux: Mux, key: str, requests: int, passes: int) -> LogicCost:
     """Passes of the two paths alternate, so that a change in the machine's speed (a shared VM's)
     reaches both; the best pass of each counts, after a warm-up of each."""
@@ -210,7 +246,9 @@ async def measure(mux: Mux, key: str, requests: int, passes: int) -> LogicCost:
     for _ in range(passes):
         for i, handler in enumerate(paths):
             best[i] = min(best[i], await pass_us(handler, scope, requests))
-    return LogicCost(best[0], best[1], requests, passes)
+    opcodes = [await opcodes_per_request(handler, scope) for handler in paths]
+    session = await opcodes_per_request(paths[0], http_scope(key, "logic-cost"))
+    return LogicCost(best[0], best[1], requests, passes, opcodes[0], opcodes[1], session)
 
 
 def logic_cost(requests: int = 5000, passes: int = PASSES) -> LogicCost:
@@ -232,8 +270,11 @@ def main() -> None:
     print(f"multiplexer's chat path: {cost.mux_us:.1f} µs CPU a streamed request; bare forward: "
           f"{cost.bare_us:.1f} µs; the multiplexer's logic: {cost.extra_us:.1f} µs "
           f"(best of {cost.passes} passes of {cost.requests}, canned transports)")
+    print(f"Python bytecodes a request: multiplexer {cost.mux_opcodes}, with a session {cost.session_opcodes}; "
+          f"bare forward {cost.bare_opcodes}; the multiplexer's logic {cost.extra_opcodes}")
     if args.json:
-        atomic_write_json(args.json, asdict(cost) | {"extra_us": cost.extra_us})
+        atomic_write_json(args.json, asdict(cost) | {"extra_us": cost.extra_us,
+                                                     "extra_opcodes": cost.extra_opcodes})
 
 
 if __name__ == "__main__":
