@@ -24,7 +24,7 @@ from agents.messages import INSTRUCTION_ROLES, estimate_tokens, valid_messages
 from agents.mux import Mux
 from agents.policy import screen_request
 from agents.proxy import Turn, audit_client_tools, complete, open_stream, relay
-from agents.state import NO_HISTORY, History
+from agents.state import NO_HISTORY
 from agents.tools import ToolCall
 from dgxready.roles import Role
 from model.backend import ENGINE_CLIENT_KEEPALIVE_S
@@ -44,32 +44,6 @@ def session_of(header: str | None, data: dict) -> str | None:
     if not isinstance(session, str) or not SESSION_RE.match(session):
         raise ApiError(400, "session must match [A-Za-z0-9._:-]{1,128}", "invalid_request_error")
     return session
-
-
-@dataclass(slots=True)
-class PromptParts:
-    """What a turn sends the model: the instructions (the client's, else the role's) and the
-    knowledge notice, the session's history, and the rest of the client's messages."""
-    head: list[dict]
-    history: History
-    rest: list[dict]
-
-    @property
-    def messages(self) -> list[dict]:
-        return self.head + self.history.messages + self.rest
-
-
-def prompt_parts(mux: Mux, turn: Turn) -> PromptParts:
-    system, rest = [], []
-    for message in turn.messages:
-        (system if message["role"] in INSTRUCTION_ROLES else rest).append(message)
-    system = system or [{"role": "system", "content": turn.role.system_prompt()}]
-    keep = mux.config.history_turns
-    # A tool-calling client's turn can hold many messages: at most 2 per turn are sent.
-    history = mux.store.recent_history(turn.ident.name, turn.session, keep).last(2 * keep) \
-        if turn.session and keep else NO_HISTORY
-    notice = notice_messages(mux.knowledge, turn.ident.name, turn.role.name, turn.role.knowledge_notice_tokens)
-    return PromptParts(system + notice, history, rest)
 
 
 def deadline_of(header: bytes) -> float:
@@ -113,14 +87,24 @@ def refuse_or_drop_tools(mux: Mux, turn: Turn, denied: list[str]) -> None:
 
 
 def prepare(mux: Mux, turn: Turn) -> None:
-    """The prompt with the session's history, read while the session's lock is held."""
-    parts = prompt_parts(mux, turn)
-    turn.prompt = parts.messages
+    """The prompt, read while the session's lock is held: the instructions (the client's, else the
+    role's) and the knowledge notice, the session's history, then the rest of the client's
+    messages; and the turn's cost for the fair queue."""
+    system, rest = [], []
+    for message in turn.messages:
+        (system if message["role"] in INSTRUCTION_ROLES else rest).append(message)
+    head = (system or [{"role": "system", "content": turn.role.system_prompt()}]) + \
+        notice_messages(mux.knowledge, turn.ident.name, turn.role.name, turn.role.knowledge_notice_tokens)
+    keep = mux.config.history_turns
+    # A tool-calling client's turn can hold many messages: at most 2 per turn are sent.
+    history = mux.store.recent_history(turn.ident.name, turn.session, keep).last(2 * keep) \
+        if turn.session and keep else NO_HISTORY
+    turn.prompt = head + history.messages + rest
     # Charged at dispatch: the prompt, plus for a non-streamed answer the agent's typical output;
     # a stream's output is charged as it arrives. The answer's usage settles the difference.
     typical = mux.typical_output.get(turn.ident.name, turn.max_tokens)
     output = 0 if turn.data.get("stream") else min(turn.max_tokens, typical)
-    turn.cost = estimate_tokens(parts.head + parts.rest, output, parts.history.chars)
+    turn.cost = estimate_tokens(head + rest, output, history.chars)
 
 
 async def chat(mux: Mux, scope: dict, receive: Receive, send: Send) -> None:

@@ -25,7 +25,7 @@ from agents.knowledge.vectors import ExactVectors, SketchSettings, VectorIndex, 
 from agents.metrics import MuxMetrics
 from agents.mux import create_mux
 from agents.proxy import Turn
-from agents.server import prompt_parts
+from agents.server import prepare
 from agents.state import StateStore
 from agents.tools import ToolCall, ToolRegistry
 from dgxready.errors import DgxReadyError
@@ -338,7 +338,8 @@ def test_another_process_update_reaches_a_subscribed_agents_next_turn_as_a_chang
     def next_prompt() -> list[dict]:
         turn = Turn(ident, roles["developer"], None, [{"role": "user", "content": "hi"}], {},
                     time.monotonic() + 60, 0.0, {}, None, 64)
-        return prompt_parts(mux, turn).messages
+        prepare(mux, turn)
+        return turn.prompt
 
     assert [m["role"] for m in next_prompt()] == ["system", "user"], "the first turn records where it starts"
     writer = write_from_another_process(tmp_path / "knowledge.db", "architect-systems-1", 2)
