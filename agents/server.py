@@ -67,7 +67,7 @@ def admit(mux: Mux, ident: AgentIdentity, role: Role, headers: dict[bytes, bytes
         raise ApiError(429, f"rate limit of {role.rate_limit.requests_per_minute}/min for {ident.name}",
                        "rate_limit_error", {"Retry-After": str(max(1, math.ceil(wait)))})
     asked = headers.get(b"x-deadline-s")
-    deadline_s = mux.config.deadline_s if asked is None else deadline_of(asked)
+    deadline_s = deadline_of(asked) if asked else mux.config.deadline_s
     scope = mux.scopes[role.name]
     screened = screen_request(data, role.sampling.max_tokens, scope)
     turn = Turn(ident, role, session, messages, data, time.monotonic() + deadline_s, arrived,

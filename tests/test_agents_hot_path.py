@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agents.asgi import ApiError, read_body
-from agents.benchmarks.logic_cost import AGENT, canned_mux
+from agents.benchmarks.logic_cost import AGENT, canned_mux, http_scope, mux_handler, one_request
 from agents.messages import valid_messages
 from agents.proxy import delta_texts
 
@@ -147,3 +147,10 @@ def test_a_streams_text_read_by_one_regex_is_what_parsing_every_event_reads(cont
 def test_a_content_that_is_not_a_string_at_a_deltas_head_sends_the_stream_the_long_way(odd):
     whole = event({"content": "a"}, True) + event(odd, True) + event({"content": "b"}, False)
     assert delta_texts(whole) == parsed_texts(whole)
+
+
+@pytest.mark.parametrize(("value", "status"), [(b"", 200), (b"30", 200), (b"0", 400), (b"soon", 400)])
+def test_an_empty_deadline_header_takes_the_default_and_a_bad_one_is_refused(mux, value, status):
+    scope = http_scope(mux.bench_key)
+    scope["headers"].append((b"x-deadline-s", value))
+    assert asyncio.run(one_request(mux_handler(mux), scope))[0]["status"] == status
