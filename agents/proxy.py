@@ -184,8 +184,8 @@ def delta_texts(whole: bytes) -> list[str]:
     """The content deltas of the events in `whole`. When every `"content"` key is a string at the
     head of a delta (as vLLM, llama-server and OpenAI send them), the strings are read by one regex
     and decoded as one JSON array, with no Python work per event (an answer has an event per
-    token). Otherwise each event is parsed, and of its first choice (the multiplexer asks for one)
-    the content kept; all events as one JSON array, or one by one when some event is malformed,
+    token). Otherwise each event is parsed and its choices' delta contents kept (the regex reads
+    every choice's too); all events as one JSON array, or one by one when some event is malformed,
     which is then skipped."""
     found = DELTA_CONTENT.findall(whole)
     if found and len(found) == whole.count(b'"content"'):
@@ -200,12 +200,11 @@ def delta_texts(whole: bytes) -> list[str]:
         chunks = [event_body(b) for b in bodies]
     texts = []
     for chunk in chunks:
-        try:
-            content = chunk["choices"][0]["delta"]["content"]
-        except (KeyError, IndexError, TypeError):
-            continue
-        if type(content) is str:
-            texts.append(content)
+        for choice in (chunk.get("choices") if isinstance(chunk, dict) else None) or []:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(content, str):
+                texts.append(content)
     return texts
 
 

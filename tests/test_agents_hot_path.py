@@ -154,3 +154,9 @@ def test_an_empty_deadline_header_takes_the_default_and_a_bad_one_is_refused(mux
     scope = http_scope(mux.bench_key)
     scope["headers"].append((b"x-deadline-s", value))
     assert asyncio.run(one_request(mux_handler(mux), scope))[0]["status"] == status
+
+
+def test_both_ways_keep_every_choices_content_in_order():
+    at_head = b'data: {"choices":[{"delta":{"content":"a"}},{"delta":{"content":"b"}}]}\n\n'
+    long_way = b'data: {"choices":[{"delta":{"content":"a"}},{"delta":{"refusal":null,"content":"b"}}]}\n\n'
+    assert delta_texts(at_head) == delta_texts(long_way) == ["a", "b"]
