@@ -3,7 +3,7 @@ StreamingResponse (an anyio task group per response) cost more CPU than the prox
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from starlette.responses import Response
@@ -31,14 +31,16 @@ class ApiError(Exception):
                         media_type="application/json")
 
 
-def hangup_flag(send: Send) -> Callable[[], bool] | None:
-    """Whether the client has hung up, read off uvicorn's request cycle (its send() is a bound
-    method, and the cycle's `disconnected` turns true when the connection is lost): free, where
-    watching receive() costs a task per stream. None under a server without it."""
+class HangupFlag(Protocol):
+    disconnected: bool
+
+
+def server_cycle(send: Send) -> HangupFlag | None:
+    """uvicorn's request cycle, whose `disconnected` turns true when the client hangs up (its send()
+    is a bound method of it): free to read, where watching receive() costs a task per stream.
+    None under a server without it."""
     cycle = getattr(send, "__self__", None)
-    if not isinstance(getattr(cycle, "disconnected", None), bool):
-        return None
-    return lambda: cycle.disconnected
+    return cycle if isinstance(getattr(cycle, "disconnected", None), bool) else None
 
 
 def too_large(limit: int) -> ApiError:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
 
-from agents.asgi import SSE_HEADERS, ApiError, Receive, Send, hangup_flag, send_response
+from agents.asgi import SSE_HEADERS, ApiError, Receive, Send, send_response, server_cycle
 from agents.backends import Backend
 from agents.config import AgentIdentity, key_digest
 from agents.deadlines import timed_out
@@ -46,11 +46,15 @@ class Turn:
     prompt: list[dict] | None = None
     cost: float = 0.0
     streamed: int = 0
-    # Its talk with a backend, as agents.deadlines watches it.
+    # Its talk with a backend, as agents.deadlines watches it: the slot, when the request went
+    # and when the answer's first event came back.
     task: asyncio.Task | None = None
     reading: bool = False
     passed: bool = False
     cancelled: bool = False
+    grant: Grant | None = None
+    sent: float = 0.0
+    first_byte: float = 0.0
 
 
 def audit_client_tools(mux: Mux, turn: Turn, action: str, names: list[str]) -> None:
@@ -89,10 +93,12 @@ class Outcome:
 
 # Only the events carrying usage are parsed while the stream passes (some servers send
 # `"usage": null` in every event); a finish reason is read without parsing. Within a JSON
-# string these marks would have escaped quotes, so a model's text cannot fake them.
+# string these marks would have escaped quotes, so a model's text cannot fake them. A chunk is
+# searched once for any of them (most chunks hold none): one scan instead of three.
 USAGE_MARK = re.compile(rb'"usage": ?\{')
 FINISH_REASON = re.compile(rb'"finish_reason": ?"([A-Za-z_]+)"')
 TOOL_CALLS_MARK = b'"tool_calls"'
+ANY_MARK = re.compile(rb'"finish_reason": ?"|"usage": ?\{|"tool_calls"')
 # A delta's content when it is a string at the head of the delta (after the role, in a first event).
 DELTA_CONTENT = re.compile(rb'"delta": ?\{(?:"role": ?"[a-z]+", ?)?"content": ?("[^"\\]*(?:\\.[^"\\]*)*")')
 # The JSON object of each data line; `data: [DONE]` is not one.
@@ -125,35 +131,35 @@ def screened_events(whole: bytes, guard: StreamGuard) -> bytes:
     return b"\n".join(lines)
 
 
-@dataclass(slots=True)
-class SseTally:
-    """Reads the backend's SSE bytes: passes on whole lines only, screens tool calls, and reads
-    finish and usage as they pass. When the text goes into a session's history, the lines are
-    kept and their deltas parsed once, at the end (`result()`)."""
-    keep_text: bool
-    guard: StreamGuard
-    outcome: Outcome = field(default_factory=Outcome)
-    pending: bytes = b""
-    events: int = 0
-    kept: list[bytes] | None = None
+class SseTally(Outcome):
+    """Reads the backend's SSE bytes into the stream's outcome: passes on whole lines only,
+    screens tool calls (a guard is made at the first one), and reads finish and usage as they
+    pass. When the text goes into a session's history, the lines are kept and their deltas
+    parsed once, at the end (`result()`)."""
+    __slots__ = ("keep_text", "scope", "guard", "pending", "events", "kept")
+
+    def __init__(self, keep_text: bool, scope: ToolScope) -> None:
+        self.text, self.prompt_tokens, self.completion_tokens, self.finish_reason = "", 0, 0, None
+        self.keep_text, self.scope = keep_text, scope
+        self.guard: StreamGuard | None = None
+        self.pending = b""
+        self.events = 0
+        self.kept: list[bytes] | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         if self.pending:
             chunk = self.pending + chunk
         cut = chunk.rfind(b"\n") + 1
-        if not cut:
+        if cut == len(chunk):
+            whole, self.pending = chunk, b""
+        elif cut:
+            whole, self.pending = chunk[:cut], chunk[cut:]
+        else:
             self.pending = chunk
             return b""
-        whole, self.pending = chunk[:cut], chunk[cut:]
         self.events += whole.count(b"data:")
-        if TOOL_CALLS_MARK in whole or (self.guard.choices and self.guard.note_pending):
-            whole = screened_events(whole, self.guard)
-        reasons = FINISH_REASON.findall(whole)
-        if reasons:
-            self.outcome.finish_reason = reasons[-1].decode()
-        mark = USAGE_MARK.search(whole)
-        if mark:
-            self.read_usage(whole, mark)
+        if ANY_MARK.search(whole) is not None or self.guard is not None:
+            whole = self.read_marks(whole)
         if self.keep_text:
             if self.kept is None:
                 self.kept = [whole]
@@ -161,23 +167,36 @@ class SseTally:
                 self.kept.append(whole)
         return whole
 
+    def read_marks(self, whole: bytes) -> bytes:
+        """Screens tool calls, and reads finish and usage, in lines that carry them."""
+        if TOOL_CALLS_MARK in whole or (self.guard is not None and self.guard.note_pending):
+            if self.guard is None:
+                self.guard = StreamGuard(self.scope)
+            whole = screened_events(whole, self.guard)
+        reasons = FINISH_REASON.findall(whole)
+        if reasons:
+            self.finish_reason = reasons[-1].decode()
+        mark = USAGE_MARK.search(whole)
+        if mark:
+            self.read_usage(whole, mark)
+        return whole
+
     def result(self) -> Outcome:
         if self.kept:
-            self.outcome.text = "".join(delta_texts(b"".join(self.kept)))
+            self.text = "".join(delta_texts(b"".join(self.kept)))
             self.kept = None
-        return self.outcome
+        return self
 
-    def read_usage(self, whole: bytes, mark: re.Match) -> None:
+    def read_usage(self, whole: bytes, mark: re.Match | None) -> None:
         while mark:
             end = whole.find(b"\n", mark.end())
-            end = end if end >= 0 else len(whole)
-            line = whole[whole.rfind(b"\n", 0, mark.start()) + 1:end]
+            line = whole[whole.rfind(b"\n", 0, mark.start()) + 1:end if end >= 0 else None]
             chunk = event_body(line[5:]) if line.startswith(b"data:") else None
             usage = chunk.get("usage") if chunk is not None else None
-            if isinstance(usage, dict):
-                self.outcome.prompt_tokens = usage.get("prompt_tokens", 0)
-                self.outcome.completion_tokens = usage.get("completion_tokens", 0)
-            mark = USAGE_MARK.search(whole, end)
+            if type(usage) is dict:
+                self.prompt_tokens = usage.get("prompt_tokens", 0)
+                self.completion_tokens = usage.get("completion_tokens", 0)
+            mark = USAGE_MARK.search(whole, end) if end >= 0 else None
 
 
 def delta_texts(whole: bytes) -> list[str]:
@@ -285,9 +304,10 @@ def give_up_at_deadline(mux: Mux, turn: Turn, backend: str, last: Exception) -> 
         raise ApiError(504, "the turn's deadline passed before the backend answered", "timeout")
 
 
-def answer_headers(turn: Turn, grant: Grant, sent: float) -> list[tuple[bytes, bytes]]:
+def answer_headers(turn: Turn) -> list[tuple[bytes, bytes]]:
     """x-dgxready-* headers of an answer, encoded as the server sends them."""
-    overhead_ms = (sent - turn.arrived - grant.queue_wait_s) * 1000
+    grant = turn.grant
+    overhead_ms = (turn.sent - turn.arrived - grant.queue_wait_s) * 1000
     headers = [(b"x-dgxready-overhead-ms", b"%.3f" % overhead_ms),
                (b"x-dgxready-queue-ms", b"%.3f" % (grant.queue_wait_s * 1000)),
                (b"x-dgxready-backend", grant.backend.name_header)]
@@ -299,8 +319,8 @@ def answer_headers(turn: Turn, grant: Grant, sent: float) -> list[tuple[bytes, b
 async def complete(mux: Mux, turn: Turn, send: Send) -> None:
     last: Exception | None = None
     for attempt in range(MAX_RETRIES + 1):
-        grant = await acquire(mux, turn, retry=attempt > 0)
-        sent = time.perf_counter()
+        turn.grant = grant = await acquire(mux, turn, retry=attempt > 0)
+        turn.sent = time.perf_counter()
         try:
             turn.reading = True
             if turn.passed:
@@ -337,21 +357,21 @@ async def complete(mux: Mux, turn: Turn, send: Send) -> None:
         audit_client_tools(mux, turn, "blocked", screen_answer(out, turn.scope))
         usage = out.get("usage") or {}
         text = ((out.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
-        finish(mux, turn, grant, Outcome(text, usage.get("prompt_tokens", 0),
-                                         usage.get("completion_tokens", 0)), sent, time.perf_counter())
+        turn.first_byte = time.perf_counter()
+        finish(mux, turn, Outcome(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)))
         out["model"] = turn.data.get("model") or out.get("model")
-        await send_response(send, 200, orjson.dumps(out), extra=answer_headers(turn, grant, sent))
+        await send_response(send, 200, orjson.dumps(out), extra=answer_headers(turn))
         return
     mux.metrics.request(turn.ident.name, "none", "failed").inc()
     raise ApiError(502, f"every backend failed before answering: {failure_text(last)}", "backend_error")
 
 
-def finish(mux: Mux, turn: Turn, grant: Grant, outcome: Outcome, sent: float, first_byte: float) -> None:
-    m, name = mux.metrics, turn.ident.name
+def finish(mux: Mux, turn: Turn, outcome: Outcome) -> None:
+    m, name, grant = mux.metrics, turn.ident.name, turn.grant
     m.request(name, grant.backend.config.name, "ok").value += 1
-    m.agent(name).answered(outcome.prompt_tokens, outcome.completion_tokens, first_byte - turn.arrived,
+    m.agent(name).answered(outcome.prompt_tokens, outcome.completion_tokens, turn.first_byte - turn.arrived,
                            time.perf_counter() - turn.arrived)
-    m.overhead.observe(max(0.0, sent - turn.arrived - grant.queue_wait_s))
+    m.overhead.observe(max(0.0, turn.sent - turn.arrived - grant.queue_wait_s))
     mux.scheduler.settle(name, turn.role.scheduling.weight, turn.cost + turn.streamed,
                          outcome.prompt_tokens + outcome.completion_tokens)
     last = mux.typical_output.get(name, outcome.completion_tokens)
@@ -361,22 +381,13 @@ def finish(mux: Mux, turn: Turn, grant: Grant, outcome: Outcome, sent: float, fi
         mux.save_turn(name, turn.session, new + [{"role": "assistant", "content": outcome.text}])
 
 
-@dataclass(slots=True)
-class OpenStream:
-    grant: Grant
-    response: aiohttp.ClientResponse
-    head: bytes
-    tally: SseTally
-    sent: float
-    first_byte: float
-
-
-async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
-    """Dispatch and wait for the first data event; failures before it retry elsewhere."""
+async def open_stream(mux: Mux, turn: Turn) -> tuple[aiohttp.ClientResponse, SseTally, bytes]:
+    """Dispatch and wait for the first data event; failures before it retry elsewhere. The answer,
+    its tally and the lines read so far; the turn holds the slot."""
     last: Exception | None = None
     for attempt in range(MAX_RETRIES + 1):
-        grant = await acquire(mux, turn, retry=attempt > 0)
-        sent = time.perf_counter()
+        turn.grant = grant = await acquire(mux, turn, retry=attempt > 0)
+        turn.sent = time.perf_counter()
         resp: aiohttp.ClientResponse | None = None
         try:
             turn.reading = True
@@ -394,7 +405,7 @@ async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
                 release(mux, grant, failed=False)
                 mux.metrics.request(turn.ident.name, grant.backend.name, str(resp.status)).inc()
                 raise ApiError(resp.status, content.decode(errors="replace")[:500], "backend_error")
-            tally = SseTally(turn.session is not None, StreamGuard(turn.scope))
+            tally = SseTally(turn.session is not None, turn.scope)
             head = b""
             while not tally.events:
                 chunk = await resp.content.readany()
@@ -405,7 +416,8 @@ async def open_stream(mux: Mux, turn: Turn) -> OpenStream:
             if not tally.events:
                 resp.release()
                 raise BackendFailed("empty stream")
-            return OpenStream(grant, resp, head, tally, sent, time.perf_counter())
+            turn.first_byte = time.perf_counter()
+            return resp, tally, head
         except BACKEND_ERRORS as raised:
             turn.reading = False
             if resp is not None:
@@ -422,38 +434,43 @@ class ClientGone(Exception):
     pass
 
 
-def charge_output(mux: Mux, turn: Turn, tally: SseTally) -> None:
-    """Output is charged as it streams (an event is about a token); usage settles the rest."""
-    new = tally.events - turn.streamed
-    if new:
-        turn.streamed = tally.events
-        mux.scheduler.charge(turn.ident.name, turn.role.scheduling.weight, new)
-
-
-async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Receive) -> None:
+async def relay(mux: Mux, turn: Turn, opened: tuple[aiohttp.ClientResponse, SseTally, bytes], send: Send,
+                receive: Receive) -> None:
     """Forward the stream as the backend's bytes arrive, in as few writes as what is already
-    buffered allows. A backend failure or the turn's deadline ends it with an error event, sent
-    after the backend slot is free; a client that hangs up frees the slot at once."""
+    buffered allows, charging the output to the agent as it streams (an event is about a token;
+    usage settles the rest). A backend failure or the turn's deadline ends it with an error
+    event, sent after the backend slot is free; a client that hangs up frees the slot at once."""
+    response, tally, out = opened
     gone: asyncio.Future | None = None
-    hung_up = hangup_flag(send)
-    content = st.response.content
+    cycle = server_cycle(send)
+    content = response.content
+    charge, agent, weight = mux.scheduler.charge, turn.ident.name, turn.role.scheduling.weight
     failed = cancelled = False
-    out = b""
     tail: bytes | None = None
-    reads = 0
     try:
         await send({"type": "http.response.start", "status": 200,
-                    "headers": SSE_HEADERS + answer_headers(turn, st.grant, st.sent)})
-        out = st.head + st.tally.feed(content.read_nowait())
-        charge_output(mux, turn, st.tally)
-        while not content.at_eof():
-            if out:
-                await send({"type": "http.response.body", "body": out, "more_body": True})
-                out = b""
+                    "headers": SSE_HEADERS + answer_headers(turn)})
+        chunk = content.read_nowait()
+        reads = 0
+        while True:
+            out += tally.feed(chunk)
+            if tally.events != turn.streamed:
+                charge(agent, weight, tally.events - turn.streamed)
+                turn.streamed = tally.events
             # uvicorn's send() ignores a closed connection: its cycle's flag, or else receive(),
             # reports the hang-up. receive() is watched from the second read on: a short answer
             # ends before it, without a task.
-            if hung_up is None and gone is None and reads:
+            if reads and (cycle.disconnected if cycle is not None else
+                          gone is not None and gone.done() and gone.result()["type"] == "http.disconnect"):
+                if tally.finish_reason is None:
+                    raise ClientGone()
+                break  # the client had the whole answer and hung up before the stream's end
+            if content.at_eof():
+                break
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+                out = b""
+            if cycle is None and gone is None and reads:
                 gone = asyncio.ensure_future(receive())
             reads += 1
             if turn.passed:
@@ -461,18 +478,12 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
             turn.reading = True
             chunk = await content.readany()
             turn.reading = False
-            out += st.tally.feed(chunk)
-            charge_output(mux, turn, st.tally)
-            if hung_up() if hung_up else (gone and gone.done() and gone.result()["type"] == "http.disconnect"):
-                if st.tally.outcome.finish_reason is None:
-                    raise ClientGone()
-                break  # the client had the whole answer and hung up before the stream's end
-        if st.tally.outcome.finish_reason is None:
+        if tally.finish_reason is None:
             raise BackendFailed("stream ended without a finish_reason")
-        await send({"type": "http.response.body", "body": out + st.tally.pending, "more_body": False})
+        await send({"type": "http.response.body", "body": out + tally.pending, "more_body": False})
     except ClientGone:
         cancelled = True
-        mux.metrics.request(turn.ident.name, st.grant.backend.name, "client_gone").inc()
+        mux.metrics.request(turn.ident.name, turn.grant.backend.name, "client_gone").inc()
     except BACKEND_ERRORS as raised:
         try:
             exc = backend_error(raised, turn)
@@ -481,24 +492,24 @@ async def relay(mux: Mux, turn: Turn, st: OpenStream, send: Send, receive: Recei
             raise
         failed = True
         late = isinstance(exc, asyncio.TimeoutError)
-        event = {"error": {"message": f"backend {st.grant.backend.name} failed mid-stream: {failure_text(exc)}",
+        name = turn.grant.backend.name
+        event = {"error": {"message": f"backend {name} failed mid-stream: {failure_text(exc)}",
                            "type": "timeout" if late else "backend_error"}}
         # The leading newline ends any event the backend left half-sent.
         tail = out + b"\ndata: " + orjson.dumps(event) + b"\n\ndata: [DONE]\n\n"
-        mux.metrics.request(turn.ident.name, st.grant.backend.name,
-                            "timeout" if late else "failed_midstream").inc()
+        mux.metrics.request(turn.ident.name, name, "timeout" if late else "failed_midstream").inc()
     finally:
         turn.reading = False
         if gone:
             gone.cancel()
         if cancelled or failed:
-            st.response.close()
+            response.close()
         else:
-            st.response.release()
-        release(mux, st.grant, failed=failed)
-        if st.tally.guard.choices:
-            audit_client_tools(mux, turn, "blocked", st.tally.guard.blocked)
+            response.release()
+        release(mux, turn.grant, failed=failed)
+        if tally.guard is not None:
+            audit_client_tools(mux, turn, "blocked", tally.guard.blocked)
         if not (failed or cancelled):
-            finish(mux, turn, st.grant, st.tally.result(), st.sent, st.first_byte)
+            finish(mux, turn, tally.result())
     if tail is not None:
         await send({"type": "http.response.body", "more_body": False, "body": tail})

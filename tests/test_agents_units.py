@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-from agents.asgi import hangup_flag
+from agents.asgi import server_cycle
 from agents.backends import BackendPool
 from agents.config import BackendConfig, load_keys, team_roles, write_keys
 from agents.deadlines import DeadlineWatch
 from agents.messages import message_chars, message_text
 from agents.metrics import LATENCY_BUCKETS, KnownLabels, LoopCollector, LoopFamily, MuxMetrics
 from agents.mux import SessionLocks
-from agents.policy import StreamGuard, ToolScope
+from agents.policy import ToolScope
 from agents.proxy import SseTally, backend_error
 from agents.scheduler import DeadlineExceeded, FairScheduler, QueueFull
 from dgxready.errors import ConfigError
@@ -215,11 +215,11 @@ def test_a_hang_up_is_read_off_the_servers_request_cycle_where_it_has_one_and_el
         pass
 
     cycle = Cycle()
-    hung_up = hangup_flag(cycle.send)
-    assert hung_up is not None and hung_up() is False
+    watched = server_cycle(cycle.send)
+    assert watched is cycle and watched.disconnected is False
     cycle.disconnected = True
-    assert hung_up() is True
-    assert hangup_flag(plain_send) is None, "without the flag, relay watches receive() instead"
+    assert watched.disconnected is True
+    assert server_cycle(plain_send) is None, "without the flag, relay watches receive() instead"
     assert "self.disconnected = False" in inspect.getsource(RequestResponseCycle.__init__), \
         "uvicorn's request cycle still carries the flag (the test of a real hang-up uses it)"
 
@@ -257,7 +257,7 @@ BROKEN_STREAM = TRICKY_STREAM.replace(b"data: [DONE]", b"data: {not json]\n\ndat
 def test_the_stream_tally_reads_finish_and_usage_however_the_bytes_are_split_and_whatever_the_text_says(
         cuts, keep_text, broken):
     stream = BROKEN_STREAM if broken else TRICKY_STREAM
-    tally = SseTally(keep_text, StreamGuard(ToolScope("developer", ())))
+    tally = SseTally(keep_text, ToolScope("developer", ()))
     bounds = [0, *sorted(c for c in cuts if c <= len(stream)), len(stream)]
     passed = b"".join(tally.feed(stream[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
     assert passed + tally.pending == stream
@@ -272,7 +272,7 @@ def test_a_sessions_stream_keeps_only_the_text_deltas_whatever_else_the_events_h
                  {"choices": {"delta": {"content": "not a list"}}}, ["not", "an", "object"],
                  {"choices": [{"delta": {"content": "kept"}, "finish_reason": "stop"}],
                   "usage": [{"usage": {"prompt_tokens": 1}}]})
-    tally = SseTally(True, StreamGuard(ToolScope("developer", ())))
+    tally = SseTally(True, ToolScope("developer", ()))
     assert tally.feed(stream) == stream
     out = tally.result()
     assert (out.text, out.finish_reason, out.prompt_tokens) == ("kept", "stop", 0)

@@ -162,7 +162,7 @@ Handler = Callable[[dict, Callable, Callable], Awaitable[None]]
 
 class CannedCycle:
     """The client's side of one request as uvicorn's request cycle offers it: receive() gives the
-    body, send() is a bound method of an object with `disconnected` (agents.asgi.hangup_flag)."""
+    body, send() is a bound method of an object with `disconnected` (agents.asgi.server_cycle)."""
 
     def __init__(self) -> None:
         self.disconnected = False
