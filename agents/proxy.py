@@ -22,6 +22,9 @@ from dgxready.roles import Role
 
 MAX_RETRIES = 2
 ALLOWED_FAILS = 3
+# A stream's output is charged to its agent as it arrives, this many events (about a token each)
+# at a time: the fair queue sees a long answer grow, at a call per step instead of per chunk.
+CHARGE_EVENTS = 16
 
 
 class BackendFailed(Exception):
@@ -437,9 +440,10 @@ class ClientGone(Exception):
 async def relay(mux: Mux, turn: Turn, opened: tuple[aiohttp.ClientResponse, SseTally, bytes], send: Send,
                 receive: Receive) -> None:
     """Forward the stream as the backend's bytes arrive, in as few writes as what is already
-    buffered allows, charging the output to the agent as it streams (an event is about a token;
-    usage settles the rest). A backend failure or the turn's deadline ends it with an error
-    event, sent after the backend slot is free; a client that hangs up frees the slot at once."""
+    buffered allows, charging the output to the agent as it streams (CHARGE_EVENTS at a time, the
+    rest at the end; usage settles the difference). A backend failure or the turn's deadline ends
+    it with an error event, sent after the backend slot is free; a client that hangs up frees the
+    slot at once."""
     response, tally, out = opened
     gone: asyncio.Future | None = None
     cycle = server_cycle(send)
@@ -454,7 +458,7 @@ async def relay(mux: Mux, turn: Turn, opened: tuple[aiohttp.ClientResponse, SseT
         reads = 0
         while True:
             out += tally.feed(chunk)
-            if tally.events != turn.streamed:
+            if tally.events - turn.streamed >= CHARGE_EVENTS:
                 charge(agent, weight, tally.events - turn.streamed)
                 turn.streamed = tally.events
             # uvicorn's send() ignores a closed connection: its cycle's flag, or else receive(),
@@ -500,6 +504,9 @@ async def relay(mux: Mux, turn: Turn, opened: tuple[aiohttp.ClientResponse, SseT
         mux.metrics.request(turn.ident.name, name, "timeout" if late else "failed_midstream").inc()
     finally:
         turn.reading = False
+        if tally.events != turn.streamed:
+            charge(agent, weight, tally.events - turn.streamed)
+            turn.streamed = tally.events
         if gone:
             gone.cancel()
         if cancelled or failed:

@@ -5,7 +5,10 @@ import asyncio
 
 from agents.benchmarks.logic_cost import (
     AGENT,
+    LONG_CHUNKS,
+    LONG_TOKENS,
     SSE,
+    CannedCycle,
     LogicCost,
     answer_body,
     bare_handler,
@@ -16,6 +19,7 @@ from agents.benchmarks.logic_cost import (
     one_request,
     opcodes_per_request,
 )
+from agents.proxy import CHARGE_EVENTS
 
 
 def test_the_canned_request_goes_through_the_multiplexers_chat_path_and_is_counted(tmp_path):
@@ -51,6 +55,8 @@ def test_logic_cost_reports_both_paths_and_their_difference():
     assert cost.extra_us == cost.mux_us - cost.bare_us
     assert 0 < cost.bare_opcodes < cost.mux_opcodes < cost.session_opcodes
     assert cost.extra_opcodes == cost.mux_opcodes - cost.bare_opcodes
+    assert 0 < cost.token_bare_opcodes < cost.token_mux_opcodes
+    assert cost.token_extra_us == cost.token_mux_us - cost.token_bare_us
 
 
 def test_the_bytecode_count_of_a_request_is_the_same_from_one_count_to_the_next(tmp_path):
@@ -58,4 +64,24 @@ def test_the_bytecode_count_of_a_request_is_the_same_from_one_count_to_the_next(
     handler, scope = mux_handler(mux), http_scope(key)
     counts = [asyncio.run(opcodes_per_request(handler, scope, requests=5)) for _ in range(3)]
     assert counts[0] > 0 and len(set(counts)) == 1
+    mux.store.close()
+
+
+def test_a_long_stream_is_charged_to_its_agent_as_it_arrives_in_steps_and_in_full(tmp_path):
+    mux, key = canned_mux(tmp_path)
+    mux.client.chunks = LONG_CHUNKS
+    cycle, charges, charge = CannedCycle(), [], mux.scheduler.charge
+
+    def recorded(agent: str, weight: float, tokens: float) -> None:
+        charges.append((tokens, len(cycle.sent)))
+        charge(agent, weight, tokens)
+    mux.scheduler.charge = recorded
+    asyncio.run(mux_handler(mux)(http_scope(key), cycle.receive, cycle.send))
+    assert answer_body(cycle.sent) == b"".join(LONG_CHUNKS)
+    steps = [tokens for tokens, _ in charges]
+    assert sum(steps) == len(LONG_CHUNKS), "every event charged, the usage's and [DONE] too"
+    assert set(steps[:-1]) == {CHARGE_EVENTS} and 0 < steps[-1] <= CHARGE_EVENTS
+    sent_at = [sent for _, sent in charges]
+    assert sent_at == sorted(sent_at) and sent_at[0] < sent_at[-2], "charged while the answer streams"
+    assert mux.scheduler.served_tokens[AGENT] == 5 + 3 + LONG_TOKENS  # the usage settled it
     mux.store.close()

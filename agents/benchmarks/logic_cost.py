@@ -5,6 +5,9 @@ event-loop I/O, so a change of a few microseconds shows in seconds, where the ov
 on a small machine read to about ±10%. Also the Python bytecodes each path runs a request, counted
 by a tracer: the same on every run and machine, where a shared VM's speed moves CPU time by a
 quarter from one minute to the next (not counted: work in C, such as orjson, regexes or SQLite).
+And what each streamed token costs, from a long answer sent an event a chunk, as a model streams
+it, against the short one sent the same way: the overhead bars' 3-token answers hardly show it,
+where a real answer has hundreds.
 
 Simulated here: the backend (aiohttp's client answers with a canned SSE stream of three tokens and
 a usage event, in two chunks, as the instant backend sends it) and the client's ASGI receive and
@@ -41,24 +44,33 @@ REQUEST = orjson.dumps({"model": "m", "messages": [{"role": "system", "content":
                         "stream_options": {"include_usage": True}})
 
 
-def canned_sse() -> bytes:
+def canned_events(tokens: tuple[str, ...] = CANNED_TOKENS) -> list[bytes]:
+    """The SSE events of an answer of `tokens`, its usage and its end, as the instant backend sends them."""
     events = [{"choices": [{"index": 0, "delta": {"content": t},
-                            "finish_reason": "stop" if i == len(CANNED_TOKENS) - 1 else None}]}
-              for i, t in enumerate(CANNED_TOKENS)]
-    events.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": len(CANNED_TOKENS),
-                                            "total_tokens": 5 + len(CANNED_TOKENS)}})
-    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+                            "finish_reason": "stop" if i == len(tokens) - 1 else None}]}
+              for i, t in enumerate(tokens)]
+    events.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": len(tokens),
+                                            "total_tokens": 5 + len(tokens)}})
+    return [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
 
 
-SSE = canned_sse()
+def halves(whole: bytes) -> list[bytes]:
+    return [whole[:len(whole) // 2], whole[len(whole) // 2:]]
+
+
+SSE = b"".join(canned_events())
+# The short answer in two chunks, as the instant backend's arrive; a long one an event a chunk.
+SHORT_CHUNKS = halves(SSE)
+LONG_TOKENS = 200
+LONG_CHUNKS = canned_events(CANNED_TOKENS + ("token",) * LONG_TOKENS)
+EVENT_CHUNKS = canned_events()
 
 
 class CannedStream:
-    """aiohttp's StreamReader as the proxy reads it, over the canned answer in two chunks."""
+    """aiohttp's StreamReader as the proxy reads it, over a canned answer's chunks."""
 
-    def __init__(self) -> None:
-        half = len(SSE) // 2
-        self.chunks = [SSE[:half], SSE[half:]]
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = list(chunks)
 
     def iter_any(self) -> CannedStream:
         return self
@@ -87,8 +99,9 @@ class CannedResponse:
     status = 200
     raw_headers = ((b"Content-Type", b"text/event-stream"),)
 
-    def __init__(self) -> None:
-        self.content = CannedStream()
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.content = CannedStream(chunks)
+        self.whole = b"".join(chunks)
 
     async def __aenter__(self) -> CannedResponse:
         return self
@@ -97,7 +110,7 @@ class CannedResponse:
         pass
 
     async def read(self) -> bytes:
-        return SSE
+        return self.whole
 
     def release(self) -> None:
         pass
@@ -107,7 +120,11 @@ class CannedResponse:
 
 
 class CannedClient:
-    """Stands in for the proxies' aiohttp.ClientSession: every request gets the canned answer."""
+    """Stands in for the proxies' aiohttp.ClientSession: every request gets the canned answer, in
+    `chunks` (the short answer in two unless set otherwise)."""
+
+    def __init__(self) -> None:
+        self.chunks = SHORT_CHUNKS
 
     def post(self, url: str, data: bytes | None = None,
              headers: dict | None = None) -> Awaitable[CannedResponse]:
@@ -115,10 +132,10 @@ class CannedClient:
 
     def request(self, method: str, url: str, data: bytes | None = None,
                 headers: list | None = None) -> CannedResponse:
-        return CannedResponse()
+        return CannedResponse(self.chunks)
 
     async def answer(self) -> CannedResponse:
-        return CannedResponse()
+        return CannedResponse(self.chunks)
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,10 @@ class LogicCost:
     mux_opcodes: int
     bare_opcodes: int
     session_opcodes: int
+    token_mux_us: float
+    token_bare_us: float
+    token_mux_opcodes: float
+    token_bare_opcodes: float
 
     @property
     def extra_us(self) -> float:
@@ -138,6 +159,10 @@ class LogicCost:
     @property
     def extra_opcodes(self) -> int:
         return self.mux_opcodes - self.bare_opcodes
+
+    @property
+    def token_extra_us(self) -> float:
+        return self.token_mux_us - self.token_bare_us
 
 
 def canned_mux(tmp: Path) -> tuple[Mux, str]:
@@ -235,20 +260,43 @@ async def opcodes_per_request(handler: Handler, scope: dict, requests: int = OPC
     return round(count / requests)
 
 
-async def measure(mux: Mux, key: str, requests: int, passes: int) -> LogicCost:
-    """Passes of the two paths alternate, so that a change in the machine's speed (a shared VM's)
-    reaches both; the best pass of each counts, after a warm-up of each."""
-    scope = http_scope(key)
-    paths = (mux_handler(mux), bare_handler(mux.client))
+async def best_us(paths: tuple[Handler, ...], scope: dict, requests: int, passes: int) -> list[float]:
+    """Best CPU per request of each path: passes alternate, so that a change in the machine's speed
+    (a shared VM's) reaches all; after a warm-up of each."""
     for handler in paths:
         await pass_us(handler, scope, min(requests, 500))
-    best = [float("inf"), float("inf")]
+    best = [float("inf")] * len(paths)
     for _ in range(passes):
         for i, handler in enumerate(paths):
             best[i] = min(best[i], await pass_us(handler, scope, requests))
+    return best
+
+
+async def per_token(paths: tuple[Handler, ...], client: CannedClient, scope: dict, requests: int,
+                    passes: int) -> tuple[list[float], list[float]]:
+    """CPU and bytecodes each path spends per streamed token: the long answer against the short one,
+    both an event a chunk."""
+    costs = {}
+    for chunks in (EVENT_CHUNKS, LONG_CHUNKS):
+        client.chunks = chunks
+        costs[len(chunks)] = (await best_us(paths, scope, requests, passes),
+                              [await opcodes_per_request(h, scope, 5) for h in paths])
+    client.chunks = SHORT_CHUNKS
+    (short_us, short_ops), (long_us, long_ops) = costs[len(EVENT_CHUNKS)], costs[len(LONG_CHUNKS)]
+    return ([(a - b) / LONG_TOKENS for a, b in zip(long_us, short_us, strict=True)],
+            [(a - b) / LONG_TOKENS for a, b in zip(long_ops, short_ops, strict=True)])
+
+
+async def measure(mux: Mux, key: str, requests: int, passes: int) -> LogicCost:
+    """The best pass of each path counts; the long answers' passes are shorter, in proportion."""
+    scope = http_scope(key)
+    paths = (mux_handler(mux), bare_handler(mux.client))
+    best = await best_us(paths, scope, requests, passes)
     opcodes = [await opcodes_per_request(handler, scope) for handler in paths]
     session = await opcodes_per_request(paths[0], http_scope(key, "logic-cost"))
-    return LogicCost(best[0], best[1], requests, passes, opcodes[0], opcodes[1], session)
+    token_us, token_ops = await per_token(paths, mux.client, scope, max(10, requests // 50), passes)
+    return LogicCost(best[0], best[1], requests, passes, opcodes[0], opcodes[1], session,
+                     token_us[0], token_us[1], token_ops[0], token_ops[1])
 
 
 def logic_cost(requests: int = 5000, passes: int = PASSES) -> LogicCost:
@@ -272,9 +320,13 @@ def main() -> None:
           f"(best of {cost.passes} passes of {cost.requests}, canned transports)")
     print(f"Python bytecodes a request: multiplexer {cost.mux_opcodes}, with a session {cost.session_opcodes}; "
           f"bare forward {cost.bare_opcodes}; the multiplexer's logic {cost.extra_opcodes}")
+    print(f"each streamed token (an event a chunk, {LONG_TOKENS} more): multiplexer {cost.token_mux_us:.2f} µs "
+          f"and {cost.token_mux_opcodes:.0f} bytecodes, bare forward {cost.token_bare_us:.2f} µs and "
+          f"{cost.token_bare_opcodes:.0f}; the multiplexer's logic {cost.token_extra_us:.2f} µs")
     if args.json:
-        atomic_write_json(args.json, asdict(cost) | {"extra_us": cost.extra_us,
-                                                     "extra_opcodes": cost.extra_opcodes})
+        derived = {"extra_us": cost.extra_us, "extra_opcodes": cost.extra_opcodes,
+                   "token_extra_us": cost.token_extra_us}
+        atomic_write_json(args.json, asdict(cost) | derived)
 
 
 if __name__ == "__main__":
