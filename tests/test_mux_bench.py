@@ -15,7 +15,8 @@ import pytest
 import uvicorn
 
 from agents.benchmarks.drive import Target
-from agents.benchmarks.fixtures import Bar
+from agents.benchmarks.fixtures import Bar, stop, write_bench_keys
+from agents.benchmarks.overhead import BARE, DIRECT, MUX, SESSION, Settings, measured_round, start_sides
 from agents.benchmarks.passthrough import PassThrough
 from agents.benchmarks.procstat import CLK_TCK, parse_stat, read_stat, run_ns, tree_cpu_seconds
 from dgxready.ports import free_port
@@ -144,3 +145,19 @@ def test_a_bar_this_machine_cannot_measure_has_no_verdict():
     bar = Bar("p50", 12.0, 1.0, False, "", "overhead", not_applicable="2 cores")
     assert bar.met is None and bar.verdict == "n/a"
     assert Bar("x", 1.3, 1.2, False, "").verdict == "MISSED"
+
+
+def test_the_overhead_sides_stream_answers_of_the_length_asked_a_token_a_chunk(tmp_path):
+    keys = write_bench_keys(tmp_path / "keys.yaml")
+    settings = Settings(answer_tokens=12, token_interval_ms=1.0, litellm=False)
+    sides = start_sides(tmp_path, keys, tmp_path / "keys.yaml", settings)
+    try:
+        for side in (DIRECT, BARE, MUX, SESSION):
+            rnd, cpu = measured_round(sides, side, 2, 0.5)
+            assert rnd.completed and not rnd.failed, side
+            assert {r.output_tokens for r in rnd.records} == {12}, side
+            # A token every millisecond: each streamed answer takes at least the 11 gaps.
+            assert min(r.e2el for r in rnd.records) >= 0.011, side
+            assert cpu["backend"] > 0
+    finally:
+        stop(*sides.procs)

@@ -36,7 +36,7 @@ from agents.benchmarks.fixtures import (
     spawn_mux,
     write_bench_keys,
 )
-from agents.benchmarks.overhead import SIDE_NAMES, OverheadResult, Settings, measure_overhead
+from agents.benchmarks.overhead import BAR_ANSWER_TOKENS, SIDE_NAMES, OverheadResult, Settings, measure_overhead
 from agents.config import KeysFile
 from bench.loadgen import Endpoint, closed_loop
 from bench.metrics import compute_metrics
@@ -182,8 +182,10 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def print_overhead(console: Console, result: OverheadResult) -> None:
-    m = result.machine
-    table = Table(title=f"what a request costs: {m.usable_cores} cores ({m.cpu_model}), "
+    m, st = result.machine, result.settings
+    spacing = f", a token every {st.token_interval_ms:g} ms" if st.token_interval_ms else ""
+    table = Table(title=f"what a request costs, answers of {st.answer_tokens} tokens{spacing}: "
+                        f"{m.usable_cores} cores ({m.cpu_model}), "
                         f"load {m.loadavg_start[0]:.2f} → {m.loadavg_end[0]:.2f}")
     for col in ("side", "streams", "req/s", "E2E p50 ms", "E2E p99 ms", "proxy CPU µs/req", "vs bare",
                 "backend µs/req", "failed"):
@@ -207,6 +209,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=1000,
                         help="session length whose turn cost is compared with the 10th turn's")
     parser.add_argument("--turn-sessions", type=int, default=5, help="fresh sessions driven for the turn cost")
+    parser.add_argument("--answer-tokens", type=int, default=BAR_ANSWER_TOKENS,
+                        help="overhead: tokens in each of the instant backend's answers (the bars are stated "
+                             f"for {BAR_ANSWER_TOKENS}; a model's run to hundreds)")
+    parser.add_argument("--token-interval-ms", type=float, default=0.0,
+                        help="overhead: time between the streamed tokens of an answer (0: all at once; 1 "
+                             "sends each in a chunk of its own, as a model streams)")
     parser.add_argument("--no-litellm", action="store_true",
                         help="leave LiteLLM's proxy out (else installed once under the cache, pinned)")
     parser.add_argument("--serving-requests", type=int, default=30, help="requests per serving run")
@@ -218,7 +226,8 @@ def parse_args() -> argparse.Namespace:
 def overhead_settings(args: argparse.Namespace) -> Settings:
     return Settings(streams=tuple(int(x) for x in args.streams.split(",")), round_s=args.round_s,
                     rounds=args.rounds, turns=args.turns, turn_sessions=args.turn_sessions,
-                    litellm=not args.no_litellm)
+                    litellm=not args.no_litellm, answer_tokens=args.answer_tokens,
+                    token_interval_ms=args.token_interval_ms)
 
 
 def tagged(part: str, bars: list[Bar]) -> list[Bar]:

@@ -44,7 +44,9 @@ DIRECT, BARE, MUX, SESSION, LITELLM = "direct", "bare", "mux", "mux+session", "l
 SIDE_NAMES = {DIRECT: "direct", BARE: "bare pass-through", MUX: "multiplexer, no session",
               SESSION: "multiplexer, a session per stream", LITELLM: f"LiteLLM proxy {LITELLM_VERSION}"}
 MIN_CORES_FOR_LATENCY = 6
-WORKLOAD = SyntheticWorkload(input_words=(4, 8), output_tokens=(3, 3), system_prompt="Be brief.")
+# The bars are stated for the instant backend's 3-token answers; longer ones, streamed a token at a
+# time, weigh what each streamed chunk costs, as a model's answers of hundreds of tokens do.
+BAR_ANSWER_TOKENS = 3
 LITELLM_START_S = 300.0
 # Where the turn-cost curve is sampled besides the two compared windows (context for the bar: a
 # session's kept turns are bounded, so pruning starts at session_max_turns).
@@ -61,6 +63,16 @@ class Settings:
     turn_sessions: int = 5
     turn_window: int = 5
     litellm: bool = True
+    answer_tokens: int = BAR_ANSWER_TOKENS
+    token_interval_ms: float = 0.0
+
+    @property
+    def workload(self) -> SyntheticWorkload:
+        return SyntheticWorkload(input_words=(4, 8), output_tokens=(self.answer_tokens, self.answer_tokens),
+                                 system_prompt="Be brief.")
+
+    def backend_args(self) -> list[str]:
+        return ["--tokens", str(self.answer_tokens), "--token-interval-ms", str(self.token_interval_ms)]
 
 
 @dataclass
@@ -199,6 +211,7 @@ class Sides:
     backend: Process
     loadgen: Process
     procs: list[subprocess.Popen]
+    workload: SyntheticWorkload
 
 
 def start_litellm_side(tmp: Path, backend_url: str) -> tuple[subprocess.Popen, Target]:
@@ -216,7 +229,7 @@ def start_sides(tmp: Path, keys: KeysFile, keys_path: Path, settings: Settings) 
     key = key_of(keys, "developer-1")
     procs: list[subprocess.Popen] = []
     try:
-        backend, backend_url = spawn_instant([])
+        backend, backend_url = spawn_instant(settings.backend_args())
         procs.append(backend)
         targets = {DIRECT: Target(DIRECT, backend_url, key)}
         proxies: dict[str, Process] = {}
@@ -237,7 +250,7 @@ def start_sides(tmp: Path, keys: KeysFile, keys_path: Path, settings: Settings) 
         raise
     order = [s for s in (DIRECT, BARE, MUX, SESSION, LITELLM) if s in targets]
     return Sides({s: targets[s] for s in order}, proxies, Process("backend", backend.pid),
-                 Process("loadgen", os.getpid(), tree=False), procs)
+                 Process("loadgen", os.getpid(), tree=False), procs, settings.workload)
 
 
 def measured_round(sides: Sides, side: str, streams: int, seconds: float) -> tuple[Round, dict[str, float]]:
@@ -248,7 +261,7 @@ def measured_round(sides: Sides, side: str, streams: int, seconds: float) -> tup
     target = sides.targets[side]
     if target.session_prefix is not None:
         target = Target(side, target.url, target.api_key, session_prefix=f"s{streams}")
-    rnd = run_round(target, WORKLOAD, streams, seconds)
+    rnd = run_round(target, sides.workload, streams, seconds)
     return rnd, {k: p.cpu_s() - before[k] for k, p in counted.items()}
 
 
@@ -313,7 +326,7 @@ def turn_cost(sides: Sides, settings: Settings) -> TurnCost:
                       f"({time.monotonic() - started:.0f} s)", flush=True)
 
         session = f"turncost-{k}-{secrets.token_hex(4)}"
-        per_turn.append(asyncio.run(session_turns(target, WORKLOAD, late[1], session, lambda: run_ns(pid),
+        per_turn.append(asyncio.run(session_turns(target, sides.workload, late[1], session, lambda: run_ns(pid),
                                                   progress)))
     costs = np.array(per_turn, dtype=float) / 1e3
     e, lt = window(costs, early), window(costs, late)
@@ -403,8 +416,9 @@ def measure_overhead(tmp: Path, keys: KeysFile, keys_path: Path, settings: Setti
             pin({"proxy": [p.pid for p in sides.proxies.values()], "backend": [sides.backend.pid],
                  "loadgen": [os.getpid()]}, plan)
         print(f"overhead: {', '.join(sides.targets)} at {settings.streams} streams, {settings.rounds} rounds "
-              f"of {settings.round_s:g} s a side, order alternating; {len(cores)} cores"
-              f"{', pinned' if plan else ''}", flush=True)
+              f"of {settings.round_s:g} s a side, order alternating; answers of {settings.answer_tokens} tokens"
+              f"{f' a {settings.token_interval_ms:g} ms apart' if settings.token_interval_ms else ''}; "
+              f"{len(cores)} cores{', pinned' if plan else ''}", flush=True)
         rows = table_rows(run_rounds(sides, settings))
         print(f"turn cost: {settings.turn_sessions} sessions to turn {settings.turns + settings.turn_window}",
               flush=True)
