@@ -70,15 +70,14 @@ def audit_client_tools(mux: Mux, turn: Turn, action: str, names: list[str]) -> N
 
 
 def backend_body(turn: Turn, backend: Backend, stream: bool) -> bytes:
-    body = dict(turn.forward)
-    body["messages"] = turn.prompt
-    body["model"] = backend.model_id or turn.data.get("model") or "default"
-    body["stream"] = stream
+    """The request as the backend gets it: the role's sampling unless the client set its own, the
+    client's forwarded fields, and what the multiplexer alone sets."""
+    sampling = turn.role.sampling
+    body = {"temperature": sampling.temperature, "top_p": sampling.top_p, **turn.forward,
+            "messages": turn.prompt, "model": backend.model_id or turn.data.get("model") or "default",
+            "stream": stream, "max_tokens": turn.max_tokens}
     if stream:
         body["stream_options"] = {"include_usage": True}
-    body.setdefault("temperature", turn.role.sampling.temperature)
-    body.setdefault("top_p", turn.role.sampling.top_p)
-    body["max_tokens"] = turn.max_tokens
     if backend.config.kind == "vllm":
         body["priority"] = turn.role.scheduling.priority
         if turn.session:
