@@ -3,12 +3,16 @@
 stream byte for byte and accounts for it as it would a real one."""
 import asyncio
 
+import aiohttp
+
 from agents.benchmarks.logic_cost import (
     AGENT,
+    EVENT_CHUNKS,
     LONG_CHUNKS,
     LONG_TOKENS,
     SSE,
     CannedCycle,
+    CannedStream,
     LogicCost,
     answer_body,
     bare_handler,
@@ -84,4 +88,31 @@ def test_a_long_stream_is_charged_to_its_agent_as_it_arrives_in_steps_and_in_ful
     sent_at = [sent for _, sent in charges]
     assert sent_at == sorted(sent_at) and sent_at[0] < sent_at[-2], "charged while the answer streams"
     assert mux.scheduler.served_tokens[AGENT] == 5 + 3 + LONG_TOKENS  # the usage settled it
+    mux.store.close()
+
+
+def test_a_backend_that_breaks_right_after_its_first_event_still_delivers_and_charges_it(tmp_path, monkeypatch):
+    """Simulated: aiohttp's stream raising the connection's error on the read after the first event."""
+    mux, key = canned_mux(tmp_path)
+    mux.client.chunks = EVENT_CHUNKS
+    reads = []
+
+    def read_nowait(self: CannedStream) -> bytes:
+        reads.append(1)
+        if len(reads) > 1:
+            raise aiohttp.ClientPayloadError("connection lost")
+        return self.chunks.pop(0)
+    monkeypatch.setattr(CannedStream, "read_nowait", read_nowait)
+    cycle, charges, charge = CannedCycle(), [], mux.scheduler.charge
+
+    def recorded(agent: str, weight: float, tokens: float) -> None:
+        charges.append(tokens)
+        charge(agent, weight, tokens)
+    mux.scheduler.charge = recorded
+    asyncio.run(mux_handler(mux)(http_scope(key), cycle.receive, cycle.send))
+    body = answer_body(cycle.sent)
+    assert body.startswith(EVENT_CHUNKS[0]), "the event read before the break reaches the client"
+    assert b"failed mid-stream: connection lost" in body and body.endswith(b"data: [DONE]\n\n")
+    assert mux.metrics.request(AGENT, "b", "failed_midstream").value == 1
+    assert charges == [1], "the delivered event is charged; nothing settles a failed stream"
     mux.store.close()
