@@ -59,6 +59,11 @@ class Turn:
     sent: float = 0.0
     first_byte: float = 0.0
 
+    @property
+    def overhead_s(self) -> float:
+        """What the multiplexer itself took before the request went: since arrival, less the queue."""
+        return self.sent - self.arrived - self.grant.queue_wait_s
+
 
 def audit_client_tools(mux: Mux, turn: Turn, action: str, names: list[str]) -> None:
     """Records tools a role may not use: dropped from or refusing a request, or blocked in an answer."""
@@ -146,7 +151,7 @@ class SseTally(Outcome):
         self.guard: StreamGuard | None = None
         self.pending = b""
         self.events = 0
-        self.kept: list[bytes] | None = None
+        self.kept: list[bytes] | None = [] if keep_text else None
 
     def feed(self, chunk: bytes) -> bytes:
         if self.pending:
@@ -163,10 +168,7 @@ class SseTally(Outcome):
         if ANY_MARK.search(whole) is not None or self.guard is not None:
             whole = self.read_marks(whole)
         if self.keep_text:
-            if self.kept is None:
-                self.kept = [whole]
-            else:
-                self.kept.append(whole)
+            self.kept.append(whole)
         return whole
 
     def read_marks(self, whole: bytes) -> bytes:
@@ -309,8 +311,7 @@ def give_up_at_deadline(mux: Mux, turn: Turn, backend: str, last: Exception) -> 
 def answer_headers(turn: Turn) -> list[tuple[bytes, bytes]]:
     """x-dgxready-* headers of an answer, encoded as the server sends them."""
     grant = turn.grant
-    overhead_ms = (turn.sent - turn.arrived - grant.queue_wait_s) * 1000
-    headers = [(b"x-dgxready-overhead-ms", b"%.3f" % overhead_ms),
+    headers = [(b"x-dgxready-overhead-ms", b"%.3f" % (turn.overhead_s * 1000)),
                (b"x-dgxready-queue-ms", b"%.3f" % (grant.queue_wait_s * 1000)),
                (b"x-dgxready-backend", grant.backend.name_header)]
     if turn.dropped_tools:
@@ -373,7 +374,7 @@ def finish(mux: Mux, turn: Turn, outcome: Outcome) -> None:
     m.request(name, grant.backend.config.name, "ok").value += 1
     m.agent(name).answered(outcome.prompt_tokens, outcome.completion_tokens, turn.first_byte - turn.arrived,
                            time.perf_counter() - turn.arrived)
-    m.overhead.observe(max(0.0, turn.sent - turn.arrived - grant.queue_wait_s))
+    m.overhead.observe(max(0.0, turn.overhead_s))
     mux.scheduler.settle(name, turn.role.scheduling.weight, turn.cost + turn.streamed,
                          outcome.prompt_tokens + outcome.completion_tokens)
     last = mux.typical_output.get(name, outcome.completion_tokens)
@@ -436,6 +437,14 @@ class ClientGone(Exception):
     pass
 
 
+def charge_streamed(mux: Mux, turn: Turn, tally: SseTally) -> None:
+    """The stream's events not yet charged, to its agent (an event is about a token)."""
+    new = tally.events - turn.streamed
+    if new:
+        turn.streamed = tally.events
+        mux.scheduler.charge(turn.ident.name, turn.role.scheduling.weight, new)
+
+
 async def relay(mux: Mux, turn: Turn, opened: tuple[aiohttp.ClientResponse, SseTally, bytes], send: Send,
                 receive: Receive) -> None:
     """Forward the stream as the backend's bytes arrive, in as few writes as what is already
@@ -447,7 +456,6 @@ async def relay(mux: Mux, turn: Turn, opened: tuple[aiohttp.ClientResponse, SseT
     gone: asyncio.Future | None = None
     cycle = server_cycle(send)
     content = response.content
-    charge, agent, weight = mux.scheduler.charge, turn.ident.name, turn.role.scheduling.weight
     failed = cancelled = False
     tail: bytes | None = None
     try:
@@ -458,8 +466,7 @@ async def relay(mux: Mux, turn: Turn, opened: tuple[aiohttp.ClientResponse, SseT
         while True:
             out += tally.feed(chunk)
             if tally.events - turn.streamed >= CHARGE_EVENTS:
-                charge(agent, weight, tally.events - turn.streamed)
-                turn.streamed = tally.events
+                charge_streamed(mux, turn, tally)
             # uvicorn's send() ignores a closed connection: its cycle's flag, or else receive(),
             # reports the hang-up. receive() is watched from the second read on: a short answer
             # ends before it, without a task.
@@ -503,9 +510,7 @@ async def relay(mux: Mux, turn: Turn, opened: tuple[aiohttp.ClientResponse, SseT
         mux.metrics.request(turn.ident.name, name, "timeout" if late else "failed_midstream").inc()
     finally:
         turn.reading = False
-        if tally.events != turn.streamed:
-            charge(agent, weight, tally.events - turn.streamed)
-            turn.streamed = tally.events
+        charge_streamed(mux, turn, tally)
         if gone:
             gone.cancel()
         if cancelled or failed:

@@ -276,15 +276,19 @@ async def per_token(paths: tuple[Handler, ...], client: CannedClient, scope: dic
                     passes: int) -> tuple[list[float], list[float]]:
     """CPU and bytecodes each path spends per streamed token: the long answer against the short one,
     both an event a chunk."""
-    costs = {}
-    for chunks in (EVENT_CHUNKS, LONG_CHUNKS):
+    async def answer_cost(chunks: list[bytes]) -> tuple[list[float], list[int]]:
         client.chunks = chunks
-        costs[len(chunks)] = (await best_us(paths, scope, requests, passes),
-                              [await opcodes_per_request(h, scope, 5) for h in paths])
-    client.chunks = SHORT_CHUNKS
-    (short_us, short_ops), (long_us, long_ops) = costs[len(EVENT_CHUNKS)], costs[len(LONG_CHUNKS)]
-    return ([(a - b) / LONG_TOKENS for a, b in zip(long_us, short_us, strict=True)],
-            [(a - b) / LONG_TOKENS for a, b in zip(long_ops, short_ops, strict=True)])
+        return (await best_us(paths, scope, requests, passes),
+                [await opcodes_per_request(h, scope, 5) for h in paths])
+
+    def per_token_of(long: list, short: list) -> list[float]:
+        return [(a - b) / LONG_TOKENS for a, b in zip(long, short, strict=True)]
+    try:
+        short_us, short_ops = await answer_cost(EVENT_CHUNKS)
+        long_us, long_ops = await answer_cost(LONG_CHUNKS)
+    finally:
+        client.chunks = SHORT_CHUNKS
+    return per_token_of(long_us, short_us), per_token_of(long_ops, short_ops)
 
 
 async def measure(mux: Mux, key: str, requests: int, passes: int) -> LogicCost:
