@@ -171,6 +171,12 @@ class SseTally(Outcome):
             self.kept.append(whole)
         return whole
 
+    def feed_end(self) -> bytes:
+        """At the stream's end, the bytes after its last newline, read as a last line: a backend may
+        leave out the newline, and its finish, usage and tool calls still count and are screened."""
+        last, self.pending = self.pending, b""
+        return self.feed(last + b"\n")[:-1] if last else b""
+
     def read_marks(self, whole: bytes) -> bytes:
         """Screens tool calls, and reads finish and usage, in lines that carry them."""
         if TOOL_CALLS_MARK in whole or (self.guard is not None and self.guard.note_pending):
@@ -413,6 +419,7 @@ async def open_stream(mux: Mux, turn: Turn) -> tuple[aiohttp.ClientResponse, Sse
             while not tally.events:
                 chunk = await resp.content.readany()
                 if not chunk:
+                    head += tally.feed_end()
                     break
                 head += tally.feed(chunk)
             turn.reading = False
@@ -488,9 +495,10 @@ async def relay(mux: Mux, turn: Turn, opened: tuple[aiohttp.ClientResponse, SseT
             turn.reading = True
             chunk = await content.readany()
             turn.reading = False
+        out += tally.feed_end()
         if tally.finish_reason is None:
             raise BackendFailed("stream ended without a finish_reason")
-        await send({"type": "http.response.body", "body": out + tally.pending, "more_body": False})
+        await send({"type": "http.response.body", "body": out, "more_body": False})
     except ClientGone:
         cancelled = True
         mux.metrics.request(turn.ident.name, turn.grant.backend.name, "client_gone").inc()
@@ -505,8 +513,8 @@ async def relay(mux: Mux, turn: Turn, opened: tuple[aiohttp.ClientResponse, SseT
         name = turn.grant.backend.name
         event = {"error": {"message": f"backend {name} failed mid-stream: {failure_text(exc)}",
                            "type": "timeout" if late else "backend_error"}}
-        # The leading newline ends any event the backend left half-sent.
-        tail = out + b"\ndata: " + orjson.dumps(event) + b"\n\ndata: [DONE]\n\n"
+        # The leading blank line ends any event the backend left half-sent, its last line unended too.
+        tail = out + b"\n\ndata: " + orjson.dumps(event) + b"\n\ndata: [DONE]\n\n"
         mux.metrics.request(turn.ident.name, name, "timeout" if late else "failed_midstream").inc()
     finally:
         turn.reading = False

@@ -267,6 +267,36 @@ def test_the_stream_tally_reads_finish_and_usage_however_the_bytes_are_split_and
     assert out.text == ('hello done "finish_reason": "length", "usage": {"x": 1}' if keep_text else "")
 
 
+# A backend that ends its stream on its usage event's line, with no newline and no [DONE].
+UNENDED_STREAM = sse(*(orjson.loads(e[6:]) for e in TRICKY_STREAM.split(b"\n\n")[:2])).removesuffix(
+    b"data: [DONE]\n\n") + b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}'
+
+
+@given(cuts=st.lists(st.integers(min_value=0, max_value=len(UNENDED_STREAM)), max_size=12),
+       keep_text=st.booleans())
+def test_a_stream_whose_last_line_has_no_newline_still_has_that_line_read_at_its_end(cuts, keep_text):
+    tally = SseTally(keep_text, ToolScope("developer", ()))
+    bounds = [0, *sorted(c for c in cuts if c <= len(UNENDED_STREAM)), len(UNENDED_STREAM)]
+    passed = b"".join(tally.feed(UNENDED_STREAM[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
+    assert passed + tally.feed_end() == UNENDED_STREAM, "the bytes pass on as the backend sent them"
+    assert tally.pending == b"" and tally.feed_end() == b""
+    out = tally.result()
+    assert (out.finish_reason, out.prompt_tokens, out.completion_tokens, tally.events) == ("stop", 7, 2, 3)
+    assert out.text == ("hello done" if keep_text else "")
+
+
+def test_a_tool_call_on_a_streams_unended_last_line_is_screened_like_any_other():
+    call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "shell_exec", "arguments": "{}"}}
+    last = {"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": "tool_calls"}]}
+    tally = SseTally(False, ToolScope("developer", ()))
+    assert tally.feed(b"data: " + orjson.dumps(last)) == b""
+    passed = tally.feed_end()
+    choice = orjson.loads(passed.removeprefix(b"data: "))["choices"][0]
+    assert "tool_calls" not in choice["delta"] and choice["finish_reason"] == "stop"
+    assert "blocked: tool 'shell_exec'" in choice["delta"]["content"]
+    assert tally.guard.blocked == ["shell_exec"] and tally.finish_reason == "stop"
+
+
 def test_a_sessions_stream_keeps_only_the_text_deltas_whatever_else_the_events_hold():
     stream = sse({"choices": [1, "x", {"delta": "text"}, {"delta": {"content": ["part"]}}]},
                  {"choices": {"delta": {"content": "not a list"}}}, ["not", "an", "object"],

@@ -116,3 +116,16 @@ def test_a_backend_that_breaks_right_after_its_first_event_still_delivers_and_ch
     assert mux.metrics.request(AGENT, "b", "failed_midstream").value == 1
     assert charges == [1], "the delivered event is charged; nothing settles a failed stream"
     mux.store.close()
+
+
+def test_a_backend_that_ends_its_stream_on_an_unended_usage_line_is_relayed_whole_and_settled(tmp_path):
+    """Simulated: the canned stream with no [DONE], its usage event's line left without a newline."""
+    mux, key = canned_mux(tmp_path)
+    unended = b"".join(EVENT_CHUNKS[:-1]).removesuffix(b"\n\n")
+    mux.client.chunks = [unended[:40], unended[40:]]
+    cycle = CannedCycle()
+    asyncio.run(mux_handler(mux)(http_scope(key), cycle.receive, cycle.send))
+    assert answer_body(cycle.sent) == unended
+    assert mux.metrics.request(AGENT, "b", "ok").value == 1
+    assert mux.scheduler.served_tokens[AGENT] == 5 + 3, "the last line's usage settled the fair queue"
+    mux.store.close()
