@@ -37,6 +37,10 @@ class BackendConfig(BaseModel):
                               f"{self.api_key_file}") from None
 
 
+# What the multiplexer holds of one backend answer (agents.proxy): far above a role's longest answer,
+# logprobs included, and a bound on what a runaway backend can make it hold.
+MAX_ANSWER_BYTES = 64 << 20
+
 ShellPattern = Annotated[list[str], BeforeValidator(refuse_bare_program), AfterValidator(check_pattern)]
 
 
@@ -78,7 +82,12 @@ class MuxConfig(BaseModel):
         "drop", description="a client-declared tool its role's client_tools do not allow: dropped from "
                             "the request (named in x-dgxready-dropped-tools), or the request refused (400)")
     deadline_s: float = Field(300.0, gt=0, description="default time a request may wait and run")
-    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="a request body beyond which the client "
+                                "gets 413")
+    max_answer_bytes: int = Field(MAX_ANSWER_BYTES, ge=64 * 1024, description="what the multiplexer holds "
+                                  "of one backend answer, a whole answer or a session's streamed one; "
+                                  "beyond it the backend has failed the turn (so a runaway backend cannot "
+                                  "exhaust the multiplexer's memory)")
     keep_alive_s: float = Field(75.0, gt=0, le=3600, description="how long an idle client connection is "
                                 "kept open; longer than clients keep theirs (httpx, the OpenAI SDK's, 5 s; "
                                 "aiohttp 15 s), so that a client never reuses one the multiplexer is closing")

@@ -12,7 +12,7 @@ import orjson
 
 from agents.asgi import SSE_HEADERS, ApiError, Receive, Send, send_response, server_cycle
 from agents.backends import Backend
-from agents.config import AgentIdentity, key_digest
+from agents.config import MAX_ANSWER_BYTES, AgentIdentity, key_digest
 from agents.deadlines import timed_out
 from agents.messages import INSTRUCTION_ROLES
 from agents.mux import Mux
@@ -25,10 +25,33 @@ ALLOWED_FAILS = 3
 # A stream's output is charged to its agent as it arrives, this many events (about a token each)
 # at a time: the fair queue sees a long answer grow, at a call per step instead of per chunk.
 CHARGE_EVENTS = 16
+# An SSE line holds one event: a token's delta, its logprobs, a tool call's arguments. A longer line
+# is a broken stream; holding a growing line costs a copy of it each read.
+MAX_LINE_BYTES = 4 << 20
 
 
 class BackendFailed(Exception):
     pass
+
+
+def answer_too_large(limit: int) -> BackendFailed:
+    return BackendFailed(f"its answer passed max_answer_bytes ({limit} bytes)")
+
+
+async def read_answer(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """A whole answer's body, at most `limit` bytes: read in one call when its length is declared
+    (aiohttp reads no more than that), else chunk by chunk."""
+    length = resp.content_length
+    if length is not None:
+        if length > limit:
+            raise answer_too_large(limit)
+        return await resp.read()
+    body = bytearray()
+    while chunk := await resp.content.readany():
+        body += chunk
+        if len(body) > limit:
+            raise answer_too_large(limit)
+    return bytes(body)
 
 
 @dataclass(eq=False, slots=True)
@@ -142,16 +165,18 @@ class SseTally(Outcome):
     """Reads the backend's SSE bytes into the stream's outcome: passes on whole lines only,
     screens tool calls (a guard is made at the first one), and reads finish and usage as they
     pass. When the text goes into a session's history, the lines are kept and their deltas
-    parsed once, at the end (`result()`)."""
-    __slots__ = ("keep_text", "scope", "guard", "pending", "events", "kept")
+    parsed once, at the end (`result()`). It holds at most a line (MAX_LINE_BYTES) and what a
+    session keeps (`limit` bytes); beyond either, the backend has failed the turn."""
+    __slots__ = ("keep_text", "scope", "limit", "guard", "pending", "events", "kept", "kept_bytes")
 
-    def __init__(self, keep_text: bool, scope: ToolScope) -> None:
+    def __init__(self, keep_text: bool, scope: ToolScope, limit: int = MAX_ANSWER_BYTES) -> None:
         self.text, self.prompt_tokens, self.completion_tokens, self.finish_reason = "", 0, 0, None
-        self.keep_text, self.scope = keep_text, scope
+        self.keep_text, self.scope, self.limit = keep_text, scope, limit
         self.guard: StreamGuard | None = None
         self.pending = b""
         self.events = 0
         self.kept: list[bytes] | None = [] if keep_text else None
+        self.kept_bytes = 0
 
     def feed(self, chunk: bytes) -> bytes:
         if self.pending:
@@ -162,6 +187,8 @@ class SseTally(Outcome):
         elif cut:
             whole, self.pending = chunk[:cut], chunk[cut:]
         else:
+            if len(chunk) > MAX_LINE_BYTES:
+                raise BackendFailed(f"a line of its stream passed {MAX_LINE_BYTES} bytes")
             self.pending = chunk
             return b""
         self.events += whole.count(b"data:")
@@ -169,6 +196,9 @@ class SseTally(Outcome):
             whole = self.read_marks(whole)
         if self.keep_text:
             self.kept.append(whole)
+            self.kept_bytes += len(whole)
+            if self.kept_bytes > self.limit:
+                raise answer_too_large(self.limit)
         return whole
 
     def feed_end(self) -> bytes:
@@ -337,7 +367,7 @@ async def complete(mux: Mux, turn: Turn, send: Send) -> None:
             async with mux.client.post(f"{grant.backend.config.url}/v1/chat/completions",
                                        data=backend_body(turn, grant.backend, False),
                                        headers=grant.backend.json_headers) as resp:
-                status, content = resp.status, await resp.read()
+                status, content = resp.status, await read_answer(resp, mux.config.max_answer_bytes)
             turn.reading = False
             if status >= 500:
                 raise BackendFailed(f"HTTP {status}")
@@ -406,7 +436,7 @@ async def open_stream(mux: Mux, turn: Turn) -> tuple[aiohttp.ClientResponse, Sse
                                          data=backend_body(turn, grant.backend, True),
                                          headers=grant.backend.stream_headers)
             if resp.status != 200:
-                content = await resp.read()
+                content = await read_answer(resp, mux.config.max_answer_bytes)
                 turn.reading = False
                 resp.release()
                 if resp.status >= 500:
@@ -414,7 +444,7 @@ async def open_stream(mux: Mux, turn: Turn) -> tuple[aiohttp.ClientResponse, Sse
                 release(mux, grant, failed=False)
                 mux.metrics.request(turn.ident.name, grant.backend.name, str(resp.status)).inc()
                 raise ApiError(resp.status, content.decode(errors="replace")[:500], "backend_error")
-            tally = SseTally(turn.session is not None, turn.scope)
+            tally = SseTally(turn.session is not None, turn.scope, mux.config.max_answer_bytes)
             head = b""
             while not tally.events:
                 chunk = await resp.content.readany()
@@ -495,7 +525,8 @@ async def relay(mux: Mux, turn: Turn, opened: tuple[aiohttp.ClientResponse, SseT
             turn.reading = True
             chunk = await content.readany()
             turn.reading = False
-        out += tally.feed_end()
+        if tally.pending:
+            out += tally.feed_end()
         if tally.finish_reason is None:
             raise BackendFailed("stream ended without a finish_reason")
         await send({"type": "http.response.body", "body": out, "more_body": False})

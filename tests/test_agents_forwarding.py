@@ -248,6 +248,91 @@ def test_a_stream_that_stalls_ends_at_the_turns_deadline_with_an_error_event_and
             mux.mux.stop()
 
 
+class RunawayBackend(RecordingBackend):
+    """Answers a chat request with more than a multiplexer should hold, as its message asks:
+    `whole` a 200 KiB JSON answer without a length, `declared` one with its length, `line` one event
+    and then a line of 6 MiB, `events` 200 KiB of events, each with a newline; anything else, a short answer."""
+
+    async def record(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        mode = json.loads(body)["messages"][-1]["content"]
+        if mode not in ("whole", "declared", "line", "events"):
+            async def replay():
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await self.app(scope, replay, send)
+        if mode in ("whole", "declared"):
+            answer = json.dumps({"choices": [{"message": {"content": "x" * (200 << 10)}}]}).encode()
+            length = [(b"content-length", str(len(answer)).encode())] if mode == "declared" else []
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"), *length]})
+            for i in range(0, len(answer), 16 << 10):
+                await send({"type": "http.response.body", "body": answer[i:i + (16 << 10)], "more_body": True})
+            return await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        event = {"choices": [{"index": 0, "delta": {"content": "word "}, "finish_reason": None}]}
+        first = f"data: {json.dumps(event)}\n\n".encode()
+        line = [b"data: " + b"x" * (64 << 10)] * 96
+        pieces = line if mode == "line" else [first] * ((200 << 10) // len(first))
+        for piece in [first, *pieces]:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        done = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        end = f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode()
+        await send({"type": "http.response.body", "body": end, "more_body": False})
+
+
+def answering_again(mux, backend: str) -> None:
+    """Once the health check has the backend up again, one answer clears its failures."""
+    deadline = time.monotonic() + 10
+    while not httpx.get(f"{mux.url}/health").json()["backends"][backend]["up"]:
+        assert time.monotonic() < deadline, f"backend {backend} did not come up"
+        time.sleep(0.05)
+    assert post(mux.url, mux.key("developer"), "other").status_code == 200
+
+
+def stream_events(url: str, key: str, mode: str, session: str | None = None) -> list[str]:
+    headers = {"Authorization": f"Bearer {key}"} | ({"X-Session-Id": session} if session else {})
+    ask = {"model": "m", "stream": True, "messages": [{"role": "user", "content": mode}]}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30, headers=headers, json=ask) as resp:
+        assert resp.status_code == 200
+        return [line[5:].strip() for line in resp.iter_lines() if line.startswith("data:")]
+
+
+def test_a_runaway_backend_fails_the_turn_at_what_the_multiplexer_may_hold_and_the_multiplexer_lives(tmp_path):
+    with RunawayBackend() as runaway:
+        mux = start_mux(tmp_path, [("runaway", runaway.url, 4)], rate_limits=False, max_answer_bytes=64 << 10,
+                        cooldown_s=0.05)
+        try:
+            key = mux.key("developer")
+            for mode in ("whole", "declared"):
+                answering_again(mux, "runaway")
+                resp = post(mux.url, key, "s", messages=[{"role": "user", "content": mode}])
+                assert resp.status_code == 502, resp.text
+                assert resp.json()["error"]["message"] == (
+                    "every backend failed before answering: its answer passed max_answer_bytes (65536 bytes)")
+            answering_again(mux, "runaway")
+            line = stream_events(mux.url, key, "line")
+            assert json.loads(line[0])["choices"][0]["delta"]["content"] == "word "
+            assert "failed mid-stream: a line of its stream passed 4194304 bytes" in line[1]
+            assert line[2:] == ["[DONE]"]
+            answering_again(mux, "runaway")
+            held = stream_events(mux.url, key, "events", session="kept")
+            assert "failed mid-stream: its answer passed max_answer_bytes (65536 bytes)" in held[-2]
+            answering_again(mux, "runaway")
+            passed = stream_events(mux.url, key, "events")
+            assert len(passed) > (200 << 10) // 100 and passed[-1] == "[DONE]" and "error" not in passed[-2]
+            metrics = httpx.get(f"{mux.url}/metrics").text
+            assert 'status="failed_midstream"} 2.0' in metrics
+            assert stored_turns(tmp_path / "mux.db", "kept") == 0
+        finally:
+            mux.mux.stop()
+
+
 def test_an_idle_connection_stays_open_longer_than_clients_keep_theirs(tmp_path):
     """httpx (the OpenAI SDK's client) drops a pooled connection after 5 s idle, aiohttp after 15 s.
     A server that closes one first races the client's next request on it, which then fails with
