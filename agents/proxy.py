@@ -452,6 +452,8 @@ async def open_stream(mux: Mux, turn: Turn) -> tuple[aiohttp.ClientResponse, Sse
                     head += tally.feed_end()
                     break
                 head += tally.feed(chunk)
+                if len(head) > MAX_LINE_BYTES:
+                    raise BackendFailed(f"its stream passed {MAX_LINE_BYTES} bytes before its first event")
             turn.reading = False
             if not tally.events:
                 resp.release()

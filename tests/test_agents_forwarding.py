@@ -251,7 +251,8 @@ def test_a_stream_that_stalls_ends_at_the_turns_deadline_with_an_error_event_and
 class RunawayBackend(RecordingBackend):
     """Answers a chat request with more than a multiplexer should hold, as its message asks:
     `whole` a 200 KiB JSON answer without a length, `declared` one with its length, `line` one event
-    and then a line of 6 MiB, `events` 200 KiB of events, each with a newline; anything else, a short answer."""
+    and then a line of 6 MiB, `events` 200 KiB of events, each with a newline, `comments` 6 MiB of SSE
+    comments before any event; anything else, a short answer."""
 
     async def record(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
@@ -261,7 +262,7 @@ class RunawayBackend(RecordingBackend):
             message = await receive()
             body, more = body + message.get("body", b""), message.get("more_body", False)
         mode = json.loads(body)["messages"][-1]["content"]
-        if mode not in ("whole", "declared", "line", "events"):
+        if mode not in ("whole", "declared", "line", "events", "comments"):
             async def replay():
                 return {"type": "http.request", "body": body, "more_body": False}
             return await self.app(scope, replay, send)
@@ -277,6 +278,8 @@ class RunawayBackend(RecordingBackend):
                     "headers": [(b"content-type", b"text/event-stream")]})
         event = {"choices": [{"index": 0, "delta": {"content": "word "}, "finish_reason": None}]}
         first = f"data: {json.dumps(event)}\n\n".encode()
+        if mode == "comments":
+            first = b": keep-alive\n\n" * (6 << 16)
         line = [b"data: " + b"x" * (64 << 10)] * 96
         pieces = line if mode == "line" else [first] * ((200 << 10) // len(first))
         for piece in [first, *pieces]:
@@ -295,12 +298,15 @@ def answering_again(mux, backend: str) -> None:
     assert post(mux.url, mux.key("developer"), "other").status_code == 200
 
 
-def stream_events(url: str, key: str, mode: str, session: str | None = None) -> list[str]:
+def ask(url: str, key: str, mode: str, session: str | None = None, stream: bool = True) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} | ({"X-Session-Id": session} if session else {})
-    ask = {"model": "m", "stream": True, "messages": [{"role": "user", "content": mode}]}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30, headers=headers, json=ask) as resp:
-        assert resp.status_code == 200
-        return [line[5:].strip() for line in resp.iter_lines() if line.startswith("data:")]
+    return httpx.post(f"{url}/v1/chat/completions", timeout=30, headers=headers,
+                      json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": mode}]})
+
+
+def events_of(resp: httpx.Response) -> list[str]:
+    assert resp.status_code == 200, resp.text
+    return [line[5:].strip() for line in resp.text.splitlines() if line.startswith("data:")]
 
 
 def test_a_runaway_backend_fails_the_turn_at_what_the_multiplexer_may_hold_and_the_multiplexer_lives(tmp_path):
@@ -311,20 +317,23 @@ def test_a_runaway_backend_fails_the_turn_at_what_the_multiplexer_may_hold_and_t
             key = mux.key("developer")
             for mode in ("whole", "declared"):
                 answering_again(mux, "runaway")
-                resp = post(mux.url, key, "s", messages=[{"role": "user", "content": mode}])
-                assert resp.status_code == 502, resp.text
-                assert resp.json()["error"]["message"] == (
+                resp = ask(mux.url, key, mode, stream=False)
+                assert resp.status_code == 502 and resp.json()["error"]["message"] == (
                     "every backend failed before answering: its answer passed max_answer_bytes (65536 bytes)")
             answering_again(mux, "runaway")
-            line = stream_events(mux.url, key, "line")
+            resp = ask(mux.url, key, "comments")
+            assert resp.status_code == 502 and resp.json()["error"]["message"] == (
+                "every backend failed before streaming: its stream passed 4194304 bytes before its first event")
+            answering_again(mux, "runaway")
+            line = events_of(ask(mux.url, key, "line"))
             assert json.loads(line[0])["choices"][0]["delta"]["content"] == "word "
             assert "failed mid-stream: a line of its stream passed 4194304 bytes" in line[1]
             assert line[2:] == ["[DONE]"]
             answering_again(mux, "runaway")
-            held = stream_events(mux.url, key, "events", session="kept")
+            held = events_of(ask(mux.url, key, "events", session="kept"))
             assert "failed mid-stream: its answer passed max_answer_bytes (65536 bytes)" in held[-2]
             answering_again(mux, "runaway")
-            passed = stream_events(mux.url, key, "events")
+            passed = events_of(ask(mux.url, key, "events"))
             assert len(passed) > (200 << 10) // 100 and passed[-1] == "[DONE]" and "error" not in passed[-2]
             metrics = httpx.get(f"{mux.url}/metrics").text
             assert 'status="failed_midstream"} 2.0' in metrics
