@@ -113,6 +113,27 @@ def backend_body(turn: Turn, backend: Backend, stream: bool) -> bytes:
     return orjson.dumps(body)
 
 
+def token_count(value: object) -> int:
+    """A usage field as a count of tokens: a backend's value that is not one counts as none."""
+    return value if type(value) is int and value >= 0 else 0
+
+
+def usage_counts(usage: object) -> tuple[int, int]:
+    """The prompt and completion tokens of an answer's usage, whatever shape the backend gave it."""
+    if type(usage) is not dict:
+        return 0, 0
+    return token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+
+
+def answer_text(answer: dict) -> str:
+    """The first choice's message content when it is text, whatever shape the backend gave the rest."""
+    choices = answer.get("choices")
+    first = choices[0] if type(choices) is list and choices else None
+    message = first.get("message") if type(first) is dict else None
+    content = message.get("content") if type(message) is dict else None
+    return content if type(content) is str else ""
+
+
 @dataclass(slots=True)
 class Outcome:
     text: str = ""
@@ -234,8 +255,7 @@ class SseTally(Outcome):
             chunk = event_body(line[5:]) if line.startswith(b"data:") else None
             usage = chunk.get("usage") if chunk is not None else None
             if type(usage) is dict:
-                self.prompt_tokens = usage.get("prompt_tokens", 0)
-                self.completion_tokens = usage.get("completion_tokens", 0)
+                self.prompt_tokens, self.completion_tokens = usage_counts(usage)
             mark = USAGE_MARK.search(whole, end) if end >= 0 else None
 
 
@@ -394,10 +414,8 @@ async def complete(mux: Mux, turn: Turn, send: Send) -> None:
             raise ApiError(502, f"backend {grant.backend.name} answered JSON that is not an object",
                            "backend_error")
         audit_client_tools(mux, turn, "blocked", screen_answer(out, turn.scope))
-        usage = out.get("usage") or {}
-        text = ((out.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
         turn.first_byte = time.perf_counter()
-        finish(mux, turn, Outcome(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)))
+        finish(mux, turn, Outcome(answer_text(out), *usage_counts(out.get("usage"))))
         out["model"] = turn.data.get("model") or out.get("model")
         await send_response(send, 200, orjson.dumps(out), extra=answer_headers(turn))
         return

@@ -342,6 +342,59 @@ def test_a_runaway_backend_fails_the_turn_at_what_the_multiplexer_may_hold_and_t
             mux.mux.stop()
 
 
+MISSHAPEN_USAGE = [{"prompt_tokens": "7", "completion_tokens": None}, [7, 2], {"prompt_tokens": -5,
+                   "completion_tokens": 1.5}, {"prompt_tokens": True}]
+MISSHAPEN_CHOICES = ["text", [1], [{"message": "text"}], [{"message": {"content": 5}}], []]
+
+
+class MisshapenBackend(RecordingBackend):
+    """Answers in a shape no engine sends: the usage and choices its message names by index, as
+    `usage <i>` (a whole answer), `stream <i>` (a streamed one) or `choices <i>`."""
+
+    async def record(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        kind, i = json.loads(body)["messages"][-1]["content"].split()
+        if kind == "stream":
+            event = {"choices": [{"index": 0, "delta": {"content": "streamed"}, "finish_reason": "stop"}]}
+            usage = {"choices": [], "usage": MISSHAPEN_USAGE[int(i)]}
+            answer = f"data: {json.dumps(event)}\n\ndata: {json.dumps(usage)}\n\ndata: [DONE]\n\n"
+            kind_header = b"text/event-stream"
+        else:
+            choice = {"index": 0, "message": {"role": "assistant", "content": "whole"}}
+            whole = {"choices": [choice], "usage": MISSHAPEN_USAGE[int(i)]} if kind == "usage" else {
+                "choices": MISSHAPEN_CHOICES[int(i)]}
+            answer, kind_header = json.dumps(whole), b"application/json"
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind_header)]})
+        await send({"type": "http.response.body", "body": answer.encode(), "more_body": False})
+
+
+def test_an_answer_of_a_shape_no_engine_sends_is_relayed_and_its_turn_kept_with_what_can_be_read(tmp_path):
+    asks = [f"{kind} {i}" for kind in ("usage", "stream") for i in range(len(MISSHAPEN_USAGE))] + [
+        f"choices {i}" for i in range(len(MISSHAPEN_CHOICES))]
+    with MisshapenBackend() as misshapen:
+        mux = start_mux(tmp_path, [("odd", misshapen.url, 4)], rate_limits=False)
+        try:
+            key = mux.key("developer")
+            for n, content in enumerate(asks):
+                resp = ask(mux.url, key, content, session=f"odd-{n}", stream=content.startswith("stream"))
+                assert resp.status_code == 200, (content, resp.text)
+            metrics = httpx.get(f"{mux.url}/metrics").text
+            history = [httpx.get(f"{mux.url}/v1/sessions/odd-{n}", headers=mux.headers(key)).json()["history"]
+                       for n in range(len(asks))]
+        finally:
+            mux.mux.stop()
+    ok = 'dgxready_mux_requests_total{agent="developer-1",backend="odd",status="ok"}'
+    assert f"{ok} {len(asks)}.0" in metrics
+    answers = [h[-1]["content"] for h in history]
+    assert answers == ["whole"] * 4 + ["streamed"] * 4 + [""] * len(MISSHAPEN_CHOICES)
+    assert 'dgxready_mux_tokens_total{agent="developer-1",direction="prompt"} 0.0' in metrics
+
+
 def test_an_idle_connection_stays_open_longer_than_clients_keep_theirs(tmp_path):
     """httpx (the OpenAI SDK's client) drops a pooled connection after 5 s idle, aiohttp after 15 s.
     A server that closes one first races the client's next request on it, which then fails with
