@@ -113,16 +113,14 @@ def backend_body(turn: Turn, backend: Backend, stream: bool) -> bytes:
     return orjson.dumps(body)
 
 
-def token_count(value: object) -> int:
-    """A usage field as a count of tokens: a backend's value that is not one counts as none."""
-    return value if type(value) is int and value >= 0 else 0
-
-
 def usage_counts(usage: object) -> tuple[int, int]:
-    """The prompt and completion tokens of an answer's usage, whatever shape the backend gave it."""
+    """The prompt and completion tokens of an answer's usage, whatever shape the backend gave it: a
+    value that is not a count counts as none."""
     if type(usage) is not dict:
         return 0, 0
-    return token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (prompt if type(prompt) is int and prompt >= 0 else 0,
+            completion if type(completion) is int and completion >= 0 else 0)
 
 
 def answer_text(answer: dict) -> str:
