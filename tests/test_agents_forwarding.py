@@ -22,6 +22,14 @@ from dgxready.roles import load_roles
 from tests.agents_helpers import start_mux
 
 
+async def request_body(receive) -> bytes:
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body, more = body + message.get("body", b""), message.get("more_body", False)
+    return body
+
+
 class RecordingBackend:
     def __init__(self, service_s: float = 0.0):
         self.bodies: list[dict] = []
@@ -38,10 +46,7 @@ class RecordingBackend:
             self.arrivals.append((scope["client"][1], time.monotonic()))
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
             return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body, more = body + message.get("body", b""), message.get("more_body", False)
+        body = await request_body(receive)
         self.bodies.append(json.loads(body))
         pending = [{"type": "http.request", "body": body, "more_body": False}]
 
@@ -248,24 +253,34 @@ def test_a_stream_that_stalls_ends_at_the_turns_deadline_with_an_error_event_and
             mux.mux.stop()
 
 
-class RunawayBackend(RecordingBackend):
-    """Answers a chat request with more than a multiplexer should hold, as its message asks:
-    `whole` a 200 KiB JSON answer without a length, `declared` one with its length, `line` one event
-    and then a line of 6 MiB, `events` 200 KiB of events, each with a newline, `comments` 6 MiB of SSE
-    comments before any event; anything else, a short answer."""
+class ScriptedBackend(RecordingBackend):
+    """Answers a chat request as the text of its last message asks (`answer`, which returns False
+    for a text it does not know); other requests as the instant backend does."""
 
     async def record(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
             return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body, more = body + message.get("body", b""), message.get("more_body", False)
-        mode = json.loads(body)["messages"][-1]["content"]
+        body = await request_body(receive)
+        if await self.answer(json.loads(body)["messages"][-1]["content"], send):
+            return
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+        await self.app(scope, replay, send)
+
+    async def answer(self, asked: str, send) -> bool:
+        raise NotImplementedError
+
+
+class RunawayBackend(ScriptedBackend):
+    """Answers with more than a multiplexer should hold, as asked: `whole` a 200 KiB JSON answer
+    without a length, `declared` one with its length, `line` one event and then a line of 6 MiB,
+    `events` 200 KiB of events, each with a newline, `comments` 6 MiB of SSE comments before any
+    event."""
+
+    async def answer(self, mode: str, send) -> bool:
         if mode not in ("whole", "declared", "line", "events", "comments"):
-            async def replay():
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await self.app(scope, replay, send)
+            return False
         if mode in ("whole", "declared"):
             answer = json.dumps({"choices": [{"message": {"content": "x" * (200 << 10)}}]}).encode()
             length = [(b"content-length", str(len(answer)).encode())] if mode == "declared" else []
@@ -273,7 +288,8 @@ class RunawayBackend(RecordingBackend):
                         "headers": [(b"content-type", b"application/json"), *length]})
             for i in range(0, len(answer), 16 << 10):
                 await send({"type": "http.response.body", "body": answer[i:i + (16 << 10)], "more_body": True})
-            return await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return True
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         event = {"choices": [{"index": 0, "delta": {"content": "word "}, "finish_reason": None}]}
@@ -287,6 +303,7 @@ class RunawayBackend(RecordingBackend):
         done = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
         end = f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode()
         await send({"type": "http.response.body", "body": end, "more_body": False})
+        return True
 
 
 def answering_again(mux, backend: str) -> None:
@@ -347,18 +364,14 @@ MISSHAPEN_USAGE = [{"prompt_tokens": "7", "completion_tokens": None}, [7, 2], {"
 MISSHAPEN_CHOICES = ["text", [1], [{"message": "text"}], [{"message": {"content": 5}}], []]
 
 
-class MisshapenBackend(RecordingBackend):
+class MisshapenBackend(ScriptedBackend):
     """Answers in a shape no engine sends: the usage and choices its message names by index, as
     `usage <i>` (a whole answer), `stream <i>` (a streamed one) or `choices <i>`."""
 
-    async def record(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
-            return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body, more = body + message.get("body", b""), message.get("more_body", False)
-        kind, i = json.loads(body)["messages"][-1]["content"].split()
+    async def answer(self, asked: str, send) -> bool:
+        kind, _, i = asked.partition(" ")
+        if kind not in ("usage", "stream", "choices"):
+            return False
         if kind == "stream":
             event = {"choices": [{"index": 0, "delta": {"content": "streamed"}, "finish_reason": "stop"}]}
             usage = {"choices": [], "usage": MISSHAPEN_USAGE[int(i)]}
@@ -371,6 +384,7 @@ class MisshapenBackend(RecordingBackend):
             answer, kind_header = json.dumps(whole), b"application/json"
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind_header)]})
         await send({"type": "http.response.body", "body": answer.encode(), "more_body": False})
+        return True
 
 
 def test_an_answer_of_a_shape_no_engine_sends_is_relayed_and_its_turn_kept_with_what_can_be_read(tmp_path):
