@@ -16,10 +16,12 @@ from agents.config import MuxConfig, load_config, load_keys
 from agents.mux import Mux, create_mux
 from agents.server import create_app
 from agents.state import StateLimits, StateStore
+from dgxready.errors import DgxReadyError
 from dgxready.gc_settings import settle_gc
 from dgxready.logs import setup_logging
 from dgxready.roles import Role, load_roles
 from dgxready.settings import load_settings
+from model.procs import port_in_use
 
 DEFAULT_CONFIG = Path(__file__).with_name("multiplexer.yaml")
 SERVICE = "dgxready-mux"  # its log file, <state>/logs/dgxready-mux.jsonl, and its systemd unit
@@ -55,6 +57,13 @@ def listen_options(config: MuxConfig) -> dict:
     """uvicorn's settings for the multiplexer, the service's and a background one's alike."""
     return {"host": config.host, "port": config.port, "log_level": "warning", "access_log": False,
             "timeout_keep_alive": config.keep_alive_s}
+
+
+def ensure_port_free(config: MuxConfig, source: Path) -> None:
+    """Refuses, before anything starts, a port another server holds: uvicorn would only log it."""
+    if port_in_use(config.host, config.port):
+        raise DgxReadyError(f"{source}: port: {config.port} on {config.host} is already in use (another "
+                            "multiplexer?); stop it, or set another port there or with --port")
 
 
 def serve_forever(config: MuxConfig) -> None:
@@ -95,9 +104,13 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="multiplexer YAML")
     parser.add_argument("--port", type=int, help="override the port in the config")
     args = parser.parse_args()
-    config = load_config(args.config)
-    if args.port is not None:
-        config = config.model_copy(update={"port": args.port})
+    try:
+        config = load_config(args.config)
+        if args.port is not None:
+            config = config.model_copy(update={"port": args.port})
+        ensure_port_free(config, args.config)
+    except DgxReadyError as exc:
+        raise SystemExit(f"error: {exc}") from None
     serve_forever(config)
 
 

@@ -19,7 +19,14 @@ from agents.knowledge.setup import embedding_settings, knowledge_db, service_set
 from agents.knowledge.store import SqliteKnowledgeStore
 from agents.knowledge.types import TEAM_SCOPE, Author
 from agents.knowledge.vectors import VectorSettings
-from agents.service import DEFAULT_CONFIG, default_db_path, default_keys_path, serve_forever, start_background
+from agents.service import (
+    DEFAULT_CONFIG,
+    default_db_path,
+    default_keys_path,
+    ensure_port_free,
+    serve_forever,
+    start_background,
+)
 from agents.team import run_team
 from dgxready.cli import out, user_errors
 from dgxready.roles import ROLE_ORDER, load_roles
@@ -75,9 +82,11 @@ def keys(c, count=10, output=None):
 @user_errors
 def serve(c, config=None, port=None, parallel=10):
     """Run the OpenAI-compatible multiplexer in the foreground (Ctrl-C stops it)."""
-    cfg = load_config(Path(config) if config else DEFAULT_CONFIG)
+    source = Path(config) if config else DEFAULT_CONFIG
+    cfg = load_config(source)
     if port:
         cfg = cfg.model_copy(update={"port": int(port)})
+    ensure_port_free(cfg, source)
     ensure_keys(cfg.keys_file or default_keys_path(), 10)
     with backend_for(cfg, int(parallel)) as live:
         backends = ", ".join(b.url for b in live.backends)

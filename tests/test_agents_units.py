@@ -1,6 +1,7 @@
 """Scheduler, roles, keys and tools without any server."""
 import asyncio
 import inspect
+import socket
 import subprocess
 import sys
 import time
@@ -8,8 +9,11 @@ from dataclasses import dataclass
 
 import orjson
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+from invoke import Context
+from invoke.exceptions import Exit
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
@@ -23,6 +27,7 @@ from agents.mux import SessionLocks
 from agents.policy import ToolScope
 from agents.proxy import SseTally, backend_error
 from agents.scheduler import DeadlineExceeded, FairScheduler, QueueFull
+from agents.tasks import serve
 from dgxready.errors import ConfigError
 from dgxready.roles import ROLE_ORDER, ROLES_DIR, load_roles
 
@@ -411,3 +416,22 @@ def test_a_settled_server_process_keeps_its_start_up_objects_out_of_collections_
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     default, settled, frozen = map(int, out.split())
     assert settled >= 10 * default and frozen > 10_000
+
+
+def test_a_multiplexer_port_already_taken_is_refused_naming_the_file_and_port_before_anything_starts(tmp_path):
+    write_keys(tmp_path / "keys.yaml", 7, ROLE_ORDER)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "mux.yaml"
+        config.write_text(yaml.safe_dump({
+            "port": port, "keys_file": str(tmp_path / "keys.yaml"), "state_db": str(tmp_path / "mux.db"),
+            "backends": [{"name": "b", "url": "http://127.0.0.1:9", "max_concurrency": 1}]}))
+        said = f"{config}: port: {port} on 127.0.0.1 is already in use"
+        ran = subprocess.run([sys.executable, "-m", "agents.service", "--config", str(config)],
+                             capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 1 and ran.stderr.startswith(f"error: {said}")
+        with pytest.raises(Exit, match=said):
+            serve(Context(), config=str(config))
+    assert not (tmp_path / "mux.db").exists(), "nothing was started"
