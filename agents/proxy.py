@@ -186,11 +186,11 @@ class SseTally(Outcome):
     pass. When the text goes into a session's history, the lines are kept and their deltas
     parsed once, at the end (`result()`). It holds at most a line (MAX_LINE_BYTES) and what a
     session keeps (`limit` bytes); beyond either, the backend has failed the turn."""
-    __slots__ = ("keep_text", "scope", "limit", "guard", "pending", "events", "kept", "kept_bytes")
+    __slots__ = ("scope", "limit", "guard", "pending", "events", "kept", "kept_bytes")
 
     def __init__(self, keep_text: bool, scope: ToolScope, limit: int = MAX_ANSWER_BYTES) -> None:
         self.text, self.prompt_tokens, self.completion_tokens, self.finish_reason = "", 0, 0, None
-        self.keep_text, self.scope, self.limit = keep_text, scope, limit
+        self.scope, self.limit = scope, limit
         self.guard: StreamGuard | None = None
         self.pending = b""
         self.events = 0
@@ -213,7 +213,7 @@ class SseTally(Outcome):
         self.events += whole.count(b"data:")
         if ANY_MARK.search(whole) is not None or self.guard is not None:
             whole = self.read_marks(whole)
-        if self.keep_text:
+        if self.kept is not None:
             self.kept.append(whole)
             self.kept_bytes += len(whole)
             if self.kept_bytes > self.limit:

@@ -72,8 +72,8 @@ class RecordingBackend:
 
 
 def post(url, key, session, stream=False, **extra):
-    return httpx.post(f"{url}/v1/chat/completions", timeout=30,
-                      headers={"Authorization": f"Bearer {key}", "X-Session-Id": session},
+    headers = {"Authorization": f"Bearer {key}"} | ({"X-Session-Id": session} if session else {})
+    return httpx.post(f"{url}/v1/chat/completions", timeout=30, headers=headers,
                       json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}],
                             **extra})
 
@@ -316,9 +316,7 @@ def answering_again(mux, backend: str) -> None:
 
 
 def ask(url: str, key: str, mode: str, session: str | None = None, stream: bool = True) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} | ({"X-Session-Id": session} if session else {})
-    return httpx.post(f"{url}/v1/chat/completions", timeout=30, headers=headers,
-                      json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": mode}]})
+    return post(url, key, session, stream, messages=[{"role": "user", "content": mode}])
 
 
 def events_of(resp: httpx.Response) -> list[str]:

@@ -71,15 +71,23 @@ def test_the_bytecode_count_of_a_request_is_the_same_from_one_count_to_the_next(
     mux.store.close()
 
 
-def test_a_long_stream_is_charged_to_its_agent_as_it_arrives_in_steps_and_in_full(tmp_path):
-    mux, key = canned_mux(tmp_path)
-    mux.client.chunks = LONG_CHUNKS
-    cycle, charges, charge = CannedCycle(), [], mux.scheduler.charge
+def recorded_charges(mux, cycle: CannedCycle) -> list[tuple[float, int]]:
+    """Each charge of the fair queue from now on, with how many messages the client had by then;
+    the charges still reach the queue."""
+    charges, charge = [], mux.scheduler.charge
 
     def recorded(agent: str, weight: float, tokens: float) -> None:
         charges.append((tokens, len(cycle.sent)))
         charge(agent, weight, tokens)
     mux.scheduler.charge = recorded
+    return charges
+
+
+def test_a_long_stream_is_charged_to_its_agent_as_it_arrives_in_steps_and_in_full(tmp_path):
+    mux, key = canned_mux(tmp_path)
+    mux.client.chunks = LONG_CHUNKS
+    cycle = CannedCycle()
+    charges = recorded_charges(mux, cycle)
     asyncio.run(mux_handler(mux)(http_scope(key), cycle.receive, cycle.send))
     assert answer_body(cycle.sent) == b"".join(LONG_CHUNKS)
     steps = [tokens for tokens, _ in charges]
@@ -103,18 +111,14 @@ def test_a_backend_that_breaks_right_after_its_first_event_still_delivers_and_ch
             raise aiohttp.ClientPayloadError("connection lost")
         return self.chunks.pop(0)
     monkeypatch.setattr(CannedStream, "read_nowait", read_nowait)
-    cycle, charges, charge = CannedCycle(), [], mux.scheduler.charge
-
-    def recorded(agent: str, weight: float, tokens: float) -> None:
-        charges.append(tokens)
-        charge(agent, weight, tokens)
-    mux.scheduler.charge = recorded
+    cycle = CannedCycle()
+    charges = recorded_charges(mux, cycle)
     asyncio.run(mux_handler(mux)(http_scope(key), cycle.receive, cycle.send))
     body = answer_body(cycle.sent)
     assert body.startswith(EVENT_CHUNKS[0]), "the event read before the break reaches the client"
     assert b"failed mid-stream: connection lost" in body and body.endswith(b"data: [DONE]\n\n")
     assert mux.metrics.request(AGENT, "b", "failed_midstream").value == 1
-    assert charges == [1], "the delivered event is charged; nothing settles a failed stream"
+    assert [t for t, _ in charges] == [1], "the delivered event is charged; nothing settles a failed stream"
     mux.store.close()
 
 
